@@ -1,0 +1,383 @@
+"""Target resolution: an `MMTuningConfig` plus a model become an exact `TargetPlan`.
+
+The plan lists full module names (never suffixes or regexes, so transformers renames cannot make it
+match the wrong thing), per-module rank/alpha, bare parameters for `target_parameters`, and modules to
+train whole. `peft_config(plan)` turns it into a PEFT config that wraps exactly those modules, and
+`verify_wrapped` checks, after wrapping, that PEFT did exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, unwrap
+from .config import KINDS, MMTuningConfig, load_config
+from .errors import MMTuningError, PlanMismatchError
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_DROPOUT = 0.05
+# Module kinds each method can adapt (PEFT 0.21): IA3/LoHa/LoKr have no Embedding layer.
+METHOD_LEAF_TYPES = {
+    "lora": ("Linear", "Conv2d", "Conv3d", "Embedding"),
+    "ia3": ("Linear", "Conv2d", "Conv3d"),
+    "loha": ("Linear", "Conv2d"),
+    "lokr": ("Linear", "Conv2d"),
+}
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    leaf: Leaf
+    r: int
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        return self.leaf.name
+
+    @property
+    def modality(self) -> str:
+        return self.leaf.modality
+
+
+@dataclass(frozen=True)
+class PlannedParameter:
+    """A bare weight (no nn.Linear around it) adapted through PEFT `target_parameters`."""
+
+    name: str
+    modality: str
+    shape: tuple[int, ...]
+    r: int
+    alpha: float
+
+
+@dataclass
+class TargetPlan:
+    model_type: str
+    config: MMTuningConfig
+    modules: list[PlannedModule]
+    parameters: list[PlannedParameter]
+    modules_to_save: list[str]
+    layers: dict[str, list[int]]
+    layout: ModelLayout
+    full_params: int = 0  # parameters trained whole through modules_to_save
+
+    @property
+    def dropout(self) -> float:
+        if self.config.dropout is not None:
+            return self.config.dropout
+        return 0.0 if self.parameters else DEFAULT_DROPOUT
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def target_parameters(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        """Exact-name patterns (regex-escaped: PEFT matches keys as regexes) where r differs from the default."""
+        return {key: item.r for key, item in self._pattern_items() if item.r != self.config.r}
+
+    @property
+    def alpha_pattern(self) -> dict[str, float]:
+        return {key: item.alpha for key, item in self._pattern_items() if item.alpha != self.config.alpha}
+
+    def _pattern_items(self):
+        """Exact full names, regex-escaped (PEFT matches pattern keys as `(.*\\.)?(key)$`)."""
+        for item in [*self.modules, *self.parameters]:
+            yield re.escape(item.name), item
+
+    def modules_of(self, modality: str) -> list[PlannedModule]:
+        return [m for m in self.modules if m.modality == modality]
+
+    def parameters_of(self, modality: str) -> list[PlannedParameter]:
+        return [p for p in self.parameters if p.modality == modality]
+
+    def modality_of(self, name: str) -> str | None:
+        """Modality of a planned module or parameter name (for optimizer groups, reports)."""
+        for item in [*self.modules, *self.parameters]:
+            if item.name == name:
+                return item.modality
+        return None
+
+    def trainable_params(self, modality: str | None = None) -> int | None:
+        """Adapter parameters PEFT will create (exact for lora/dora/ia3/loha; None for lokr)."""
+        method = self.config.method
+        if method == "lokr":
+            return None
+        total = sum(_module_trainable(m, self.config) for m in self.modules if modality in (None, m.modality))
+        total += sum(p.r * (p.shape[0] + p.shape[1]) for p in self.parameters if modality in (None, p.modality))
+        if modality in (None, "projector"):
+            total += self.full_params
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """The `plan` object of `inspect-targets --json`."""
+        return {
+            "target_modules": self.target_modules,
+            "target_parameters": self.target_parameters,
+            "modules_to_save": self.modules_to_save,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "layers": self.layers,
+            "method": self.config.method,
+            "r": self.config.r,
+            "alpha": self.config.alpha,
+            "trainable_params": self.trainable_params(),
+        }
+
+
+def _module_trainable(planned: PlannedModule, config: MMTuningConfig) -> int:
+    shape, r, kind = planned.leaf.shape, planned.r, planned.leaf.module_type
+    out_features = shape[0]
+    if kind == "Embedding":  # weight (num_embeddings, dim): A is (r, num), B is (dim, r)
+        in_features, out_features = shape[0], shape[1]
+    else:
+        in_features = shape[1] * math.prod(shape[2:])
+    if config.method == "ia3":
+        return out_features
+    if config.method == "loha":
+        return 2 * r * (in_features + out_features)
+    return r * (in_features + out_features) + (out_features if config.use_dora else 0)
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap | None = None) -> TargetPlan:
+    """Resolve `config` (a MMTuningConfig or its dict) against `model` into an exact plan."""
+    config = load_config(config)
+    layout = resolve_layout(model, modality_map)
+    modules: list[PlannedModule] = []
+    parameters: list[PlannedParameter] = []
+    modules_to_save: list[str] = []
+    layers: dict[str, list[int]] = {}
+    base = unwrap(model)
+    for modality in MODALITIES:
+        spec = config.spec(modality)
+        if not spec.enabled:
+            continue
+        where = f"mmtuning.{modality}"
+        r, alpha = config.rank(modality), config.scale_alpha(modality)
+        if modality == "projector":
+            chosen, params, whole = _plan_projector(base, layout, config, where)
+            parameters += [PlannedParameter(n, modality, s, r, alpha) for n, s in params]
+            modules_to_save += whole
+        else:
+            layers[modality] = spec.layers.resolve(layout.layer_counts[modality], f"{where}.layers")
+            in_layers = [leaf for leaf in layout.leaves_of(modality) if leaf.layer in layers[modality]]
+            chosen = _select(in_layers, spec, where, layout) + _extras(layout, modality, spec, where)
+        modules += [PlannedModule(leaf, r, alpha) for leaf in chosen]
+    _check_method_support(modules, parameters, config)
+    full = sum(p.numel() for name in modules_to_save for p in base.get_submodule(name).parameters())
+    plan = TargetPlan(layout.model_type, config, modules, parameters, modules_to_save, layers, layout, full)
+    if not plan.modules and not plan.parameters and not plan.modules_to_save:
+        raise MMTuningError("The mmtuning settings select no module at all; enable a modality with modules in it.")
+    return plan
+
+
+def _plan_projector(model, layout: ModelLayout, config: MMTuningConfig, where: str):
+    spec = config.projector
+    if spec.layers.mode != "all":
+        raise MMTuningError(f"{where}.layers: the projector has no numbered layers; remove `layers` from it.")
+    leaves = layout.leaves_of("projector")
+    bare = [(n, tuple(model.get_parameter(n).shape)) for n in layout.modality_map.projector_parameters]
+    if spec.full:
+        return [], [], list(layout.modality_map.projector)
+    if not leaves and not bare:
+        raise MMTuningError(
+            f"{where}: the projector of '{layout.model_type}' ({', '.join(layout.modality_map.projector)}) has no "
+            f"Linear module or known bare weight to adapt; write `projector: {{full: true}}` to train it whole, "
+            f"or `projector: false`."
+        )
+    chosen = _select(leaves, spec, where, layout) if leaves else []
+    if not leaves and spec.modules != "all-linear":
+        raise MMTuningError(f"{where}.modules: this projector has no Linear modules, only the bare weight(s) "
+                            f"{[n for n, _ in bare]}; remove `modules` to adapt those.")
+    return chosen, bare, []
+
+
+def _select(candidates: list[Leaf], spec, where: str, layout: ModelLayout) -> list[Leaf]:
+    """Leaves matching the spec's kinds (`attention`, `mlp`, `all-linear`) or explicit local names."""
+    kinds, names = spec.kinds_and_names()
+    layer_kinds = {"attention", "mlp", "other", "projector"}
+    wanted = layer_kinds if "all-linear" in kinds else kinds
+    chosen = [leaf for leaf in candidates if leaf.kind in wanted]
+    for name in names:
+        hits = [leaf for leaf in candidates if leaf.local == name or leaf.local.endswith("." + name)]
+        if not hits:
+            raise MMTuningError(
+                f"{where}.modules: '{name}' matches no module in the selected layers. Available here: "
+                f"{', '.join(sorted({leaf.local for leaf in candidates if leaf.kind in layer_kinds}))}; "
+                f"or a kind: {', '.join(KINDS)}."
+            )
+        chosen += hits
+    if not chosen:
+        present = sorted({leaf.kind for leaf in candidates if leaf.kind in layer_kinds})
+        raise MMTuningError(
+            f"{where}.modules: {spec.modules!r} selects no module of '{layout.model_type}' in the chosen layers. "
+            f"What exists there: kinds {present or 'none'}, names "
+            f"{', '.join(sorted({leaf.local for leaf in candidates})) or 'none'}."
+        )
+    unique = {leaf.name: leaf for leaf in chosen}
+    return [leaf for leaf in candidates if leaf.name in unique]
+
+
+def _extras(layout: ModelLayout, modality: str, spec, where: str) -> list[Leaf]:
+    chosen = []
+    for kind in spec.include:
+        hits = [leaf for leaf in layout.leaves_of(modality) if leaf.kind == kind]
+        if not hits:
+            raise MMTuningError(f"{where}.include: '{kind}' does not exist in '{layout.model_type}'; remove it.")
+        chosen += hits
+    return chosen
+
+
+def _check_method_support(modules: list[PlannedModule], parameters: list[PlannedParameter], config) -> None:
+    supported = METHOD_LEAF_TYPES[config.method]
+    bad = [m for m in modules if m.leaf.module_type not in supported and not _is_linear_subclass(m.leaf)]
+    if bad:
+        raise MMTuningError(
+            f"method: {config.method} cannot adapt {bad[0].leaf.module_type} modules such as {bad[0].name}; "
+            f"use method: lora or drop `{bad[0].leaf.kind}` from include."
+        )
+    if parameters and config.dropout:
+        raise MMTuningError(
+            f"dropout: {config.dropout} cannot apply to the bare projector weight {parameters[0].name} (PEFT's "
+            f"target_parameters wrapper has no dropout); remove `dropout` (it then defaults to 0 for this model), "
+            f"or write `projector: {{full: true}}` / `projector: false`."
+        )
+    if parameters and config.method != "lora":
+        raise MMTuningError(
+            f"method: {config.method} cannot adapt bare parameters ({parameters[0].name}, the projector of this "
+            f"model); use method: lora, `projector: {{full: true}}`, or `projector: false`."
+        )
+
+
+def _is_linear_subclass(leaf: Leaf) -> bool:
+    return leaf.kind not in ("patch_embed", "embed_tokens") and leaf.module_type not in ("Conv2d", "Conv3d", "Embedding")
+
+
+# --- PEFT ------------------------------------------------------------------------------------------
+
+
+def peft_config(plan: TargetPlan, **overrides: Any):
+    """A PEFT config that wraps exactly `plan.target_modules` (full names, so no suffix surprises)."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+
+    config = plan.config
+    common: dict[str, Any] = {
+        "target_modules": plan.target_modules or None,
+        "modules_to_save": plan.modules_to_save or None,
+    }
+    if config.method == "lora":
+        kwargs = dict(common, r=config.r, lora_alpha=config.alpha, lora_dropout=plan.dropout,
+                      use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=plan.rank_pattern,
+                      alpha_pattern=plan.alpha_pattern, target_parameters=plan.target_parameters or None)
+        if not plan.target_modules and not plan.target_parameters:
+            kwargs["target_modules"] = []  # modules_to_save only
+        return LoraConfig(**{**kwargs, **overrides})
+    if config.method == "ia3":
+        return IA3Config(**{**common, "feedforward_modules": [], **overrides})
+    factory = LoHaConfig if config.method == "loha" else LoKrConfig
+    return factory(**{**common, "r": config.r, "alpha": config.alpha, "rank_dropout": 0.0,
+                      "module_dropout": plan.dropout, "rank_pattern": plan.rank_pattern,
+                      "alpha_pattern": plan.alpha_pattern, **overrides})
+
+
+def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default", **overrides: Any):
+    """Wrap `model` with PEFT per `plan` and check the result (raises PlanMismatchError)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        # PEFT's check of rank/alpha patterns looks only at module names and so warns about the patterns of
+        # bare parameters, which it does apply; verify_wrapped below checks every rank itself.
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
+        peft_model = get_peft_model(model, peft_config(plan, **overrides), adapter_name=adapter_name)
+    verify_wrapped(peft_model, plan, adapter_name)
+    return peft_model
+
+
+@dataclass
+class WrappedSet:
+    modules: dict[str, int | None] = field(default_factory=dict)  # name -> rank (None where rankless)
+    parameters: dict[str, int | None] = field(default_factory=dict)
+    modules_to_save: set[str] = field(default_factory=set)
+
+
+def wrapped_set(model: nn.Module, adapter_name: str = "default") -> WrappedSet:
+    """What PEFT actually wrapped, with names relative to the transformers model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    found = WrappedSet()
+    for name, module in model.named_modules():
+        relative = _relative(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            found.modules_to_save.add(relative)
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        rank = _rank_of(module, adapter_name)
+        parameter = getattr(module, "parameter_name", None)
+        if parameter:
+            found.parameters[f"{relative}.{parameter}"] = rank
+        else:
+            found.modules[relative] = rank
+    return found
+
+
+def _relative(name: str) -> str:
+    while name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
+def _rank_of(module: nn.Module, adapter_name: str) -> int | None:
+    ranks = getattr(module, "r", None)
+    return ranks.get(adapter_name) if isinstance(ranks, dict) else None
+
+
+def verify_wrapped(model: nn.Module, plan: TargetPlan, adapter_name: str = "default") -> WrappedSet:
+    """Raise PlanMismatchError unless the wrapped modules, parameters and ranks equal the plan."""
+    found = wrapped_set(model, adapter_name)
+    problems = []
+    planned_modules = {m.name: m.r for m in plan.modules}
+    planned_params = {p.name: p.r for p in plan.parameters}
+    for label, planned, actual in (("modules", planned_modules, found.modules),
+                                   ("parameters", planned_params, found.parameters)):
+        missing = sorted(set(planned) - set(actual))
+        extra = sorted(set(actual) - set(planned))
+        if missing:
+            problems.append(f"planned {label} without an adapter: {_few(missing)}")
+        if extra:
+            problems.append(f"{label} with an adapter that the plan did not ask for: {_few(extra)}")
+        if plan.config.method in ("lora", "loha", "lokr"):
+            wrong = [f"{n} (r={actual[n]}, planned {r})" for n, r in planned.items()
+                     if n in actual and actual[n] is not None and actual[n] != r]
+            if wrong:
+                problems.append(f"{label} with the wrong rank: {_few(wrong)}")
+    missing_whole = sorted(set(plan.modules_to_save) - found.modules_to_save)
+    if missing_whole:
+        problems.append(f"modules planned to train whole but not wrapped: {_few(missing_whole)}")
+    if problems:
+        raise PlanMismatchError(
+            "PEFT did not wrap what mmtuning planned for "
+            f"'{plan.model_type}': " + "; ".join(problems) + ". Something else changed the targets (a host "
+            "setting such as lora_target_modules, or another adapter); remove it and let mmtuning set the targets."
+        )
+    return found
+
+
+def _few(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
