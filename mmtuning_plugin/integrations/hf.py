@@ -1,0 +1,58 @@
+"""The plain transformers `Trainer` integration.
+
+    mm = MMTuning({"vision": {"layers": {"top": 4}}, "projector": {"r": 16}})
+    model = mm.wrap(model)
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=ds, mmtuning=mm)
+
+`MMTuningTrainer` takes optimizer groups, callbacks and extra loss terms from the `MMTuning` session; it
+holds no logic of its own, so Axolotl and LLaMA-Factory reuse exactly the same pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..session import MMTuning
+
+
+class MMTuningTrainer(Trainer):
+    def __init__(self, *args: Any, mmtuning: MMTuning, **kwargs: Any):
+        self.mmtuning = mmtuning
+        callbacks = list(kwargs.pop("callbacks", None) or []) + mmtuning.callbacks()
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._mmtuning_logs: dict[str, list[float]] = {}
+
+    def create_optimizer(self, model=None):
+        """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's."""
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            groups = self.mmtuning.optimizer_groups(model, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extras = self.mmtuning.extra_losses(model, inputs, outputs)
+        for name, value in extras.items():
+            loss = loss + value
+            self._mmtuning_logs.setdefault(name, []).append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the mean of each extra loss term since the last log under its own key (`loss_align/<name>`)."""
+        for name, values in self._mmtuning_logs.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+        self._mmtuning_logs = {}
+        super().log(logs, *args, **kwargs)
+
+
+def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:
+    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer."""
+    session = MMTuning(config)
+    return session.wrap(model), session
