@@ -41,6 +41,14 @@ class MMTuning:
             raise MMTuningError("mmtuning has no target plan yet: call plan_for(model) or wrap(model) first.")
         return self.plan
 
+    # --- quantization ------------------------------------------------------------------------------
+
+    def bnb_config_kwargs(self, model_config: Any) -> dict[str, Any] | None:
+        """BitsAndBytesConfig kwargs (skip lists of exact names) for the model about to be loaded."""
+        from .quant import bnb_config_kwargs
+
+        return bnb_config_kwargs(self.config, model_config)
+
     # --- training ----------------------------------------------------------------------------------
 
     def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
