@@ -1,0 +1,198 @@
+"""mmtune convert: legacy adapters converted and loaded strictly into transformers 5 models, merge/resize/
+split/combine checked against PEFT's own forward pass. Tiny real models, real PEFT, no mocks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from mmtuning_plugin.convert.adapter import read_adapter
+from mmtuning_plugin.convert.merge import FourBit, merge
+from mmtuning_plugin.convert.remap import remap
+from mmtuning_plugin.errors import MMTuningError
+from mmtuning_plugin.tiny import tiny_batch, tiny_model
+
+# The documented old names (FACTS.md section 7), written independently of convert/layouts.py:
+# 5.x module name -> 4.52-4.57 name -> <=4.51 name.
+TO_457 = {"llava": [(r"^model\.vision_tower\.", "model.vision_tower.vision_model.")], "qwen2_vl": [], "idefics3": []}
+TO_451 = {
+    "llava": [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head", "language_model.lm_head"),
+              (r"^model\.vision_tower\.", "vision_tower.vision_model."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
+    "qwen2_vl": [(r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model.")],
+    "idefics3": [],
+}
+# every modality adapted: vision attention/MLP, projector, language attention
+TARGETS = {
+    "llava": r".*(vision_tower.*(q_proj|fc1)|multi_modal_projector\.linear_1|language_model.*(q_proj|v_proj))",
+    "qwen2_vl": r".*(visual\.blocks.*(qkv|fc1)|visual\.merger\.mlp\.0|language_model.*(q_proj|v_proj))",
+    "idefics3": r".*(vision_model.*(q_proj|fc1)|connector.*proj|text_model.*(q_proj|v_proj))",
+}
+PREFIX = "base_model.model."
+
+
+def _legacy(key: str, rules) -> str:
+    name = key[len(PREFIX):]
+    for pattern, replacement in rules:
+        name, count = re.subn(pattern, replacement, name, count=1)
+        if count:
+            break
+    return PREFIX + name
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _inputs(model):
+    inputs = dict(tiny_batch(model, 1, 6).inputs)
+    inputs.pop("labels", None)
+    return inputs
+
+
+class Setup:
+    """A tiny base saved to disk (sharded) and a 5.x adapter on it with random A and B."""
+
+    def __init__(self, tmp: Path, model_type: str, targets: str | list[str] | None = None, r: int = 4, seed: int = 1,
+                 modules_to_save=None, name: str = "adapter", rank_pattern=None):
+        self.model_type = model_type
+        self.base_dir = tmp / f"base-{model_type}"
+        if not self.base_dir.exists():
+            tiny_model(model_type).save_pretrained(self.base_dir, max_shard_size="200KB")
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or TARGETS[model_type], init_lora_weights=False,
+                            modules_to_save=modules_to_save, rank_pattern=rank_pattern or {})
+        self.peft = get_peft_model(tiny_model(model_type), config).eval()
+        with torch.no_grad():  # make the LoRA contribution large enough to see in logits
+            for n, p in self.peft.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        self.dir = tmp / name
+        self.peft.save_pretrained(self.dir)
+        cfg = json.loads((self.dir / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(self.base_dir)
+        (self.dir / "adapter_config.json").write_text(json.dumps(cfg))
+        self.inputs = _inputs(self.peft)
+        self.logits = _logits(self.peft, self.inputs)
+
+    def write_legacy(self, out: Path, rules) -> Path:
+        out.mkdir()
+        tensors = load_file(self.dir / "adapter_model.safetensors")
+        save_file({_legacy(k, rules): v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+        (out / "adapter_config.json").write_text((self.dir / "adapter_config.json").read_text())
+        return out
+
+
+def load_strict(model_type: str, adapter_dir: Path):
+    """A fresh 5.x model with the adapter: every tensor of the file consumed, every LoRA weight loaded."""
+    model = get_peft_model(tiny_model(model_type), LoraConfig.from_pretrained(str(adapter_dir))).eval()
+    weights = load_peft_weights(str(adapter_dir))
+    result = set_peft_model_state_dict(model, weights)
+    assert result.unexpected_keys == []
+    assert [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k] == []
+    lora_params = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert len(lora_params) == sum(1 for k in weights if "lora_" in k)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3"])
+def test_legacy_adapters_convert_and_load_strictly_with_equal_outputs(tmp_path, model_type):
+    setup = Setup(tmp_path, model_type)
+    rules_451 = TO_451[model_type]
+    legacy_dirs = {"<=4.51": setup.write_legacy(tmp_path / "legacy451", rules_451),
+                   "4.52-4.57": setup.write_legacy(tmp_path / "legacy457", TO_457[model_type])}
+    for layout, legacy in legacy_dirs.items():
+        out = tmp_path / f"converted-{layout.replace('<=', 'le')}"
+        summary = remap(legacy, out)  # --from detected
+        assert summary["to"] == "5.x"
+        if {"<=4.51": rules_451, "4.52-4.57": TO_457[model_type]}[layout]:  # else the names equal 5.x ones
+            assert summary["from"] == layout
+        assert set(load_file(out / "adapter_model.safetensors")) == set(load_file(setup.dir / "adapter_model.safetensors"))
+        loaded = load_strict(model_type, out)
+        torch.testing.assert_close(_logits(loaded, setup.inputs), setup.logits)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
+def test_current_to_legacy_writes_exactly_the_documented_names(tmp_path, model_type):
+    setup = Setup(tmp_path, model_type, modules_to_save=["lm_head"] if model_type == "llava" else None)
+    originals = load_file(setup.dir / "adapter_model.safetensors")
+    for layout, rules in (("<=4.51", TO_451[model_type]), ("4.52-4.57", TO_457[model_type])):
+        out = tmp_path / layout.replace("<=", "le")
+        remap(setup.dir, out, target=layout)
+        written = load_file(out / "adapter_model.safetensors")
+        assert set(written) == {_legacy(k, rules) for k in originals}
+        back = tmp_path / f"back-{out.name}"
+        remap(out, back, source=layout)
+        assert set(load_file(back / "adapter_model.safetensors")) == set(originals)
+    if model_type == "llava":  # projector LoRA and modules_to_save under their legacy names
+        legacy = load_file(tmp_path / "le4.51" / "adapter_model.safetensors")
+        assert any(k.startswith(PREFIX + "multi_modal_projector.linear_1.lora_A") for k in legacy)
+        assert any(k.startswith(PREFIX + "vision_tower.vision_model.encoder.layers.0.") for k in legacy)
+        assert json.loads((tmp_path / "le4.51" / "adapter_config.json").read_text())["modules_to_save"] == ["language_model.lm_head"]
+
+
+def test_list_targets_and_rank_patterns_are_rewritten(tmp_path):
+    names = ["model.language_model.layers.1.self_attn.q_proj", "model.multi_modal_projector.linear_1",
+             "model.vision_tower.encoder.layers.0.mlp.fc1"]
+    setup = Setup(tmp_path, "llava", targets=names, rank_pattern={"model.multi_modal_projector.linear_1": 2})
+    legacy = tmp_path / "legacy"
+    remap(setup.dir, legacy, target="<=4.51")
+    config = json.loads((legacy / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(["language_model.model.layers.1.self_attn.q_proj",
+                                                       "multi_modal_projector.linear_1",
+                                                       "vision_tower.vision_model.encoder.layers.0.mlp.fc1"])
+    assert config["rank_pattern"] == {re.escape("multi_modal_projector.linear_1"): 2}
+    back = tmp_path / "back"
+    remap(legacy, back)
+    loaded = load_strict("llava", back)
+    torch.testing.assert_close(_logits(loaded, setup.inputs), setup.logits)
+
+
+def test_wrong_base_and_bad_files_are_refused_without_touching_inputs(tmp_path):
+    setup = Setup(tmp_path, "llava")
+    before = (setup.dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(MMTuningError, match="do not fit"):  # a qwen2_vl base cannot hold llava modules
+        remap(setup.dir, tmp_path / "x", base="qwen2_vl", source="5.x")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(MMTuningError, match="--force"):
+        remap(setup.dir, tmp_path / "exists")
+    with pytest.raises(MMTuningError, match="overlaps"):
+        remap(setup.dir, setup.dir / "inside")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((setup.dir / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(before[: len(before) // 2])
+    with pytest.raises(MMTuningError, match="truncated or corrupt"):
+        remap(broken, tmp_path / "y")
+    assert (setup.dir / "adapter_model.safetensors").read_bytes() == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+
+
+def test_mismatched_ranks_are_refused(tmp_path):
+    setup = Setup(tmp_path, "llava")
+    tensors = load_file(setup.dir / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = tensors[key][:, :2].contiguous()
+    save_file(tensors, setup.dir / "adapter_model.safetensors")
+    with pytest.raises(MMTuningError, match="mismatched ranks"):
+        read_adapter(setup.dir)
+
+
+def test_merge_matches_peft_logits_and_streams_shards(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    setup = Setup(tmp_path, "qwen2_vl")
+    legacy = setup.write_legacy(tmp_path / "legacy", TO_451["qwen2_vl"])  # merge reads legacy adapters too
+    summary = merge(legacy, setup.base_dir, tmp_path / "merged", progress=False)
+    assert summary["shards"] > 1 and summary["merged_modules"] == len(read_adapter(setup.dir).modules)
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(merged, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
+    base = AutoModelForImageTextToText.from_pretrained(setup.base_dir).eval()
+    assert not torch.allclose(_logits(base, setup.inputs), setup.logits, atol=1e-3)
