@@ -196,3 +196,96 @@ def test_merge_matches_peft_logits_and_streams_shards(tmp_path):
     torch.testing.assert_close(_logits(merged, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
     base = AutoModelForImageTextToText.from_pretrained(setup.base_dir).eval()
     assert not torch.allclose(_logits(base, setup.inputs), setup.logits, atol=1e-3)
+
+
+def _deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return {m: f.delta() for m, f in read_adapter(adapter_dir).modules.items()}
+
+
+def test_resize_full_rank_is_lossless_and_error_shrinks_with_rank(tmp_path):
+    from mmtuning_plugin.convert.resize import resize
+
+    setup = Setup(tmp_path, "llava", r=8)
+    full = resize(setup.dir, tmp_path / "r8", rank=8)
+    assert full["total_relative_error"] < 1e-5
+    loaded = load_strict("llava", tmp_path / "r8")
+    torch.testing.assert_close(_logits(loaded, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
+    errors = [resize(setup.dir, tmp_path / f"r{r}", rank=r)["total_relative_error"] for r in (1, 2, 4, 6)]
+    assert errors == sorted(errors, reverse=True) and errors[0] > errors[-1] > 1e-3
+    small = read_adapter(tmp_path / "r2")
+    assert {f.rank for f in small.modules.values()} == {2}
+    load_strict("llava", tmp_path / "r2")
+
+
+def test_resize_per_modality_uses_the_modality_map(tmp_path):
+    from mmtuning_plugin.convert.resize import resize
+
+    setup = Setup(tmp_path, "qwen2_vl", r=8)
+    legacy = setup.write_legacy(tmp_path / "legacy", TO_451["qwen2_vl"])
+    summary = resize(legacy, tmp_path / "mixed", per_modality="vision=2,language=6")
+    ranks = {row["module"]: row["rank_to"] for row in summary["modules"]}
+    assert ranks["visual.blocks.0.attn.qkv"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 6
+    assert ranks["visual.merger.mlp.0"] == 8  # projector not named, no --rank: kept
+    assert summary["ranks"] == {"vision": [2], "projector": [8], "language": [6]}
+    with pytest.raises(MMTuningError, match="per-modality"):
+        resize(legacy, tmp_path / "bad", per_modality="audio=2")
+
+
+def test_split_keeps_language_and_merges_the_rest_into_a_base_copy(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from mmtuning_plugin.convert.split import split
+
+    setup = Setup(tmp_path, "llava")
+    summary = split(setup.dir, tmp_path / "lang", keep="language", merge_rest_into=setup.base_dir, progress=False)
+    assert summary["dropped_modalities"] == ["projector", "vision"]
+    kept = read_adapter(tmp_path / "lang").modules
+    assert kept and all(m.startswith("model.language_model.") for m in kept)
+    # merged vision+projector base + language-only adapter == the original adapter on the original base
+    merged_base = AutoModelForImageTextToText.from_pretrained(tmp_path / "lang" / "merged_base").eval()
+    model = get_peft_model(merged_base, LoraConfig.from_pretrained(str(tmp_path / "lang"))).eval()
+    result = set_peft_model_state_dict(model, load_peft_weights(str(tmp_path / "lang")))
+    assert result.unexpected_keys == []
+    torch.testing.assert_close(_logits(model, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(MMTuningError, match="nothing to split"):
+        split(tmp_path / "lang", tmp_path / "again", keep="language")
+
+
+def test_combine_linear_weights_one_zero_equals_first_and_sums_deltas(tmp_path):
+    from mmtuning_plugin.convert.combine import combine
+
+    first = Setup(tmp_path, "llava", r=4, seed=1, name="first")
+    second = Setup(tmp_path, "llava", r=2, seed=2, name="second",
+                   targets=r".*language_model.*(q_proj|k_proj)")  # different rank and modules
+    combine([first.dir, second.dir], tmp_path / "only-first", weights=[1, 0])
+    loaded = load_strict("llava", tmp_path / "only-first")
+    torch.testing.assert_close(_logits(loaded, first.inputs), first.logits, atol=1e-5, rtol=1e-5)
+    summary = combine([first.dir, second.dir], tmp_path / "sum", weights=[0.5, 2.0])
+    d1, d2, combined = _deltas(first.dir), _deltas(second.dir), _deltas(tmp_path / "sum")
+    for module in set(d1) | set(d2):
+        expected = 0.5 * d1.get(module, 0) + 2.0 * d2.get(module, 0)
+        torch.testing.assert_close(combined[module], expected, atol=1e-5, rtol=1e-5)
+    assert 6 in summary["ranks"]  # q_proj in both: concatenated 4 + 2
+    load_strict("llava", tmp_path / "sum")
+
+
+def test_combine_ties_and_dare(tmp_path):
+    from mmtuning_plugin.convert.combine import combine
+
+    first = Setup(tmp_path, "idefics3", r=4, seed=1, name="first")
+    second = Setup(tmp_path, "idefics3", r=4, seed=2, name="second")
+    d1, d2 = _deltas(first.dir), _deltas(second.dir)
+    module = next(iter(d1))
+    s = combine([first.dir, second.dir], tmp_path / "ties", method="ties", weights=[1, 1], density=1.0, rank=64)
+    agree = torch.sign(d1[module]) == torch.sign(d2[module])
+    got = _deltas(tmp_path / "ties")[module]  # density 1: agreeing entries averaged, others take the winner
+    torch.testing.assert_close(got[agree], ((d1[module] + d2[module]) / 2)[agree], atol=1e-4, rtol=1e-4)
+    assert s["total_svd_relative_error"] < 1e-5
+    dare = combine([first.dir, second.dir], tmp_path / "dare", method="dare_linear", weights=[1, 1], density=0.5)
+    assert dare["ranks"] == [4] and dare["total_svd_relative_error"] > 0.1  # random drop makes it full rank
+    load_strict("idefics3", tmp_path / "dare")
+    qwen = Setup(tmp_path, "qwen2_vl", name="qwen")
+    with pytest.raises(MMTuningError, match="different base models"):
+        combine([first.dir, qwen.dir], tmp_path / "x")
+    with pytest.raises(MMTuningError, match="do not fit"):  # checked against one base, the qwen adapter does not fit
+        combine([first.dir, qwen.dir], tmp_path / "x", base=str(first.base_dir))
