@@ -289,3 +289,60 @@ def test_combine_ties_and_dare(tmp_path):
         combine([first.dir, qwen.dir], tmp_path / "x")
     with pytest.raises(MMTuningError, match="do not fit"):  # checked against one base, the qwen adapter does not fit
         combine([first.dir, qwen.dir], tmp_path / "x", base=str(first.base_dir))
+
+
+def test_merge_into_dequantized_4bit_weights_reproduces_the_qlora_model(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    setup = Setup(tmp_path, "llava")
+    # the tiny vision tower (32 features) is below bitsandbytes' CPU block size: keep it (and lm_head) 16-bit
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    four_bit_base = AutoModelForImageTextToText.from_pretrained(setup.base_dir, quantization_config=quantization)
+    assert any(type(m).__name__ == "Linear4bit" for m in four_bit_base.modules())
+    qlora = _logits(PeftModel.from_pretrained(four_bit_base, str(setup.dir)).eval(), setup.inputs)
+    summary = merge(setup.dir, setup.base_dir, tmp_path / "dq", four_bit=FourBit("nf4", skip=tuple(skip)), progress=False)
+    assert summary["dequantized_4bit_weights"] > summary["merged_modules"]  # every quantized Linear, not only adapted ones
+    merge(setup.dir, setup.base_dir, tmp_path / "plain", progress=False)
+    dequantized = _logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "dq").eval(), setup.inputs)
+    plain = _logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "plain").eval(), setup.inputs)
+    error_dq, error_plain = (dequantized - qlora).abs().max(), (plain - qlora).abs().max()
+    # bitsandbytes' CPU 4-bit kernel keeps the block scales in bf16, hence 1e-2 rather than float precision
+    assert error_dq < 1e-2 and error_plain > 10 * error_dq
+
+
+def test_cli_subcommands_print_json_and_fail_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    runner = CliRunner()
+    setup = Setup(tmp_path, "llava")
+
+    def run(*args, code=0):
+        result = runner.invoke(app, ["convert", *map(str, args)])
+        assert result.exit_code == code, result.output
+        return result
+
+    legacy = json.loads(run("remap", setup.dir, "--out", tmp_path / "old", "--to", "<=4.51", "--json").stdout)
+    assert legacy["from"] == "5.x" and legacy["to"] == "<=4.51"
+    assert json.loads(run("remap", tmp_path / "old", "--out", tmp_path / "new", "--json").stdout)["from"] == "<=4.51"
+    assert json.loads(run("merge", tmp_path / "old", "--base", setup.base_dir, "--out", tmp_path / "m", "--dtype", "bf16",
+                          "--json").stdout)["merged_modules"] == legacy["modules"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    resized = json.loads(run("resize", setup.dir, "--rank", "2", "--out", tmp_path / "r", "--json").stdout)
+    assert 0 < resized["total_relative_error"] < 1
+    assert json.loads(run("split", setup.dir, "--keep", "language,projector", "--out", tmp_path / "s",
+                          "--json").stdout)["dropped_modalities"] == ["vision"]
+    combined = json.loads(run("combine", setup.dir, tmp_path / "new", "--weights", "1,0", "--out", tmp_path / "c",
+                              "--json").stdout)
+    assert combined["ranks"] == [4]
+    failed = run("remap", setup.dir, "--out", tmp_path / "new", code=2)  # exists, no --force
+    assert "--force" in failed.output and "Traceback" not in failed.output
+    run("remap", setup.dir, "--out", tmp_path / "new", "--force")
+    assert "Traceback" not in run("resize", setup.dir, "--rank", "2", "--per-modality", "vision=x", "--out",
+                                  tmp_path / "bad", code=2).output
+    assert "nf4 or fp4" in run("merge", setup.dir, "--base", setup.base_dir, "--out", tmp_path / "q",
+                               "--dequantize-4bit", "int3", code=2).output
