@@ -196,6 +196,22 @@ def test_merge_matches_peft_logits_and_streams_shards(tmp_path):
     torch.testing.assert_close(_logits(merged, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
     base = AutoModelForImageTextToText.from_pretrained(setup.base_dir).eval()
     assert not torch.allclose(_logits(base, setup.inputs), setup.logits, atol=1e-3)
+    # a truncated base shard: exit-2 error, nothing written
+    import shutil
+    broken = tmp_path / "broken-base"
+    shutil.copytree(setup.base_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(MMTuningError, match="truncated"):
+        merge(setup.dir, broken, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(MMTuningError, match="not the adapter's base"):  # same type, other checkpoint spelling
+        other = tmp_path / "other-base"
+        shutil.copytree(setup.base_dir, other)
+        index = json.loads((other / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k.replace("layers.0.", "layers.9."): v for k, v in index["weight_map"].items()}
+        (other / "model.safetensors.index.json").write_text(json.dumps(index))
+        merge(setup.dir, other, tmp_path / "never", progress=False)
 
 
 def _deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -99,6 +99,7 @@ def merge_command(
     blocksize: int = typer.Option(64, "--blocksize", help="4-bit block size used in training (bitsandbytes default 64)."),
     skip_4bit: list[str] = typer.Option(["lm_head"], "--skip-4bit", help="Modules left in 16-bit in training "
                                                                         "(llm_int8_skip_modules); repeatable."),
+    device: str = typer.Option("cpu", "--device", help="Where the additions run (cpu, cuda); shards stream through the CPU."),
     source: Optional[str] = FROM,
     force: bool = FORCE,
     as_json: bool = JSON,
@@ -113,7 +114,7 @@ def merge_command(
             if dequantize_4bit not in ("nf4", "fp4"):
                 raise MMTuningError(f"--dequantize-4bit {dequantize_4bit!r}: write nf4 or fp4 (bnb_4bit_quant_type).")
             four_bit = FourBit(dequantize_4bit, blocksize, double_quant, tuple(skip_4bit))
-        return merge(adapter, base, out, dtype, four_bit, force, source)
+        return merge(adapter, base, out, dtype, four_bit, force, source, device=device)
 
     _run(action, as_json, _show_merge)
 

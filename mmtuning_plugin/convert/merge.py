@@ -1,7 +1,7 @@
 """merge: add an adapter's deltas into the base weights, streaming the checkpoint one shard at a time.
 
-Peak memory is one base shard plus the adapter, never the whole model: each shard is read, the deltas of the
-modules it holds are added (in float32), and it is written before the next one is read.
+Peak memory is one base tensor plus the adapter, never the whole model (nor a whole shard): each tensor is
+read from its shard, the module's delta added (in float32) and written out before the next one is read.
 
 QLoRA adapters were trained against the *dequantized 4-bit* weights, not the original 16-bit ones. With
 `four_bit="nf4"` (or "fp4") every Linear weight bitsandbytes would have quantized (all but `skip_4bit`,
@@ -23,6 +23,7 @@ from ..errors import MMTuningError
 from .adapter import Adapter, Factors, read_adapter, safe_output
 from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, checkpoint_spellings, spell
+from .stream import DTYPES as STORED_DTYPES, read_header, read_tensor, write_streaming
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": None}
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,12 +54,7 @@ def checkpoint_files(model_dir: Path) -> tuple[dict[str, str], Optional[dict[str
         except (json.JSONDecodeError, KeyError) as error:
             raise MMTuningError(f"{index_path} is not a valid safetensors index ({error}); re-download the model.") from None
     if single.is_file():
-        from safetensors import safe_open
-        try:
-            with safe_open(str(single), "pt") as handle:
-                return {k: SINGLE_FILE for k in handle.keys()}, None
-        except Exception as error:
-            raise MMTuningError(f"{single} is truncated or corrupt ({error}); re-download the model.") from None
+        return {k: SINGLE_FILE for k in read_header(single)[0]}, None
     raise MMTuningError(f"{model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}; --base must be a model directory "
                         f"saved with safetensors (save_pretrained writes one).")
 
@@ -89,10 +85,10 @@ def _quantized_weights(base: BaseModel, four_bit: FourBit) -> list[str]:
 
 
 def merge_into(model_dir: Path, out: Path, base: BaseModel, adapter: Adapter, dtype: Optional[torch.dtype],
-               four_bit: Optional[FourBit] = None, progress: bool = True) -> dict[str, Any]:
-    """Stream the checkpoint in `model_dir` into `out` with the 5.x-named `adapter` merged in."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+               four_bit: Optional[FourBit] = None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Stream the checkpoint in `model_dir` into `out` with the 5.x-named `adapter` merged in.
+
+    `device` only hosts the additions (and the 4-bit round trip): shards are read and written on the CPU."""
     from tqdm.auto import tqdm
 
     weight_map, index = checkpoint_files(model_dir)
@@ -103,35 +99,36 @@ def merge_into(model_dir: Path, out: Path, base: BaseModel, adapter: Adapter, dt
     combo = key_spelling(list(deltas) + list(replaced), set(weight_map), family, model_dir)
     by_key = {spell(n, family, combo): n for n in list(deltas) + list(replaced) + quantized}
     shards = sorted(set(weight_map.values()))
-    total_size, merged, roundtripped = 0, 0, 0
+    counts = {"merged": 0, "roundtripped": 0}
+
+    def produce(handle, entry, data_start, name):
+        def make() -> torch.Tensor:
+            tensor = read_tensor(handle, entry, data_start)
+            if name in replaced:
+                tensor = replaced[name].to(tensor.dtype)
+            elif name is not None and tensor.is_floating_point():
+                original = tensor.dtype
+                if four_bit and name in quantized:
+                    tensor = quantize_roundtrip(tensor.to(device), four_bit).cpu()
+                    counts["roundtripped"] += 1
+                if name in deltas:
+                    delta = deltas[name].delta().to(device).view(tensor.shape)
+                    tensor = (tensor.to(device).float() + delta).to(original).cpu()
+                    counts["merged"] += 1
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return make
+
+    total_size = 0
     for shard in tqdm(shards, desc="merging shards", unit="shard", disable=not progress):
-        tensors: dict[str, torch.Tensor] = {}
-        try:
-            with safe_open(str(model_dir / shard), "pt") as handle:
-                metadata = handle.metadata()
-                for key in handle.keys():
-                    tensor = handle.get_tensor(key)
-                    name = by_key.get(key)
-                    if name in replaced:
-                        tensor = replaced[name].to(tensor.dtype)
-                    elif name is not None and tensor.is_floating_point():
-                        original = tensor.dtype
-                        if four_bit and name in quantized:
-                            tensor = quantize_roundtrip(tensor, four_bit)
-                            roundtripped += 1
-                        if name in deltas:
-                            tensor = (tensor.float() + deltas[name].delta().view(tensor.shape)).to(original)
-                            merged += 1
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    tensors[key] = tensor.contiguous()
-        except MMTuningError:
-            raise
-        except Exception as error:
-            raise MMTuningError(f"{model_dir / shard} is truncated or corrupt ({error}); re-download the model.") from None
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(out / shard), metadata=metadata or {"format": "pt"})
-        del tensors
+        header, metadata, data_start = read_header(model_dir / shard)
+        with open(model_dir / shard, "rb") as handle:
+            plan = []
+            for key, entry in header.items():
+                stored = STORED_DTYPES[entry["dtype"]]
+                out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+                plan.append((key, out_dtype, entry["shape"], produce(handle, entry, data_start, by_key.get(key))))
+            total_size += write_streaming(out / shard, plan, metadata or {"format": "pt"})
+    merged, roundtripped = counts["merged"], counts["roundtripped"]
     if merged != len(deltas):
         raise MMTuningError(f"merged {merged} of {len(deltas)} adapted weights; the checkpoint index of {model_dir} "
                             f"does not match its shards. Re-download the model.")
@@ -171,7 +168,7 @@ def adapter_for_base(adapter_dir: Path, model_dir: Optional[str], source: Option
 
 
 def merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str = "auto", four_bit: Optional[FourBit] = None,
-          force: bool = False, source: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+          force: bool = False, source: Optional[str] = None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise MMTuningError(f"--base {base_dir} is not a model directory with config.json; merge needs the base "
@@ -179,7 +176,7 @@ def merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str = "auto", fou
     adapter, base = adapter_for_base(adapter_dir, str(base_dir), source)
     torch_dtype = parse_dtype(dtype)
     with safe_output(Path(out), force, (Path(adapter_dir), base_dir)) as temp:
-        report = merge_into(base_dir, temp, base, adapter, torch_dtype, four_bit, progress)
+        report = merge_into(base_dir, temp, base, adapter, torch_dtype, four_bit, progress, device)
     return {"command": "merge", "adapter": str(adapter_dir), "base": str(base_dir), "out": str(out),
             "model_type": base.model_type, "dtype": dtype,
             "four_bit": None if four_bit is None else four_bit.__dict__, **report}
