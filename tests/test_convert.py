@@ -362,3 +362,26 @@ def test_cli_subcommands_print_json_and_fail_with_exit_2(tmp_path):
                                   tmp_path / "bad", code=2).output
     assert "nf4 or fp4" in run("merge", setup.dir, "--base", setup.base_dir, "--out", tmp_path / "q",
                                "--dequantize-4bit", "int3", code=2).output
+
+
+def test_merge_replaces_modules_to_save_and_split_keeps_them_with_their_modality(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from mmtuning_plugin.convert.split import split
+
+    setup = Setup(tmp_path, "llava", modules_to_save=["lm_head"])
+    with torch.no_grad():  # a trained copy of lm_head that differs from the base
+        saved = next(m for n, m in setup.peft.named_modules() if n.endswith("lm_head.modules_to_save.default"))
+        saved.weight.add_(0.5)
+    setup.peft.save_pretrained(setup.dir)
+    config = json.loads((setup.dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(setup.base_dir)
+    (setup.dir / "adapter_config.json").write_text(json.dumps(config))
+    logits = _logits(setup.peft, setup.inputs)
+    assert merge(setup.dir, setup.base_dir, tmp_path / "merged", progress=False)["replaced_tensors"] == 1
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(merged, setup.inputs), logits, atol=1e-4, rtol=1e-4)
+    summary = split(setup.dir, tmp_path / "lang", keep="language")
+    assert summary["dropped_extra_tensors"] == 0 and summary["lost_without_merge"]
+    assert json.loads((tmp_path / "lang" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    load_strict("llava", tmp_path / "lang")

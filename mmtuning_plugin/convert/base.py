@@ -51,8 +51,6 @@ class BaseModel:
         for modality in ("vision", "projector", "language"):
             if any(module == p or module.startswith(p + ".") for p in mmap.prefixes(modality)):
                 return modality
-        if module.split(".")[-1] in ("lm_head",) or module.startswith("lm_head"):
-            return "language"
         raise MMTuningError(f"Module {module} of {self.model_type} belongs to no modality of its modality map.")
 
     @cached_property
