@@ -34,19 +34,23 @@ class LayoutFamily:
     absent: tuple[str, ...] = field(default=())
 
 
+# Names match whole dotted components: `(?=\.|$)` ends a component, so bare container names convert too.
+_END = r"(?=\.|$)"
+
+
 # 4.52 moved sub-models under `model.` and lm_head to the top (LLaVA-style ForConditionalGeneration).
 def _submodels_under_model(vision: str) -> Step:
     return Step(
-        forward=((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\b", "lm_head"),
-                 (rf"^{vision}\.", f"model.{vision}."), (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
-        backward=((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\b", "language_model.lm_head"),
-                  (rf"^model\.{vision}\.", f"{vision}."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")),
+        forward=((rf"^language_model\.model{_END}", "model.language_model"), (rf"^language_model\.lm_head{_END}", "lm_head"),
+                 (rf"^{vision}{_END}", f"model.{vision}"), (rf"^multi_modal_projector{_END}", "model.multi_modal_projector")),
+        backward=((rf"^model\.language_model{_END}", "language_model.model"), (rf"^lm_head{_END}", "language_model.lm_head"),
+                  (rf"^model\.{vision}{_END}", vision), (rf"^model\.multi_modal_projector{_END}", "multi_modal_projector")),
     )
 
 
 # v5: CLIP/SigLIP vision models lost their inner `vision_model.` level.
-_CLIP_INNER_LEVEL = Step(forward=((r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),),
-                         backward=((r"^model\.vision_tower\.", "model.vision_tower.vision_model."),))
+_CLIP_INNER_LEVEL = Step(forward=((rf"^model\.vision_tower\.vision_model{_END}", "model.vision_tower"),),
+                         backward=((rf"^model\.vision_tower{_END}", "model.vision_tower.vision_model"),))
 _UNCHANGED = Step()
 
 LAYOUT_FAMILIES: tuple[LayoutFamily, ...] = (
@@ -58,8 +62,9 @@ LAYOUT_FAMILIES: tuple[LayoutFamily, ...] = (
     LayoutFamily(("mllama",), (_submodels_under_model("vision_model"), _UNCHANGED)),
     # Qwen2-VL: visual moved under model., the text decoder from model. to model.language_model.
     LayoutFamily(("qwen2_vl", "qwen2_5_vl"), (
-        Step(forward=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
-             backward=((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model."))),
+        Step(forward=((rf"^visual{_END}", "model.visual"),
+                      (rf"^model{_END}(?!\.(?:language_model|visual){_END})", "model.language_model")),
+             backward=((rf"^model\.visual{_END}", "visual"), (rf"^model\.language_model{_END}", "model"))),
         _UNCHANGED)),
     # Idefics3/SmolVLM had model.{vision_model,connector,text_model} + lm_head since 4.4x; their own vision
     # transformer (embeddings/encoder/post_layernorm) never had an inner vision_model level.
