@@ -204,7 +204,7 @@ def test_merge_matches_peft_logits_and_streams_shards(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(MMTuningError, match="truncated"):
         merge(setup.dir, broken, tmp_path / "never", progress=False)
-    assert not (tmp_path / "never").exists()
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))  # temp sibling removed
     with pytest.raises(MMTuningError, match="not the adapter's base"):  # same type, other checkpoint spelling
         other = tmp_path / "other-base"
         shutil.copytree(setup.base_dir, other)
@@ -283,6 +283,12 @@ def test_combine_linear_weights_one_zero_equals_first_and_sums_deltas(tmp_path):
         torch.testing.assert_close(combined[module], expected, atol=1e-5, rtol=1e-5)
     assert 6 in summary["ranks"]  # q_proj in both: concatenated 4 + 2
     load_strict("llava", tmp_path / "sum")
+    truncated = combine([first.dir, second.dir], tmp_path / "sum-r4", weights=[0.5, 2.0], rank=4)
+    assert truncated["ranks"] == [2, 4] and truncated["total_svd_relative_error"] > 0.01
+    q_proj = "model.language_model.layers.0.self_attn.q_proj"
+    best = torch.linalg.svdvals(combined[q_proj])  # the truncation is the best rank-4 approximation
+    error = torch.linalg.matrix_norm(_deltas(tmp_path / "sum-r4")[q_proj] - combined[q_proj])
+    torch.testing.assert_close(error, best[4:].norm(), atol=1e-4, rtol=1e-3)
 
 
 def test_combine_ties_and_dare(tmp_path):

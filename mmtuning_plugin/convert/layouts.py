@@ -109,13 +109,13 @@ def rename(name: str, family: LayoutFamily, source: str, target: str) -> str:
     return name
 
 
-def checkpoint_spellings(family: LayoutFamily) -> list[tuple[str, ...]]:
-    """Backward step combinations a saved checkpoint may use (transformers 5 saves some legacy prefixes)."""
-    return [(), ("step2",), ("step1",), ("step2", "step1")]
+# Backward step combinations a saved checkpoint may use for 5.x names: transformers 5 saves some legacy
+# prefixes (a LLaVA saved by 5.23 has `language_model.model.*` but `vision_tower.encoder.*`).
+CHECKPOINT_SPELLINGS: tuple[tuple[str, ...], ...] = ((), ("step2",), ("step1",), ("step2", "step1"))
 
 
 def spell(name: str, family: LayoutFamily, combo: tuple[str, ...]) -> str:
-    """A 5.x name with the given backward steps applied (see checkpoint_spellings)."""
+    """A 5.x name with the given backward steps applied (see CHECKPOINT_SPELLINGS)."""
     for step_name in combo:
         name = _apply(family.steps[1 if step_name == "step2" else 0].backward, name)
     return name

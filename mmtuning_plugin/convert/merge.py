@@ -22,7 +22,7 @@ import torch
 from ..errors import MMTuningError
 from .adapter import Adapter, Factors, read_adapter, safe_output
 from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
-from .layouts import CURRENT, LayoutFamily, checkpoint_spellings, spell
+from .layouts import CURRENT, LayoutFamily, CHECKPOINT_SPELLINGS, spell
 from .stream import DTYPES as STORED_DTYPES, read_header, read_tensor, write_streaming
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": None}
@@ -61,7 +61,7 @@ def checkpoint_files(model_dir: Path) -> tuple[dict[str, str], Optional[dict[str
 
 def key_spelling(names: list[str], keys: set[str], family: LayoutFamily, model_dir: Path) -> tuple[str, ...]:
     """Which prefix spelling the checkpoint uses for 5.x parameter names (transformers 5 saves some legacy ones)."""
-    for combo in checkpoint_spellings(family):
+    for combo in CHECKPOINT_SPELLINGS:
         if all(spell(n, family, combo) in keys for n in names):
             return combo
     missing = [n for n in names if n not in keys][:5]
