@@ -194,6 +194,11 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
     console.print(table)
 
 
+from .convert.cli import convert_app  # noqa: E402  (after fail/console: the sub-app uses them)
+
+app.add_typer(convert_app, name="convert")
+
+
 def main() -> None:
     try:
         app()
