@@ -1,0 +1,125 @@
+"""`sculpt`: LoRASculpt (CVPR 2025) in weight space, no features needed.
+
+Conflict-mitigation regularizer: M = tanh(w * |1 / log(|W / ||W||_2| + eps)|) on the frozen base weight W
+(large entries of W get M near 1), loss = mean over the chosen LoRA layers of ||M * (B @ A * scaling)||_F:
+updates are pushed away from the base weights that matter most. M depends only on frozen weights, so it is
+computed once (4-bit bases are dequantized once). With LoRA B = 0 the loss is exactly 0 at the start.
+Optional sparsification keeps the top `keep` share of magnitudes of every A and B from step
+`sparsify_from` on (the mask is chosen once at that step and re-applied after each later step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import MMTuningError
+from .base import AlignmentLoss, LossOptions
+from .capture import FeatureCapture, StepFeatures
+
+QKV_NAMES = ("q_proj", "k_proj", "v_proj", "qkv")
+
+
+class SculptOptions(LossOptions):
+    weight: float = Field(default=1e-3, ge=0, description="lambda; LoRASculpt uses 1e-3.")
+    w: float = Field(default=1.0, gt=0, description="Sharpness of the conflict mask (LoRASculpt: 1).")
+    eps: float = Field(default=1e-8, gt=0)
+    modules: list[str] = Field(default_factory=lambda: list(QKV_NAMES),
+                               description="Leaf names of the LoRA layers regularized (besides the projector).")
+    projector: bool = Field(default=True, description="Also regularize every LoRA layer in the projector.")
+    sparsify_from: int | None = Field(default=None, ge=0, description="Optimizer step from which A and B are sparsified.")
+    keep: float = Field(default=0.1, gt=0, le=1, description="Share of magnitudes kept in each A and B when sparsifying.")
+
+    def acts_without_weight(self) -> bool:
+        return self.sparsify_from is not None
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The frozen base weight of a LoRA layer as a float tensor (4-bit weights dequantized)."""
+    weight = layer.get_base_layer().weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(torch.float32)
+    return weight.detach().to(torch.float32)
+
+
+def conflict_mask(weight: torch.Tensor, w: float, eps: float) -> torch.Tensor:
+    """LoRASculpt's M = tanh(w * |1/log(|W/||W||_2| + eps)|), ||W||_2 the 2-norm of the flattened weight."""
+    relative = (weight / weight.norm()).abs() + eps
+    return torch.tanh(w * (1.0 / torch.log(relative)).abs())
+
+
+def lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters and module.active_adapters[0] in module.lora_A:
+            yield name, module
+
+
+def top_magnitude_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:
+    count = max(1, math.ceil(keep * weight.numel()))
+    threshold = weight.detach().abs().flatten().kthvalue(weight.numel() - count + 1).values
+    return weight.detach().abs() >= threshold
+
+
+class SculptLoss(AlignmentLoss):
+    Options = SculptOptions
+
+    def attach(self, model: nn.Module, capture: FeatureCapture) -> None:
+        projector = tuple(capture.layout.modality_map.projector)
+        self._layers: list[tuple[str, nn.Module, str]] = []
+        masks = []
+        for name, layer in lora_layers(model):
+            plain = name.replace("base_model.model.", "", 1)
+            in_projector = self.options.projector and any(plain == p or plain.startswith(p + ".") for p in projector)
+            if not (in_projector or plain.rsplit(".", 1)[-1] in self.options.modules):
+                continue
+            adapter = layer.active_adapters[0]
+            weight = base_weight(layer)
+            if weight.dim() != 2 or tuple(weight.shape) != (layer.lora_B[adapter].weight.shape[0],
+                                                            layer.lora_A[adapter].weight.shape[1]):
+                continue  # conv or transposed (Conv1D) layers: B@A is not laid out like W
+            low = layer.lora_A[adapter].weight.dtype
+            masks.append(conflict_mask(weight, self.options.w, self.options.eps).to(low))
+            self._layers.append((name, layer, adapter))
+        if not self._layers:
+            raise MMTuningError(
+                f"mmtuning.losses.{self.name}: no LoRA layer matches modules {self.options.modules}"
+                f"{' or the projector' if self.options.projector else ''}; LoRASculpt needs LoRA (method: lora) on "
+                f"q/k/v or the projector. Set `modules:` to leaf names that have adapters, or remove the loss.")
+        self._masks = masks  # plain list: not part of state_dict, moved in forward if needed
+        self._sparsity: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, _, _ in self._layers]
+
+    def forward(self, features: StepFeatures | None = None) -> torch.Tensor:
+        terms = []
+        for index, (_, layer, adapter) in enumerate(self._layers):
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            mask = self._masks[index]
+            if mask.device != a.device:
+                mask = self._masks[index] = mask.to(a.device)
+            delta = (b @ a) * layer.scaling[adapter]
+            terms.append(torch.linalg.vector_norm((mask * delta).to(torch.float32)))
+        return torch.stack(terms).mean()
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        start = self.options.sparsify_from
+        if start is None or step < start:
+            return
+        with torch.no_grad():
+            if self._sparsity is None:
+                self._sparsity = [(top_magnitude_mask(layer.lora_A[adapter].weight, self.options.keep),
+                                   top_magnitude_mask(layer.lora_B[adapter].weight, self.options.keep))
+                                  for _, layer, adapter in self._layers]
+            for (_, layer, adapter), (keep_a, keep_b) in zip(self._layers, self._sparsity):
+                layer.lora_A[adapter].weight.mul_(keep_a)
+                layer.lora_B[adapter].weight.mul_(keep_b)
