@@ -81,10 +81,18 @@ class FeatureCapture:
         return self._hook("language_output", self._language_model())
 
     def language_layer(self, index: int) -> str:
-        return self._hook(f"language_layer.{index}", self._layer("language", index))
+        return self._hook(f"language_layer.{self.layer_index('language', index)}", self._layer("language", index))
 
     def vision_layer(self, index: int) -> str:
-        return self._hook(f"vision_layer.{index}", self._layer("vision", index))
+        return self._hook(f"vision_layer.{self.layer_index('vision', index)}", self._layer("vision", index))
+
+    def layer_index(self, modality: str, index: int) -> int:
+        """`index` as a non-negative layer number (-1 is the last layer)."""
+        count = self.layout.layer_counts.get(modality, 0)
+        if not -count <= index < count:
+            raise MMTuningError(f"mmtuning.losses: {modality} layer {index} does not exist; this model has {count} "
+                                f"{modality} layers, numbered 0-{count - 1} (or -1 for the last).")
+        return index % count
 
     def layer_module(self, modality: str, index: int) -> nn.Module:
         return self._layer(modality, index)
@@ -93,11 +101,7 @@ class FeatureCapture:
         return self._module(self.layout.modality_map.language[0], "language model")
 
     def _layer(self, modality: str, index: int) -> nn.Module:
-        count = self.layout.layer_counts.get(modality, 0)
-        if not -count <= index < count:
-            raise MMTuningError(f"mmtuning.losses: {modality} layer {index} does not exist; this model has {count} "
-                                f"{modality} layers, numbered 0-{count - 1} (or -1 for the last).")
-        index %= count
+        index = self.layer_index(modality, index)
         for stack in self.layout.modality_map.layer_stacks(modality):
             layers = self.model.get_submodule(stack)
             if index < len(layers):

@@ -73,7 +73,9 @@ class MultiscaleLoss(AlignmentLoss):
         self.needs_image_tokens = options.of == "contrastive"
 
     def attach(self, model: nn.Module, capture: FeatureCapture) -> None:
-        if len(set(self.options.layers)) != len(self.options.layers):
+        modality = "vision" if self.options.of == "anchor" else "language"
+        numbers = [capture.layer_index(modality, i) for i in self.options.layers]
+        if len(set(numbers)) != len(numbers):
             raise MMTuningError(f"mmtuning.losses.{self.name}.layers: {self.options.layers} repeats a layer; list each once.")
         self.inner.attach(model, capture)
 
