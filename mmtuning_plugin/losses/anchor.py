@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import MMTuningError
 from .base import AlignmentLoss, LossOptions
-from .capture import FeatureCapture, Record, StepFeatures, first_tensor
+from .capture import FeatureCapture, Record, StepFeatures, first_tensor, require_graph
 
 
 class AnchorOptions(LossOptions):
@@ -67,11 +67,13 @@ class AnchorLoss(AlignmentLoss):
                 f"the anchor would be a no-op; enable adapters there (projector: {{...}}) or remove the loss.")
 
     def forward(self, features: StepFeatures) -> torch.Tensor:
-        terms = [self._one(record, module) for key, module in self._points for record in features.get(key)]
+        terms = [self._one(key, record, module) for key, module in self._points for record in features.get(key)]
         return torch.stack(terms).mean()
 
-    def _one(self, record: Record, module: nn.Module) -> torch.Tensor:
+    def _one(self, key: str, record: Record, module: nn.Module) -> torch.Tensor:
         current = first_tensor(record.output)
+        if key in self._capture.trainable_points:
+            require_graph(current, key)
         self._capture.paused = True
         try:
             with torch.no_grad(), adapters_disabled(module):

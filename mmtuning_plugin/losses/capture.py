@@ -196,8 +196,9 @@ class StepFeatures:
 
 
 def require_graph(tensor: torch.Tensor, key: str) -> None:
-    """A trainable module's output without autograd history under grad mode means reentrant checkpointing
-    ran it under no_grad: the loss would silently train nothing through it."""
+    """A trainable module's output without autograd history under grad mode means it ran under no_grad (a
+    module checkpointed whole with reentrant checkpointing): the loss would silently train nothing through it.
+    transformers 5 checkpoints layers' `forward` only, so its own checkpointing never triggers this."""
     if torch.is_grad_enabled() and not tensor.requires_grad:
         raise MMTuningError(
             f"mmtuning losses: the captured '{key}' features carry no gradient. This happens with reentrant "
