@@ -200,6 +200,7 @@ def test_bf16_model_gives_finite_losses_and_gradients():
         "anchor": {}, "contrastive": {}, "sculpt": {}, "multiscale": {"layers": [-1]}}})
     model = session.wrap(model)
     model.train()
+    assert {m.dtype for m in model.mmtuning_losses["sculpt"]._masks} == {torch.bfloat16}  # 16-bit masks, like W
     perturb_lora_b(model)
     outputs = model(**inputs)
     terms = session.extra_losses(model, inputs, outputs)

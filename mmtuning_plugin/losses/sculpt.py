@@ -3,7 +3,7 @@
 Conflict-mitigation regularizer: M = tanh(w * |1 / log(|W / ||W||_2| + eps)|) on the frozen base weight W
 (large entries of W get M near 1), loss = mean over the chosen LoRA layers of ||M * (B @ A * scaling)||_F:
 updates are pushed away from the base weights that matter most. M depends only on frozen weights, so it is
-computed once (4-bit bases are dequantized once). With LoRA B = 0 the loss is exactly 0 at the start.
+computed once (4-bit bases are dequantized once) and stored in the base weight's 16-bit dtype. With LoRA B = 0 the loss is exactly 0 at the start.
 Optional sparsification keeps the top `keep` share of magnitudes of every A and B from step
 `sparsify_from` on (the mask is chosen once at that step and re-applied after each later step).
 """
@@ -48,6 +48,15 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     return weight.detach().to(torch.float32)
 
 
+def stored_dtype(layer: nn.Module) -> torch.dtype:
+    """Masks are as big as the base weights: keep them in the base's 16-bit dtype (a 4-bit base's original
+    dtype) rather than float32; a float32 base keeps float32 masks."""
+    weight = layer.get_base_layer().weight
+    quant_state = getattr(weight, "quant_state", None)
+    dtype = quant_state.dtype if quant_state is not None else weight.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def conflict_mask(weight: torch.Tensor, w: float, eps: float) -> torch.Tensor:
     """LoRASculpt's M = tanh(w * |1/log(|W/||W||_2| + eps)|), ||W||_2 the 2-norm of the flattened weight."""
     relative = (weight / weight.norm()).abs() + eps
@@ -85,8 +94,7 @@ class SculptLoss(AlignmentLoss):
             if weight.dim() != 2 or tuple(weight.shape) != (layer.lora_B[adapter].weight.shape[0],
                                                             layer.lora_A[adapter].weight.shape[1]):
                 continue  # conv or transposed (Conv1D) layers: B@A is not laid out like W
-            low = layer.lora_A[adapter].weight.dtype
-            masks.append(conflict_mask(weight, self.options.w, self.options.eps).to(low))
+            masks.append(conflict_mask(weight, self.options.w, self.options.eps).to(stored_dtype(layer)))
             self._layers.append((name, layer, adapter))
         if not self._layers:
             raise MMTuningError(
