@@ -6,7 +6,8 @@
 One identical model copy per variant (task alone, +anchor, +contrastive, +sculpt, +multiscale); the
 variants' training steps (forward, loss, backward, AdamW step) are interleaved rep by rep in a shuffled
 order, so machine noise hits all of them alike. Reports the median step time, its ratio to the task-only
-median, and (CUDA) the peak memory of a step.
+median, the median and quartiles of the per-rep paired ratio (variant step / task step of the same rep),
+and (CUDA) the peak memory of a step.
 """
 
 from __future__ import annotations
@@ -110,17 +111,25 @@ def main() -> None:
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak or 0)
     base = statistics.median(times["task"])
-    rows = [{"variant": name, "median_ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base,
-             "peak_mib": peaks[name] / 2**20 if args.device == "cuda" else None} for name, t in times.items()]
+    rows = []
+    for name, t in times.items():
+        # paired: each rep's step against the task-only step of the same rep (drift in machine load cancels)
+        paired = sorted(v / b for v, b in zip(t, times["task"]))
+        quartiles = statistics.quantiles(paired, n=4)
+        rows.append({"variant": name, "median_ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base,
+                     "paired_ratio": statistics.median(paired), "paired_p25": quartiles[0], "paired_p75": quartiles[2],
+                     "peak_mib": peaks[name] / 2**20 if args.device == "cuda" else None})
     if args.json:
         print(json.dumps({"args": vars(args), "rows": rows}, indent=2))
         return
     print(f"device={args.device} dtype={args.dtype} size={args.size} batch={args.batch} text_len={args.text_len} "
           f"reps={args.reps} (interleaved, shuffled; {args.warmup} warm-up reps dropped)")
-    print(f"{'variant':<12} {'median ms':>10} {'vs task':>8} {'peak MiB':>9}")
+    print(f"{'variant':<12} {'median ms':>10} {'vs task':>8} {'paired':>7} {'p25-p75':>13} {'peak MiB':>9}")
     for row in rows:
         peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "n/a"
-        print(f"{row['variant']:<12} {row['median_ms']:>10.1f} {row['ratio']:>8.3f} {peak:>9}")
+        spread = f"{row['paired_p25']:.3f}-{row['paired_p75']:.3f}"
+        print(f"{row['variant']:<12} {row['median_ms']:>10.1f} {row['ratio']:>8.3f} {row['paired_ratio']:>7.3f} "
+              f"{spread:>13} {peak:>9}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def perturb_lora_b(model, std=0.05, seed=3):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("model_type", ARCHS + ("gemma3",))  # gemma3: bare projector weight (PEFT ParamWrapper)
 def test_anchor_and_sculpt_are_zero_at_initialisation_with_zero_lora_b(model_type):
     model, session, inputs = session_for(model_type, {"anchor": {"weight": 1.0, "metric": "mse"}, "sculpt": {"weight": 1.0},
                                                       "multiscale": {"weight": 1.0, "layers": [-1]}})
@@ -55,9 +55,14 @@ def test_anchor_and_sculpt_are_zero_at_initialisation_with_zero_lora_b(model_typ
     assert terms["loss_align/anchor"].item() == 0.0
     assert terms["loss_align/sculpt"].item() == 0.0
     assert terms["loss_align/multiscale"].item() < 1e-6  # cosine of identical vectors, up to rounding
+    assert any("multi_modal_projector" in n or "merger" in n or "connector" in n
+               for n in model.mmtuning_losses["sculpt"].layer_names)
     sum(terms.values()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    perturb_lora_b(model)
+    _, terms = loss_terms(model, session, inputs)
+    assert all(v.item() > 0 for v in terms.values())
 
 
 def check_first_step(model, value):

@@ -37,9 +37,23 @@ class SculptOptions(LossOptions):
         return self.sparsify_from is not None
 
 
+def frozen_parameter(layer: nn.Module) -> torch.Tensor:
+    """The base weight a LoRA layer adapts: the Linear's weight, or the bare parameter of a ParamWrapper
+    (PEFT target_parameters, e.g. Gemma 3's projector weight)."""
+    get_param = getattr(layer, "get_param", None)
+    return get_param() if callable(get_param) else layer.get_base_layer().weight
+
+
+def delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
+    """The LoRA update laid out like the base weight (with gradient to A and B)."""
+    if callable(getattr(layer, "get_param", None)):
+        return layer.get_delta_weight(adapter)
+    return (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight) * layer.scaling[adapter]
+
+
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight of a LoRA layer as a float tensor (4-bit weights dequantized)."""
-    weight = layer.get_base_layer().weight
+    weight = frozen_parameter(layer)
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
@@ -51,7 +65,7 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 def stored_dtype(layer: nn.Module) -> torch.dtype:
     """Masks are as big as the base weights: keep them in the base's 16-bit dtype (a 4-bit base's original
     dtype) rather than float32; a float32 base keeps float32 masks."""
-    weight = layer.get_base_layer().weight
+    weight = frozen_parameter(layer)
     quant_state = getattr(weight, "quant_state", None)
     dtype = quant_state.dtype if quant_state is not None else weight.dtype
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -91,9 +105,10 @@ class SculptLoss(AlignmentLoss):
                 continue
             adapter = layer.active_adapters[0]
             weight = base_weight(layer)
-            if weight.dim() != 2 or tuple(weight.shape) != (layer.lora_B[adapter].weight.shape[0],
-                                                            layer.lora_A[adapter].weight.shape[1]):
-                continue  # conv or transposed (Conv1D) layers: B@A is not laid out like W
+            with torch.no_grad():
+                same_layout = weight.dim() == 2 and delta_weight(layer, adapter).shape == weight.shape
+            if not same_layout:
+                continue  # conv layers: the update is not a matrix laid out like W
             masks.append(conflict_mask(weight, self.options.w, self.options.eps).to(stored_dtype(layer)))
             self._layers.append((name, layer, adapter))
         if not self._layers:
@@ -111,11 +126,10 @@ class SculptLoss(AlignmentLoss):
     def forward(self, features: StepFeatures | None = None) -> torch.Tensor:
         terms = []
         for index, (_, layer, adapter) in enumerate(self._layers):
-            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            delta = delta_weight(layer, adapter)
             mask = self._masks[index]
-            if mask.device != a.device:
-                mask = self._masks[index] = mask.to(a.device)
-            delta = (b @ a) * layer.scaling[adapter]
+            if mask.device != delta.device:
+                mask = self._masks[index] = mask.to(delta.device)
             terms.append(torch.linalg.vector_norm((mask * delta).to(torch.float32)))
         return torch.stack(terms).mean()
 
