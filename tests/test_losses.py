@@ -178,6 +178,13 @@ def test_sculpt_mask_follows_the_formula_on_the_frozen_weight():
     expected = torch.tanh(2.0 * (1 / torch.log((weight / weight.norm()).abs() + 1e-8)).abs())
     assert torch.allclose(sculpt._masks[0], expected)
     assert 0 < sculpt._masks[0].min() and sculpt._masks[0].max() < 1
+    perturb_lora_b(model)
+    reference = []  # the formula layer by layer: lambda-free mean of ||M * (B @ A * scaling)||_F
+    for (_, layer, adapter), mask in zip(sculpt._layers, sculpt._masks):
+        delta = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]
+        reference.append(torch.linalg.vector_norm(mask * delta))
+    assert len(sculpt._groups) < len(sculpt._layers)  # batched by shape
+    assert torch.allclose(sculpt(None), torch.stack(reference).mean(), rtol=1e-5)
 
 
 def test_config_errors_name_the_key_and_list_registered_losses():
