@@ -184,6 +184,18 @@ class MMTuningConfig(BaseModel):
     )
     use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA); method `lora` only.")
     use_rslora: bool = Field(default=False, description="rsLoRA scaling alpha / sqrt(r); method `lora` only.")
+    losses: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Alignment losses and forgetting regularizers added to the task loss, by registered name "
+        "(`contrastive`, `anchor`, `sculpt`, `multiscale`, or a plugin's): `{anchor: {weight: 0.1}}`. See docs/losses.md.",
+    )
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _validate_losses(cls, value: Any) -> Any:
+        from .losses import validate_losses  # the loss registry loads plugins: import late
+
+        return validate_losses(value)
 
     @model_validator(mode="before")
     @classmethod

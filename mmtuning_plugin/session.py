@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MMTuningConfig, load_config
 from .errors import MMTuningError
+from .losses import LossSuite
 from .targets import TargetPlan, apply_plan, plan_targets, verify_wrapped
 
 
@@ -20,6 +21,7 @@ class MMTuning:
     def __init__(self, config: Any = None, where: str = "mmtuning"):
         self.config: MMTuningConfig = load_config(config, where)
         self.plan: TargetPlan | None = None
+        self.losses = LossSuite(self.config.losses)
 
     # --- targets -----------------------------------------------------------------------------------
 
@@ -30,11 +32,21 @@ class MMTuning:
     def wrap(self, model: nn.Module, adapter_name: str = "default", **peft_overrides: Any):
         """Plan, wrap with PEFT and verify: the PeftModel a trainer should train."""
         plan = self.plan_for(model)
-        return apply_plan(model, plan, adapter_name, **peft_overrides)
+        wrapped = apply_plan(model, plan, adapter_name, **peft_overrides)
+        self.attach(wrapped)
+        return wrapped
 
     def verify(self, model: nn.Module, adapter_name: str = "default") -> None:
-        """Check a model a host wrapped itself (from `peft_config(plan)`) against the plan."""
+        """Check a model a host wrapped itself (from `peft_config(plan)`) against the plan, then attach."""
         verify_wrapped(model, self.require_plan(), adapter_name)
+        self.attach(model)
+
+    def attach(self, model: nn.Module) -> None:
+        """Attach what runs inside the model's forward (loss feature hooks); `detach` removes it."""
+        self.losses.attach(model)
+
+    def detach(self) -> None:
+        self.losses.detach()
 
     def require_plan(self) -> TargetPlan:
         if self.plan is None:
@@ -63,11 +75,13 @@ class MMTuning:
 
     def callbacks(self) -> list[Any]:
         """transformers TrainerCallbacks this run needs (schedules, logging)."""
-        return []
+        return [] + self.losses.callbacks()
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
-        """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured."""
-        return {}
+        """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.
+
+        Call right after the model's forward on `inputs`: the terms read features its hooks captured."""
+        return self.losses.compute(inputs)
 
 
 def modality_of_parameter(plan: TargetPlan, parameter_name: str) -> str | None:

@@ -37,10 +37,7 @@ class MMTuningTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        extras = self.mmtuning.extra_losses(model, inputs, outputs)
-        for name, value in extras.items():
-            loss = loss + value
-            self._mmtuning_logs.setdefault(name, []).append(float(value.detach()))
+        loss = add_extra_losses(self, model, inputs, outputs, loss, num_items_in_batch, self._mmtuning_logs)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -50,6 +47,35 @@ class MMTuningTrainer(Trainer):
                 logs[name] = sum(values) / len(values)
         self._mmtuning_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:
+    """The factor that makes a per-micro-batch mean scale like the task loss under gradient accumulation.
+
+    transformers divides the returned loss by the accumulation steps in `training_step` unless the task
+    loss is already normalised by `num_items_in_batch` (the tokens of all micro-batches: model accepts
+    loss kwargs, or a compute_loss_func). In that case the extra terms are divided here instead."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or \
+            getattr(trainer, "compute_loss_func", None) is not None
+    if not scaled or not trainer.model.training:
+        return 1.0
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+    return 1.0 / steps
+
+
+def add_extra_losses(trainer: Trainer, model, inputs, outputs, loss, num_items_in_batch, logs: dict[str, list[float]]):
+    """Task loss plus the session's extra terms, scaled like the task loss; logs each term's unscaled value.
+    Hosts whose Trainer subclass is not MMTuningTrainer (Axolotl, LLaMA-Factory) call this from their compute_loss."""
+    extras = trainer.mmtuning.extra_losses(model, inputs, outputs)
+    if not extras:
+        return loss
+    scale = extra_loss_scale(trainer, num_items_in_batch)
+    for name, value in extras.items():
+        loss = loss + value.to(loss.dtype) * scale
+        logs.setdefault(name, []).append(float(value.detach()))
+    return loss
 
 
 def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:
