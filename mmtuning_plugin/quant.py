@@ -381,11 +381,11 @@ def verify_quantized(model: nn.Module, config: Any) -> dict[str, dict[str, list[
     if missing or extra:
         lines = []
         if extra:
-            lines.append(f"quantized but the policy keeps them 16-bit ({len(extra)}): " + ", ".join(extra[:8])
-                         + (" ..." if len(extra) > 8 else ""))
+            lines.append(f"quantized but the policy keeps them 16-bit ({len(extra)}): " + ", ".join(extra[:12])
+                         + (" ..." if len(extra) > 12 else ""))
         if missing:
-            lines.append(f"left 16-bit but the policy quantizes them ({len(missing)}): " + ", ".join(missing[:8])
-                         + (" ..." if len(missing) > 8 else ""))
+            lines.append(f"left 16-bit but the policy quantizes them ({len(missing)}): " + ", ".join(missing[:12])
+                         + (" ..." if len(missing) > 12 else ""))
         raise QuantMismatchError(
             f"The loaded model's {want} modules differ from mmtuning.quant ({policy.preset or 'custom'}):\n  "
             + "\n  ".join(lines) + "\nLoad it with BitsAndBytesConfig(**mmtuning.bnb_config_kwargs(model.config)); "
