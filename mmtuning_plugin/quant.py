@@ -179,9 +179,9 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for name, module in unwrap(model).named_modules():
         if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                                    "modules_to_save", "original_module", "base_layer",
-                                                    "lora_magnitude_vector")):
+                                                    "modules_to_save", "base_layer", "lora_magnitude_vector")):
             continue
+        name = name.replace(".original_module", "")  # PEFT's ModulesToSaveWrapper keeps the original here
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Module):
             module = base
@@ -312,8 +312,13 @@ def _skip_list(kept: dict[str, str], quantized: list[str], output_name: str) -> 
 
 def bnb_kwargs_for_plan(plan: QuantPlan) -> dict[str, Any] | None:
     policy = plan.policy
-    if policy.quant_type is None or not plan.quantized:
+    if policy.quant_type is None:
         return None
+    if not plan.quantized:
+        raise MMTuningError(
+            f"mmtuning.quant asks for {policy.quant_type} ({', '.join(f'{m}: {p}' for m, p in policy.precisions().items())}) "
+            f"but every Linear it would quantize is kept 16-bit by the keep_* settings; quantize more (e.g. "
+            f"`quant: balanced`) or write `quant: none`.")
     if policy.quant_type == "int8":
         return {"load_in_8bit": True, "llm_int8_skip_modules": plan.skip_modules}
     return {

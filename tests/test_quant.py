@@ -131,6 +131,9 @@ def test_policy_errors_name_the_key_and_absent_quant_means_no_policy():
         load_config({"quant": {"vision": "int8", "language": "nf4"}})
     with pytest.raises(MMTuningError, match="use LoRA on it"):
         load_config({"quant": "all-4bit", "projector": {"full": True}})
+    with pytest.raises(MMTuningError, match="every Linear it would quantize is kept 16-bit"):
+        bnb_config_kwargs(load_config({"quant": {"preset": "language-4bit", "language": "none", "vision": "nf4",
+                                                 "keep_16bit": ["blocks"]}}), load_model_config("qwen2_vl"))
     int8 = bnb_config_kwargs(load_config({"quant": {"vision": "int8", "language": "int8"}}), load_model_config("qwen2_vl"))
     assert int8 == {"load_in_8bit": True, "llm_int8_skip_modules": ["lm_head", "model.visual.blocks.0",
                                                                      "model.visual.blocks.31", "model.visual.merger"]}
@@ -231,3 +234,14 @@ def test_inspect_targets_json_ranks_presets(capsys):
     assert totals["all-4bit"] < totals["balanced"] < totals["language-4bit"] < totals["none"]
     bad = CliRunner().invoke(app, ["inspect-targets", "qwen2_5_vl", "--quant", "half"])
     assert bad.exit_code == 2 and "unknown preset" in bad.output
+
+
+def test_balanced_projector_trained_whole_stays_16bit_and_verifies_after_wrapping(saved):
+    path = saved("llava")
+    session = MMTuning({"quant": "balanced", "projector": {"full": True}, "language": {"layers": {"top": 1}}})
+    model = load_quantized(path, session.bnb_config_kwargs(load_model_config(str(path))))
+    model = session.wrap(model)
+    report = session.verify_quantized(model)
+    assert sorted(report["projector"]["16bit"]) == ["model.multi_modal_projector.linear_1",
+                                                    "model.multi_modal_projector.linear_2"]
+    assert report["projector"]["4bit"] == [] and len(report["vision"]["4bit"]) == 2 * 6
