@@ -9,7 +9,9 @@ CPU (mid-size random model):  python bench/qlora_memory.py --device cpu
 GPU (full-size random-weight Qwen2.5-VL-7B, batch 1, one 448x448 image, 512 text tokens):
                                python bench/qlora_memory.py --device cuda --size 7b
 
-Peak memory: the child's peak RSS (CPU, from wait4) or torch.cuda.max_memory_allocated (GPU). Weights:
+Peak memory: on CPU the peak RSS of the training steps (VmHWM reset after loading, shown above the RSS of the
+bare interpreter with torch imported; the whole-process peak incl. loading is in --json as load_peak_rss); on
+GPU torch.cuda.max_memory_allocated over the training steps (weights included). Weights:
 bytes really allocated by the loaded model (4-bit data + quantization constants + 16-bit weights) next to
 mmtuning's estimate for it. Step time: median of the timed steps after one warm-up step.
 """
@@ -110,6 +112,7 @@ def run_variant(args) -> dict:
     from mmtuning_plugin.session import MMTuning
 
     torch.set_num_threads(args.threads)
+    baseline_rss = _rss_bytes()  # python + torch + transformers, before any weight exists
     quantized = args.variant != "bf16-lora"
     session = MMTuning({**ADAPTERS, **({"quant": args.variant} if quantized else {})})
     model_config = load_model_config(args.model_dir)
@@ -133,6 +136,8 @@ def run_variant(args) -> dict:
     times = []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     for step in range(args.steps + 1):
         start = time.perf_counter()
         loss = model(**batch).loss
@@ -143,12 +148,40 @@ def run_variant(args) -> dict:
             torch.cuda.synchronize()
         if step:  # step 0 is warm-up
             times.append(time.perf_counter() - start)
-    result = {"variant": args.variant, "weight_bytes": weights,
+    result = {"variant": args.variant, "weight_bytes": weights, "baseline_rss": baseline_rss,
               "estimated_weight_bytes": estimate["total"]["weight_bytes"], "trainable_params": trainable,
               "step_s": statistics.median(times), "loss": float(loss.detach())}
     if args.device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        result["train_peak_rss"] = _status_bytes("VmHWM")  # since _reset_peak_rss: the training steps
     return result
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _reset_peak_rss() -> None:
+    """Drop loading transients from the CPU peak: give freed heap back to the OS, then reset VmHWM (Linux)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
 
 
 def run_child(args, variant: str) -> dict:
@@ -164,18 +197,24 @@ def run_child(args, variant: str) -> dict:
         raise SystemExit(f"variant {variant} failed (status {status}); rerun it alone: {' '.join(command)}")
     result = json.loads(output.strip().splitlines()[-1])
     if args.device == "cpu":
-        result["peak_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+        result["load_peak_rss"] = usage.ru_maxrss * 1024  # whole process, loading included
+        result["peak_bytes"] = result["train_peak_rss"]
+        result["peak_above_baseline"] = result["train_peak_rss"] - result["baseline_rss"]
     return result
 
 
 def table(results: list[dict]) -> str:
-    base = next(r for r in results if r["variant"] == "bf16-lora")
-    lines = ["| variant | weights (allocated) | weights (estimate) | trainable | peak memory | peak vs bf16 LoRA | step time | step vs bf16 LoRA |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in results if r["variant"] == "bf16-lora"), results[-1])
+    peak = "peak_above_baseline" if "peak_above_baseline" in base else "peak_bytes"
+    label = "training peak RSS above baseline" if peak == "peak_above_baseline" else "peak allocated"
+    lines = [f"| variant | weights (allocated) | weights (estimate) | weights vs bf16 LoRA | trainable | {label} "
+             f"| peak vs bf16 LoRA | step time | step vs bf16 LoRA |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['variant']} | {r['weight_bytes'] / 2**20:.1f} MiB | {r['estimated_weight_bytes'] / 2**20:.1f} MiB "
-                     f"| {r['trainable_params'] / 1e6:.2f}M | {r['peak_bytes'] / 2**20:.0f} MiB "
-                     f"| {r['peak_bytes'] / base['peak_bytes']:.2f} | {r['step_s']:.2f} s | {r['step_s'] / base['step_s']:.2f} |")
+                     f"| {r['weight_bytes'] / base['weight_bytes']:.2f} | {r['trainable_params'] / 1e6:.2f}M "
+                     f"| {r[peak] / 2**20:.0f} MiB | {r[peak] / base[peak]:.2f} | {r['step_s']:.2f} s "
+                     f"| {r['step_s'] / base['step_s']:.2f} |")
     return "\n".join(lines)
 
 
