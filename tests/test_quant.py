@@ -245,3 +245,16 @@ def test_balanced_projector_trained_whole_stays_16bit_and_verifies_after_wrappin
     assert sorted(report["projector"]["16bit"]) == ["model.multi_modal_projector.linear_1",
                                                     "model.multi_modal_projector.linear_2"]
     assert report["projector"]["4bit"] == [] and len(report["vision"]["4bit"]) == 2 * 6
+
+
+def test_int8_policy_loads_8bit_with_the_same_modules_kept(saved):
+    path = saved("qwen2_vl")
+    config = load_config({"quant": {"preset": "balanced", "vision": "int8", "language": "int8"}})
+    model = load_quantized(path, bnb_config_kwargs(config, load_model_config(str(path))))
+    types = linear_types(model)
+    kept = {n for n, t in types.items() if t is nn.Linear}
+    assert kept == {n for n in types if n == "lm_head" or n.startswith(("model.visual.merger", "model.visual.blocks.0.",
+                                                                          "model.visual.blocks.3."))}
+    assert all(types[n] is bnb.nn.Linear8bitLt for n in set(types) - kept)
+    report = verify_quantized(model, config)
+    assert len(report["vision"]["8bit"]) == 8 and report["vision"]["4bit"] == []
