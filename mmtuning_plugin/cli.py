@@ -120,13 +120,18 @@ def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, 
             "alpha": plan.config.scale_alpha(modality),
             "trainable_params": plan.trainable_params(modality),
         }
-    return {
+    report = {
         "model": model_name,
         "model_type": plan.model_type,
         "map_source": layout.modality_map.source,
         "modalities": modalities,
         "plan": plan.summary(),
     }
+    if plan.config.quant is not None:
+        from .quant import memory_estimate
+
+        report["quant"] = memory_estimate(model, plan.config.quant, plan)
+    return report
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -153,6 +158,32 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
     if plan["modules_to_save"]:
         console.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
+    if "quant" in report:
+        print_quant(report["quant"])
+
+
+def print_quant(quant: dict[str, Any]) -> None:
+    """Memory after quantization per modality (weights incl. 4-bit constants; adapters + AdamW state in fp32)."""
+    table = Table(title=f"memory under quant: {quant['policy']}", title_justify="left")
+    for column in ("modality", "precision", "4bit/16bit", "weights", "trainable", "optimizer", "total"):
+        table.add_column(column, justify="left" if column in ("modality", "precision") else "right")
+    for modality, row in quant["modalities"].items():
+        table.add_row(modality, quant["precisions"][modality], f"{row['quantized_modules']}/{row['kept_16bit_modules']}",
+                      human_bytes(row["weight_bytes"]), human(row["trainable_params"]),
+                      human_bytes(row["optimizer_state_bytes"]), human_bytes(row["total_bytes"]))
+    total = quant["total"]
+    table.add_section()
+    table.add_row("total", "", "", human_bytes(total["weight_bytes"]), human(total["trainable_params"]),
+                  human_bytes(total["optimizer_state_bytes"]), human_bytes(total["total_bytes"]))
+    console.print(table)
+    console.print(f"llm_int8_skip_modules: {', '.join(quant['skip_modules'])}")
+
+
+def human_bytes(value: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value} B"
 
 
 @app.command("inspect-targets")
@@ -161,12 +192,15 @@ def inspect_targets(
     spec: Optional[Path] = typer.Option(None, "--spec", help="YAML with an `mmtuning:` block (or an Axolotl/LLaMA-Factory YAML holding one)."),
     sets: list[str] = typer.Option([], "--set", help="Edit the spec: --set vision.modules=attention --set vision.layers=top:8 --set projector=false"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantization policy (all-4bit, balanced, language-4bit, none): adds memory per modality."),
 ) -> None:
     """Show which modules of each modality get adapters, with layer ranges and parameter counts."""
     from .loading import load_skeleton
 
     try:
         config = read_spec(spec, sets)
+        if quant is not None:
+            config["quant"] = quant
         report = inspect_report(model, load_skeleton(model), config)
     except MMTuningError as error:
         fail(str(error))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MMTuningError
+from .quant import QuantPolicy
 
 KINDS = ("attention", "mlp", "all-linear")
 EXTRAS_BY_MODALITY = {"vision": ("patch_embed",), "projector": (), "language": ("embed_tokens", "lm_head")}
@@ -184,6 +185,11 @@ class MMTuningConfig(BaseModel):
     )
     use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA); method `lora` only.")
     use_rslora: bool = Field(default=False, description="rsLoRA scaling alpha / sqrt(r); method `lora` only.")
+    quant: Optional[QuantPolicy] = Field(
+        default=None,
+        description="Quantization per modality: `balanced`, `all-4bit`, `language-4bit`, `none` or a block (see "
+        "docs/quantization.md). Absent: mmtuning leaves quantization to the host.",
+    )
     losses: dict[str, Any] = Field(
         default_factory=dict,
         description="Alignment losses and forgetting regularizers added to the task loss, by registered name "
@@ -222,6 +228,10 @@ class MMTuningConfig(BaseModel):
                 raise ValueError(f"{modality}.include: {wrong} do not belong to {modality}; allowed: {list(allowed) or 'none'}")
             if spec.full and modality != "projector":
                 raise ValueError(f"{modality}.full: only the projector can be trained whole; use adapters on {modality}")
+        if self.projector.full and self.quant is not None and self.quant.projector != "none":
+            raise ValueError(f"projector.full trains the projector whole, but quant.projector is {self.quant.projector} "
+                             f"(a packed quantized weight cannot be trained whole); use LoRA on it (remove `full: true`) "
+                             f"or keep it 16-bit (quant.projector: none, or quant: balanced)")
         if (self.use_dora or self.use_rslora) and self.method != "lora":
             raise ValueError(f"use_dora/use_rslora need method: lora (got method: {self.method})")
         if not any(getattr(self, m).enabled for m in ("vision", "projector", "language")):
@@ -277,6 +287,7 @@ def _valid_keys(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None) if field else None
+        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
     return list(model.model_fields)

@@ -32,6 +32,10 @@ class MMTuning:
     def wrap(self, model: nn.Module, adapter_name: str = "default", **peft_overrides: Any):
         """Plan, wrap with PEFT and verify: the PeftModel a trainer should train."""
         plan = self.plan_for(model)
+        if plan.modules_to_save:
+            from .quant import check_modules_to_save
+
+            check_modules_to_save(model, plan.modules_to_save)
         wrapped = apply_plan(model, plan, adapter_name, **peft_overrides)
         self.attach(wrapped)
         return wrapped
@@ -53,13 +57,25 @@ class MMTuning:
             raise MMTuningError("mmtuning has no target plan yet: call plan_for(model) or wrap(model) first.")
         return self.plan
 
-    # --- quantization ------------------------------------------------------------------------------
+    # --- quantization (mmtuning_plugin/quant.py) ---------------------------------------------------
 
     def bnb_config_kwargs(self, model_config: Any) -> dict[str, Any] | None:
-        """BitsAndBytesConfig kwargs (skip lists of exact names) for the model about to be loaded."""
+        """kwargs for transformers.BitsAndBytesConfig under `quant:`; None when no policy is set."""
         from .quant import bnb_config_kwargs
 
         return bnb_config_kwargs(self.config, model_config)
+
+    def verify_quantized(self, model: nn.Module) -> dict[str, Any]:
+        """Which modules of a loaded model are 4-bit, per modality; raises if that differs from `quant:`."""
+        from .quant import verify_quantized
+
+        return verify_quantized(model, self.config)
+
+    def prepare_kbit_training(self, model: nn.Module) -> dict[str, Any]:
+        """k-bit preparation that keeps frozen 16-bit towers 16-bit (use instead of PEFT's)."""
+        from .quant import prepare_kbit_training
+
+        return prepare_kbit_training(model, self.config)
 
     # --- training ----------------------------------------------------------------------------------
 
