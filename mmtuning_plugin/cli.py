@@ -97,9 +97,10 @@ def _layers_text(selected: Optional[list[int]], total: int) -> str:
     return f"{span} of {total}"
 
 
-def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, Any]:
+def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
     """The JSON report of `inspect-targets` (also what the table is drawn from)."""
     from .arch import MODALITIES
+    from .schedule import schedule_plan
     from .targets import plan_targets
 
     plan = plan_targets(model, config)
@@ -126,6 +127,7 @@ def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, 
         "map_source": layout.modality_map.source,
         "modalities": modalities,
         "plan": plan.summary(),
+        "schedule": schedule_plan(plan).report(steps),
     }
 
 
@@ -153,6 +155,26 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
     if plan["modules_to_save"]:
         console.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
+    print_schedule(report["schedule"])
+
+
+def print_schedule(schedule: dict[str, Any]) -> None:
+    """Which layers train from which step (only when some modality has a schedule)."""
+    if schedule["static"]:
+        return
+    if schedule["timeline"] is not None:
+        rows = schedule["timeline"]
+        modalities = [key for key in rows[0] if key != "step"] if rows else []
+        table = Table("from step", *modalities, title="schedule (layers training from that step on)", title_justify="left")
+        for row in rows:
+            table.add_row(str(row["step"]), *(row[m] for m in modalities))
+    else:
+        table = Table("modality", "from", "layers", title="schedule (pass --steps N to resolve fractions into steps)",
+                      title_justify="left")
+        for modality, stages in schedule["stages"].items():
+            for stage in stages:
+                table.add_row(modality, stage["at"], stage["layers"])
+    console.print(table)
 
 
 @app.command("inspect-targets")
@@ -161,13 +183,14 @@ def inspect_targets(
     spec: Optional[Path] = typer.Option(None, "--spec", help="YAML with an `mmtuning:` block (or an Axolotl/LLaMA-Factory YAML holding one)."),
     sets: list[str] = typer.Option([], "--set", help="Edit the spec: --set vision.modules=attention --set vision.layers=top:8 --set projector=false"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total training steps, to show a schedule's fractions as steps."),
 ) -> None:
     """Show which modules of each modality get adapters, with layer ranges and parameter counts."""
     from .loading import load_skeleton
 
     try:
         config = read_spec(spec, sets)
-        report = inspect_report(model, load_skeleton(model), config)
+        report = inspect_report(model, load_skeleton(model), config, steps)
     except MMTuningError as error:
         fail(str(error))
     if as_json:

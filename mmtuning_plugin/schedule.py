@@ -291,30 +291,32 @@ class SchedulePlan:
             steps.update(resolve_at(s.at, total_steps) for s in stages)
         return sorted(steps)
 
-    def table(self, total_steps: Optional[int] = None) -> list[dict[str, Any]]:
-        """Rows `{at, step, <modality>: "2-3"}`, one per stage change. Without total_steps, fractions stay
-        symbolic (`50%`) and only stage boundaries written the same way are ordered exactly."""
-        if total_steps is not None:
-            rows, last = [], None
-            for step in self.change_steps(total_steps):
-                if total_steps and step >= total_steps:
-                    continue
-                active = {m: a.describe() for m, a in self.active(step, total_steps).items()}
-                if active != last:
-                    rows.append({"at": f"step {step}", "step": step, **active})
-                    last = active
-            return rows
-        rows = []
-        boundaries = sorted({s.at for stages in self.stages.values() for s in stages},
-                            key=lambda at: (isinstance(at, float), at))
-        for at in boundaries:
-            row: dict[str, Any] = {"at": describe_at(at), "step": at if isinstance(at, int) else None}
-            for modality, stages in self.stages.items():
-                same_kind = [s for s in stages if type(s.at) is type(at) or s.at == 0]
-                current = [s for s in same_kind if s.at <= at]
-                row[modality] = Active(current[-1].layers, current[-1].extras).describe() if current else "off"
-            rows.append(row)
+    def has_fractions(self) -> bool:
+        return any(isinstance(s.at, float) for stages in self.stages.values() for s in stages)
+
+    def timeline(self, total_steps: Optional[int] = None) -> list[dict[str, Any]]:
+        """Rows `{step, <modality>: "2-3" | "on" | "off"}`, one per step where the active set changes
+        (needs total_steps when a stage is written as a fraction)."""
+        rows, last = [], None
+        for step in self.change_steps(total_steps):
+            if total_steps and step >= total_steps:
+                continue
+            active = {m: a.describe() for m, a in self.active(step, total_steps).items()}
+            if active != last:
+                rows.append({"step": step, **active})
+                last = active
         return rows
+
+    def stage_list(self) -> dict[str, list[dict[str, str]]]:
+        """Each modality's stages as written (`at: 50%`), for reports without a step count."""
+        return {m: [{"at": describe_at(s.at), "layers": Active(s.layers, s.extras).describe()} for s in stages]
+                for m, stages in self.stages.items()}
+
+    def report(self, total_steps: Optional[int] = None) -> dict[str, Any]:
+        """JSON for `inspect-targets`: the stages, and the timeline when the step of every stage is known."""
+        known = total_steps is not None or not self.has_fractions()
+        return {"static": self.is_static(), "total_steps": total_steps, "stages": self.stage_list(),
+                "timeline": self.timeline(total_steps) if known else None}
 
 
 def active_of(stages: list[Stage], step: int, total_steps: Optional[int]) -> Active:

@@ -92,7 +92,9 @@ def test_custom_stages_and_projector_window():
     rows = [(s, sched.active(s, 20)["language"].describe(), sched.active(s, 20)["projector"].describe())
             for s in (0, 2, 5, 10, 15)]
     assert rows == [(0, "off", "off"), (2, "off", "on"), (5, "2-3", "on"), (10, "0-3", "on"), (15, "0-3", "off")]
-    assert [r["at"] for r in sched.table(20)] == ["step 0", "step 2", "step 5", "step 10", "step 15"]
+    assert [r["step"] for r in sched.timeline(20)] == [0, 2, 5, 10, 15]
+    assert sched.stage_list()["language"] == [{"at": "step 0", "layers": "off"}, {"at": "step 5", "layers": "2-3"},
+                                              {"at": "50%", "layers": "0-3"}]
 
 
 def test_stages_resolving_to_the_same_step_take_the_later_one():
@@ -273,3 +275,42 @@ def test_two_process_ddp_gloo_crosses_stage_changes_with_identical_adapters(tmp_
         assert never
         assert {n for n in after if torch.equal(after[n], before[n])} == never, mode
         assert [e["step"] for e in ranks[0]["stages"]] == [0, 1, 2, 4], mode
+
+
+# --- mmtune inspect-targets --spec ----------------------------------------------------------------
+
+SPEC = """mmtuning:
+  vision:
+    layers: {top: 3}
+    schedule: {type: top_down, start: 1, every: 0.2}
+  projector:
+    schedule: {from: 50}
+  language:
+    schedule: {type: custom, stages: [{at: 0, layers: {top: 2}}, {at: 0.5, layers: all}]}
+"""
+
+
+def test_inspect_targets_shows_the_schedule_as_a_table_and_in_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec), "--steps", "400", "--json"])
+    assert result.exit_code == 0, result.output
+    timeline = json.loads(result.stdout)["schedule"]["timeline"]
+    assert timeline == [{"step": 0, "vision": "23", "projector": "off", "language": "30-31"},
+                        {"step": 50, "vision": "23", "projector": "on", "language": "30-31"},
+                        {"step": 80, "vision": "22-23", "projector": "on", "language": "30-31"},
+                        {"step": 160, "vision": "21-23", "projector": "on", "language": "30-31"},
+                        {"step": 200, "vision": "21-23", "projector": "on", "language": "0-31"}]
+    table = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
+    assert table.exit_code == 0 and "pass --steps N" in table.stdout and "20%" in table.stdout
+    plain = runner.invoke(app, ["inspect-targets", "llava"])
+    assert "schedule" not in plain.stdout  # static runs: the output is unchanged
+    bad = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec), "--set", "vision.schedule.start=3"])
+    assert bad.exit_code == 2 and "already covers all 3 targeted layers" in bad.stderr
