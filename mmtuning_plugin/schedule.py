@@ -397,14 +397,14 @@ def optimizer_groups(model: nn.Module, plan, lr: float, weight_decay: float) -> 
     targeted layer). Adapters of not-yet-active stages are included: the optimizer is built once."""
     groups: dict[str, dict[str, Any]] = {}
     params = dict(model.named_parameters())
+    top = {m: max(targeted_layers(plan, m), default=0) for m in ("vision", "language")}
     for name, slot in parameter_slots(model, plan).items():
         key, rate = slot.modality, lr
         if slot.modality in ("vision", "projector", "language"):
             spec = plan.config.spec(slot.modality)
             rate = lr * spec.lr
             if spec.lr_decay is not None and slot.layer is not None:
-                top = max(targeted_layers(plan, slot.modality))
-                key, rate = f"{slot.modality}.layer{slot.layer}", rate * spec.lr_decay ** (top - slot.layer)
+                key, rate = f"{slot.modality}.layer{slot.layer}", rate * spec.lr_decay ** (top[slot.modality] - slot.layer)
         group = groups.setdefault(key, {"params": [], "lr": rate, "weight_decay": weight_decay, "name": key})
         group["params"].append(params[name])
     return list(groups.values())
