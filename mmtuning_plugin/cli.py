@@ -97,9 +97,10 @@ def _layers_text(selected: Optional[list[int]], total: int) -> str:
     return f"{span} of {total}"
 
 
-def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, Any]:
+def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
     """The JSON report of `inspect-targets` (also what the table is drawn from)."""
     from .arch import MODALITIES
+    from .schedule import schedule_plan
     from .targets import plan_targets
 
     plan = plan_targets(model, config)
@@ -126,6 +127,7 @@ def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, 
         "map_source": layout.modality_map.source,
         "modalities": modalities,
         "plan": plan.summary(),
+        "schedule": schedule_plan(plan).report(steps),
     }
     if plan.config.quant is not None:
         from .quant import memory_estimate
@@ -160,6 +162,8 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
     if "quant" in report:
         print_quant(report["quant"])
+    print_schedule(report["schedule"])
+
 
 
 def print_quant(quant: dict[str, Any]) -> None:
@@ -186,6 +190,26 @@ def human_bytes(value: int) -> str:
     return f"{value} B"
 
 
+
+def print_schedule(schedule: dict[str, Any]) -> None:
+    """Which layers train from which step (only when some modality has a schedule)."""
+    if schedule["static"]:
+        return
+    if schedule["timeline"] is not None:
+        rows = schedule["timeline"]
+        modalities = [key for key in rows[0] if key != "step"] if rows else []
+        table = Table("from step", *modalities, title="schedule (layers training from that step on)", title_justify="left")
+        for row in rows:
+            table.add_row(str(row["step"]), *(row[m] for m in modalities))
+    else:
+        table = Table("modality", "from", "layers", title="schedule (pass --steps N to resolve fractions into steps)",
+                      title_justify="left")
+        for modality, stages in schedule["stages"].items():
+            for stage in stages:
+                table.add_row(modality, stage["at"], stage["layers"])
+    console.print(table)
+
+
 @app.command("inspect-targets")
 def inspect_targets(
     model: str = typer.Argument(..., help="Model directory with config.json, a hub id in the local cache, or a model type (qwen2_5_vl)."),
@@ -193,6 +217,7 @@ def inspect_targets(
     sets: list[str] = typer.Option([], "--set", help="Edit the spec: --set vision.modules=attention --set vision.layers=top:8 --set projector=false"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization policy (all-4bit, balanced, language-4bit, none): adds memory per modality."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total training steps, to show a schedule's fractions as steps."),
 ) -> None:
     """Show which modules of each modality get adapters, with layer ranges and parameter counts."""
     from .loading import load_skeleton
@@ -201,7 +226,7 @@ def inspect_targets(
         config = read_spec(spec, sets)
         if quant is not None:
             config["quant"] = quant
-        report = inspect_report(model, load_skeleton(model), config)
+        report = inspect_report(model, load_skeleton(model), config, steps)
     except MMTuningError as error:
         fail(str(error))
     if as_json:

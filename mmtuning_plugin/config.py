@@ -150,6 +150,17 @@ class ModalitySpec(BaseModel):
         default=False,
         description="Projector only: train the whole projector (PEFT modules_to_save) instead of adapters on it.",
     )
+    schedule: Any = Field(
+        default="static",
+        description="Which targeted layers train when (docs/schedules.md): `static`; `{type: top_down, start: K, "
+        "step_layers: S, every: N-or-fraction}`; `{type: custom, stages: [{at: N-or-fraction, layers: ...}]}`. "
+        "Projector: `always`, `{from: N}`, `{until: N}`.",
+    )
+    lr: float = Field(default=1.0, gt=0, description="Learning-rate multiplier for this modality's optimizer group.")
+    lr_decay: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Layer-wise LR decay: layer i trains at lr x lr_decay^(top targeted layer - i), one group per layer.",
+    )
 
     @field_validator("modules")
     @classmethod
@@ -218,6 +229,12 @@ class MMTuningConfig(BaseModel):
                 data[modality] = {}
         return data
 
+    @field_validator("vision", "projector", "language")
+    @classmethod
+    def _schedule(cls, spec: "ModalitySpec", info) -> "ModalitySpec":
+        _check_schedule_keys(info.field_name, spec)
+        return spec
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "MMTuningConfig":
         for modality in ("vision", "projector", "language"):
@@ -249,6 +266,19 @@ class MMTuningConfig(BaseModel):
         if spec.alpha is not None:
             return spec.alpha
         return self.alpha * self.rank(modality) / self.r
+
+
+def _check_schedule_keys(modality: str, spec: ModalitySpec) -> None:
+    """Parse `schedule:` into its object (registered schedule types) and refuse settings that would do nothing."""
+    from .schedule import parse_schedule
+
+    if not spec.enabled:
+        if spec.schedule not in ("static", "always", None) or spec.lr != 1.0 or spec.lr_decay is not None:
+            raise ValueError(f"schedule/lr/lr_decay are set but {modality} is disabled; enable it or remove them")
+        return
+    if modality == "projector" and spec.lr_decay is not None:
+        raise ValueError("lr_decay: the projector has no layers; use projector.lr")
+    spec.schedule = parse_schedule(spec.schedule, modality, where="schedule")
 
 
 def load_config(data: Any, where: str = "mmtuning") -> MMTuningConfig:

@@ -13,7 +13,8 @@ ENTRY_POINT_GROUP = "mmtuning"
 # Entry-point name -> module. The same names are declared in pyproject.toml, so an installed copy's
 # entry points are recognised as already registered instead of being registered twice.
 BUILTIN_PLUGINS = {"builtin_architectures": "mmtuning_plugin.arch.builtin",
-                   "builtin_losses": "mmtuning_plugin.losses.builtin"}
+                   "builtin_losses": "mmtuning_plugin.losses.builtin",
+                   "builtin_schedules": "mmtuning_plugin.builtin_schedules"}
 
 
 @functools.lru_cache(maxsize=1)

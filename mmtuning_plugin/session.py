@@ -80,18 +80,24 @@ class MMTuning:
     # --- training ----------------------------------------------------------------------------------
 
     def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Parameter groups for the optimizer: every trainable parameter, once, tagged with its modality."""
-        plan = self.require_plan()
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                groups.setdefault(modality_of_parameter(plan, name) or "other", []).append(param)
-        return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": modality}
-                for modality, params in groups.items()]
+        """Parameter groups for the optimizer: every trainable or adapter parameter, once, in its modality's
+        group (`vision`, `projector`, `language`, `other`; `vision.layer3` with lr_decay) at lr x the
+        modality's `lr` multiplier. Adapters of later schedule stages are in from step 0."""
+        from .schedule import optimizer_groups
+
+        return optimizer_groups(model, self.require_plan(), lr, weight_decay)
+
+    def schedule(self):
+        """The resolved layer schedule (`SchedulePlan`): which layers train at step N."""
+        from .schedule import schedule_plan
+
+        return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
-        """transformers TrainerCallbacks this run needs (schedules, logging)."""
-        return [] + self.losses.callbacks()
+        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
+        from .schedule import schedule_callback
+
+        return [schedule_callback(self), *self.losses.callbacks()]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
         """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.
