@@ -194,6 +194,34 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
     console.print(table)
 
 
+@app.command("demo")
+def demo(
+    steps: int = typer.Option(150, "--steps", min=1, help="Training steps per arm (tests use a short run)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the training stream and adapter init (eval items are fixed)."),
+    out: Path = typer.Option(Path("mmtune-demo"), "--out", help="Directory for adapters, results.json and curves.png."),
+    four_bit: bool = typer.Option(True, "--four-bit/--no-four-bit", help="Load the base model in 4-bit NF4 (QLoRA)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object (no tables, no progress)."),
+) -> None:
+    """Fine-tune the embedded tiny VLM on a new task twice (plain LoRA vs. mmtuning's recipe) and score
+    target gain E, general-skill change F and O = E + F on held-out items."""
+    from .demo.report import DemoConsole
+    from .demo.runner import DemoSettings, run_demo
+
+    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads)
+    view = None if as_json else DemoConsole(console, settings)
+    try:
+        if view:
+            view.intro()
+        report = run_demo(settings, on_event=view.event if view else None)
+    except MMTuningError as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        view.summary(report)
+
+
 def main() -> None:
     try:
         app()
