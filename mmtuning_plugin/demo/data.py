@@ -23,7 +23,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 POSITIONS: dict[str, tuple[float, float]] = {
     "left": (1 / 6, 0.5), "right": (5 / 6, 0.5), "top": (0.5, 1 / 6), "bottom": (0.5, 5 / 6), "center": (0.5, 0.5),
 }
-BACKGROUNDS = ((255, 255, 255), (20, 20, 20))
+BACKGROUNDS = ((255, 255, 255),)
+SHADES = (0.8, 0.9, 1.0)  # colour brightness: variety without moving the shape out of its patch
 
 # Questions per task: (question, attribute the answer names).
 TASKS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -39,17 +40,17 @@ class Item:
     image: Image.Image
     question: str
     answer: str
-    key: tuple  # (colour, shape, position, background, jitter): the image's content
+    key: tuple  # (colour, shape, position, background, shade): the image's content
 
 
-def draw(colour: str, shape: str, position: str, background: tuple[int, int, int], jitter: tuple[int, int],
+def draw(colour: str, shape: str, position: str, background: tuple[int, int, int], shade: float,
          size: int = IMAGE_SIZE) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     pen = ImageDraw.Draw(image)
     fx, fy = POSITIONS[position]
-    cx, cy = int(fx * size) + jitter[0], int(fy * size) + jitter[1]
+    cx, cy = int(fx * size), int(fy * size)
     half = size // 8  # a 7-pixel shape inside its 8-pixel patch
-    fill = COLOURS[colour]
+    fill = tuple(int(shade * c) for c in COLOURS[colour])
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "circle":
         pen.ellipse(box, fill=fill)
@@ -84,11 +85,11 @@ def _draw_item(task: str, rng: random.Random) -> Item:
     shape = rng.choice(SHAPES)
     position = rng.choice(sorted(POSITIONS))
     background = rng.choice(BACKGROUNDS)
-    jitter = (rng.randint(-1, 1), rng.randint(-1, 1))
+    shade = rng.choice(SHADES)
     question, attribute = rng.choice(TASKS[task])
     answer = {"colour": colour, "shape": shape, "position": position}[attribute]
-    return Item(draw(colour, shape, position, background, jitter), question, answer,
-                (colour, shape, position, background, jitter))
+    return Item(draw(colour, shape, position, background, shade), question, answer,
+                (colour, shape, position, background, shade))
 
 
 def make_set(task: str, split: str, count: int, seed: int = 0) -> list[Item]:

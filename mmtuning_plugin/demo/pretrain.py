@@ -25,7 +25,7 @@ from .model import MODEL_DIR, accuracy, build_processor, build_random_model, enc
 # The recipe of the shipped checkpoint: facts in one table, read by the script and the test.
 PRETRAIN: dict[str, Any] = {
     "seed": 0,
-    "steps": 600,
+    "steps": 300,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_fraction": 0.1,

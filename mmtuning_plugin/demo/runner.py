@@ -36,8 +36,8 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 2e-3
     four_bit: bool = True
-    eval_items: int = 160  # per set (target, general), held out, fixed across seeds
-    curve_points: int = 5  # accuracy measured at this many evenly spaced steps, 0 and the last included
+    eval_items: int = 128  # per set (target, general), held out, fixed across seeds
+    curve_points: int = 4  # accuracy measured at this many evenly spaced steps, 0 and the last included
     threads: int = 1
     out: Path = Path("mmtune-demo")
     model_dir: Path = MODEL_DIR
@@ -248,7 +248,7 @@ def run_demo(settings: DemoSettings, on_event: Event | None = None) -> dict[str,
     return report
 
 
-def evaluate_adapter(adapter: Path, model_dir: Path = MODEL_DIR, items: int = 160, four_bit: bool = True) -> dict[str, float]:
+def evaluate_adapter(adapter: Path, model_dir: Path = MODEL_DIR, items: int = 128, four_bit: bool = True) -> dict[str, float]:
     """Accuracy of a saved demo adapter on the held-out sets (what the demo reports as `after`)."""
     from peft import PeftModel
 
