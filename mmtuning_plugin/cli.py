@@ -196,7 +196,7 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
 
 @app.command("demo")
 def demo(
-    steps: int = typer.Option(150, "--steps", min=1, help="Training steps per arm (tests use a short run)."),
+    steps: int = typer.Option(400, "--steps", min=1, help="Training steps per arm (tests use a short run)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training stream and adapter init (eval items are fixed)."),
     out: Path = typer.Option(Path("mmtune-demo"), "--out", help="Directory for adapters, results.json and curves.png."),
     four_bit: bool = typer.Option(True, "--four-bit/--no-four-bit", help="Load the base model in 4-bit NF4 (QLoRA)."),

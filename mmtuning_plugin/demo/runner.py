@@ -31,7 +31,7 @@ PLOT = "curves.png"
 class DemoSettings:
     """Everything a run depends on; the same for both arms."""
 
-    steps: int = 150
+    steps: int = 400
     seed: int = 0
     batch_size: int = 16
     lr: float = 2e-3
