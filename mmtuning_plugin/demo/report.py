@@ -71,8 +71,10 @@ class DemoConsole:
                            "O = E + F; accuracy points, greedy generation, exact match.")
         arms = list(report["arms"].values())
         if len(arms) == 2:
-            best = max(arms, key=lambda a: a["O"])
-            self.console.print(f"higher O: [bold]{best['label']}[/] ({arms[0]['O']:+.1f} vs {arms[1]['O']:+.1f})")
+            best, other = sorted(arms, key=lambda a: a["O"], reverse=True)
+            items = report["eval"]["general_items"]
+            self.console.print(f"higher O: [bold]{best['label']}[/] ({best['O']:+.1f} vs {other['O']:+.1f} for "
+                               f"{other['label']}; one general item is {100 / items:.1f} points)")
         out = self.settings.out
         self.console.print(f"adapters: {', '.join(a['adapter'] for a in arms)}\nplot: {report['plot']}\n"
                            f"numbers: {out / 'results.json'}  ({report['seconds']:.0f}s)")
