@@ -129,7 +129,8 @@ def inspect_report(model_name: str, model, config: dict[str, Any]) -> dict[str, 
     }
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
+    out = out or console
     table = Table(title=f"{report['model']} ({report['model_type']}, map: {report['map_source']})", title_justify="left")
     for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", "trainable"):
         table.add_column(column, justify="right" if column in ("modules", "params", "trainable") else "left")
@@ -148,11 +149,11 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
                   human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
-    console.print(table)
+    out.print(table)
     if plan["target_parameters"]:
-        console.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
+        out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
     if plan["modules_to_save"]:
-        console.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
+        out.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
 
 
 @app.command("inspect-targets")

@@ -121,3 +121,17 @@ def test_demo_accuracy_comes_from_the_saved_adapter_and_a_corrupted_one_scores_l
     weights = {k: (v + 0.5 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v) for k, v in weights.items()}
     save_file(weights, str(broken / "adapter_model.safetensors"))
     assert evaluate_adapter(broken, items=items)["target"] < arm["after"]["target"]
+
+
+def test_demo_intro_prints_the_seed_and_each_arms_target_plan():
+    from rich.console import Console
+
+    from mmtuning_plugin.demo.report import DemoConsole
+    from mmtuning_plugin.demo.runner import DemoSettings
+
+    console = Console(record=True, width=100)
+    DemoConsole(console, DemoSettings(seed=7)).intro()
+    text = console.export_text()
+    assert "seed 7" in text
+    assert "plain LoRA" in text and "mmtuning (llava" in text
+    assert "2-3 of 4" in text  # the recipe's vision adapters sit on the top two of four layers

@@ -31,7 +31,7 @@ class DemoConsole:
         skeleton = load_skeleton(str(s.model_dir))
         for name, recipe in load_recipes().items():
             if name in s.arms:
-                print_report(inspect_report(recipe.get("label", name), skeleton, recipe["mmtuning"]))
+                print_report(inspect_report(recipe.get("label", name), skeleton, recipe["mmtuning"]), self.console)
 
     def event(self, kind: str, arm: str, *args: Any) -> None:
         if kind == "start":
