@@ -206,8 +206,12 @@ def demo(
 ) -> None:
     """Fine-tune the embedded tiny VLM on a new task twice (plain LoRA vs. mmtuning's recipe) and score
     target gain E, general-skill change F and O = E + F on held-out items."""
-    from .demo.report import DemoConsole
-    from .demo.runner import DemoSettings, run_demo
+    try:
+        from .demo.report import DemoConsole
+        from .demo.runner import DemoSettings, run_demo
+    except ImportError as error:
+        fail(f"mmtune demo needs pillow, tokenizers and matplotlib ({error}); install them with "
+             f"pip install 'mmtuning-plugin[demo]'.")
 
     settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads)
     view = None if as_json else DemoConsole(console, settings)
