@@ -1,0 +1,80 @@
+"""What `mmtune demo` prints: the seed, each arm's target plan, a progress bar, the E/F/O table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .runner import DemoSettings, load_recipes
+
+
+class DemoConsole:
+    def __init__(self, console: Console, settings: DemoSettings):
+        self.console = console
+        self.settings = settings
+        self.progress: Progress | None = None
+        self.task = None
+
+    def intro(self) -> None:
+        from ..cli import inspect_report, print_report
+        from ..loading import load_skeleton
+
+        s = self.settings
+        self.console.print(
+            f"[bold]mmtune demo[/]  seed {s.seed}, {s.steps} steps x batch {s.batch_size} per arm, "
+            f"{'4-bit NF4 base (QLoRA)' if s.four_bit else '32-bit base'}, {s.threads} thread(s)\n"
+            f"task: the embedded tiny LLaVA knows colours and shapes; it learns [bold]where the shape is[/]. "
+            f"Scored by greedy generation on {s.eval_items} held-out items per set.")
+        skeleton = load_skeleton(str(s.model_dir))
+        for name, recipe in load_recipes().items():
+            if name in s.arms:
+                print_report(inspect_report(recipe.get("label", name), skeleton, recipe["mmtuning"]), self.console)
+
+    def event(self, kind: str, arm: str, *args: Any) -> None:
+        if kind == "start":
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=self.console)
+            self.task = self.progress.add_task(f"training {arm}", total=args[0], acc=self._acc)
+            self.progress.start()
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, completed=args[0])
+        elif kind == "eval":
+            step, accuracies = args
+            self._acc = f"target {100 * accuracies['target']:.0f}%  general {100 * accuracies['general']:.0f}%"
+            if self.progress:
+                self.progress.update(self.task, acc=self._acc)
+            else:
+                self.console.print(f"{arm}: before training  {self._acc}")
+        elif kind == "done" and self.progress:
+            self.progress.stop()
+            self.progress = None
+
+    _acc = ""
+
+    def summary(self, report: dict[str, Any]) -> None:
+        from ..cli import human
+
+        table = Table(title=f"E/F/O on held-out items (seed {report['seed']})", title_justify="left")
+        for column in ("arm", "trainable", "target %", "general %", "E", "F", "O"):
+            table.add_column(column, justify="left" if column == "arm" else "right")
+        for arm in report["arms"].values():
+            b, a = arm["before"], arm["after"]
+            table.add_row(arm["label"], human(arm["trainable_params"]),
+                          f"{100 * b['target']:.1f} -> {100 * a['target']:.1f}",
+                          f"{100 * b['general']:.1f} -> {100 * a['general']:.1f}",
+                          f"{arm['E']:+.1f}", f"{arm['F']:+.1f}", f"[bold]{arm['O']:+.1f}[/]")
+        self.console.print(table)
+        self.console.print("E = target accuracy gain, F = change on the general set (negative = forgetting), "
+                           "O = E + F; accuracy points, greedy generation, exact match.")
+        arms = list(report["arms"].values())
+        if len(arms) == 2:
+            best, other = sorted(arms, key=lambda a: a["O"], reverse=True)
+            items = report["eval"]["general_items"]
+            self.console.print(f"higher O: [bold]{best['label']}[/] ({best['O']:+.1f} vs {other['O']:+.1f} for "
+                               f"{other['label']}; one general item is {100 / items:.1f} points)")
+        out = self.settings.out
+        self.console.print(f"adapters: {', '.join(a['adapter'] for a in arms)}\nplot: {report['plot']}\n"
+                           f"numbers: {out / 'results.json'}  ({report['seconds']:.0f}s)")

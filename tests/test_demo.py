@@ -1,0 +1,137 @@
+"""`mmtune demo`: held-out synthetic data, the shipped pre-trained model, and metrics from real predictions."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mmtuning_plugin.cli import app
+from mmtuning_plugin.demo.data import TASKS, answers_of, is_held_out, make_set
+from mmtuning_plugin.demo.model import MODEL_DIR
+from mmtuning_plugin.demo.pretrain import METADATA, pretrain
+from mmtuning_plugin.demo.runner import (RESULTS, EvalSets, evaluate_adapter, load_base, load_processor,
+                                         load_recipes, scores)
+from mmtuning_plugin.session import MMTuning
+
+runner = CliRunner()
+
+
+def test_eval_items_are_never_training_items():
+    train = make_set("general", "train", 3000) + make_set("target", "train", 3000)
+    held_out = make_set("general", "eval", 300) + make_set("target", "eval", 300)
+    seen = {(item.key, item.question) for item in train}
+    assert not any((item.key, item.question) in seen for item in held_out)
+    assert all(is_held_out(item.key, item.question) for item in held_out)
+    assert not any(is_held_out(item.key, item.question) for item in train)
+
+
+def test_items_are_deterministic_and_answers_match_the_picture():
+    first, again = make_set("target", "eval", 20, seed=3), make_set("target", "eval", 20, seed=3)
+    assert [(i.key, i.answer) for i in first] == [(i.key, i.answer) for i in again]
+    assert list(first[0].image.getdata()) == list(again[0].image.getdata())
+    for item in first:
+        colour, shape, position, *_ = item.key
+        assert item.answer == position and item.question == TASKS["target"][0][0]
+    assert answers_of("target") == ["bottom", "center", "left", "right", "top"]
+
+
+def test_scores_are_the_surveys_e_f_o():
+    result = scores({"target": 0.1, "general": 0.9}, {"target": 0.8, "general": 0.75})
+    assert result == pytest.approx({"E": 70.0, "F": -15.0, "O": 55.0})
+
+
+def test_shipped_model_knows_the_general_set_and_not_the_target_task():
+    """The embedded checkpoint is the one pretrain.json describes: its general accuracy, re-measured."""
+    metadata = json.loads((MODEL_DIR / METADATA).read_text())
+    processor = load_processor(MODEL_DIR)
+    model = load_base(MODEL_DIR, MMTuning({}), four_bit=False)
+    sets = EvalSets(target=_encode(processor, "target", 64),
+                    general=_encode(processor, "general", metadata["recipe"]["eval_items"]))
+    accuracies = sets.measure(model, processor.tokenizer)
+    assert accuracies["general"] == pytest.approx(metadata["general_accuracy"], abs=0.01)
+    assert accuracies["general"] >= 0.7
+    assert accuracies["target"] <= 0.05  # it never saw a position question
+
+
+def _encode(processor, task, count):
+    from mmtuning_plugin.demo.model import encode
+
+    return encode(processor, make_set(task, "eval", count, seed=0))
+
+
+def test_pretrain_script_reproduces_the_shipped_checkpoint():
+    """Re-run the first trace interval of the shipped recipe: same schedule, same data, same accuracy."""
+    metadata = json.loads((MODEL_DIR / METADATA).read_text())
+    first = int(metadata["recipe"]["trace_every"])
+    _, _, rerun = pretrain(stop_after=first, log=lambda *_: None)
+    assert rerun["trace"][str(first)] == metadata["trace"][str(first)]
+
+
+def test_recipes_are_valid_mmtuning_blocks_that_differ():
+    recipes = load_recipes()
+    assert set(recipes) == {"plain_lora", "mmtuning"}
+    plans = {name: MMTuning(r["mmtuning"]).config for name, r in recipes.items()}
+    assert plans["plain_lora"] != plans["mmtuning"]
+
+
+def test_demo_refuses_an_out_dir_with_user_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["demo", "--steps", "1", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 2
+    assert "not an earlier demo's output" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = runner.invoke(app, ["demo", "--steps", "40", "--seed", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_demo_reports_e_f_o_from_before_and_after_accuracies(short_demo):
+    out, report = short_demo
+    assert report["seed"] == 1 and set(report["arms"]) == {"plain_lora", "mmtuning"}
+    assert json.loads((out / RESULTS).read_text())["arms"].keys() == report["arms"].keys()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in report["arms"].values():
+        assert arm["E"] == pytest.approx(100 * (arm["after"]["target"] - arm["before"]["target"]))
+        assert arm["F"] == pytest.approx(100 * (arm["after"]["general"] - arm["before"]["general"]))
+        assert arm["O"] == pytest.approx(arm["E"] + arm["F"])
+        assert arm["curve"][0]["step"] == 0 and arm["curve"][-1]["step"] == 40
+        assert arm["after"]["target"] > arm["before"]["target"]  # 40 steps already teach positions
+    assert report["arms"]["plain_lora"]["trainable_params"] > report["arms"]["mmtuning"]["trainable_params"]
+
+
+def test_demo_accuracy_comes_from_the_saved_adapter_and_a_corrupted_one_scores_lower(short_demo, tmp_path):
+    out, report = short_demo
+    arm = report["arms"]["plain_lora"]
+    adapter = out / "plain_lora" / "adapter"
+    items = report["settings"]["eval_items"]
+    assert evaluate_adapter(adapter, items=items) == pytest.approx(arm["after"])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = load_file(str(broken / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: (v + 0.5 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v) for k, v in weights.items()}
+    save_file(weights, str(broken / "adapter_model.safetensors"))
+    assert evaluate_adapter(broken, items=items)["target"] < arm["after"]["target"]
+
+
+def test_demo_intro_prints_the_seed_and_each_arms_target_plan():
+    from rich.console import Console
+
+    from mmtuning_plugin.demo.report import DemoConsole
+    from mmtuning_plugin.demo.runner import DemoSettings
+
+    console = Console(record=True, width=100)
+    DemoConsole(console, DemoSettings(seed=7)).intro()
+    text = console.export_text()
+    assert "seed 7" in text
+    assert "plain LoRA" in text and "mmtuning (llava" in text
+    assert "2-3 of 4" in text  # the recipe's vision adapters sit on the top two of four layers

@@ -1,0 +1,35 @@
+"""docs/config.md and docs/architectures.md are generated from the code and must be up to date."""
+
+from mmtuning_plugin import docgen
+from mmtuning_plugin.arch import registered_maps
+from mmtuning_plugin.config import MMTuningConfig, ModalitySpec
+
+
+def test_committed_generated_docs_are_up_to_date():
+    assert docgen.stale() == [], "run: python -m mmtuning_plugin.docgen"
+
+
+def test_config_doc_lists_every_field_with_its_description():
+    text = docgen.config_markdown()
+    for model in (MMTuningConfig, ModalitySpec):
+        for name, field in model.model_fields.items():
+            assert f"| `{name}` |" in text
+            assert field.description.split("`")[0][:30] in text
+    assert "| `method` | `lora` \\| `ia3` \\| `loha` \\| `lokr` | `lora` |" in text
+    assert "| `vision` | [ModalitySpec](#modalityspec) | `{enabled: false}` |" in text
+
+
+def test_check_mode_reports_a_stale_file(tmp_path):
+    for name, build in docgen.GENERATED.items():
+        (tmp_path / name).write_text(build())
+    assert docgen.main(["--check", "--docs", str(tmp_path)]) == 0
+    (tmp_path / "config.md").write_text("old text\n")
+    assert docgen.main(["--check", "--docs", str(tmp_path)]) == 1
+
+
+def test_architectures_doc_has_a_row_per_builtin_model_type():
+    text = docgen.architectures_markdown()
+    builtin = [t for t, m in registered_maps().items() if m.source == "builtin"]
+    assert builtin
+    for model_type in builtin:
+        assert f"| `{model_type}` |" in text
