@@ -110,6 +110,7 @@ def inspect_report(model_name: str, model, config: dict[str, Any], steps: Option
         planned = plan.modules_of(modality)
         modalities[modality] = {
             "layers": layout.layer_counts[modality],
+            "usable_layers": layout.usable_layers[modality],
             "modules": [leaf.name for leaf in layout.leaves_of(modality) if leaf.kind in ("attention", "mlp", "other", "projector")],
             "params": layout.params[modality],
             "enabled": plan.config.spec(modality).enabled,

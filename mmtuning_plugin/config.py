@@ -53,8 +53,18 @@ class LayerSelection(BaseModel):
             return {"mode": "indices", "indices": tuple(i for item in value for i in _indices_of(item))}
         raise ValueError(f"cannot read layers={value!r}")
 
-    def resolve(self, num_layers: int, where: str) -> list[int]:
-        """The selected layer indices for a modality with `num_layers` layers."""
+    def resolve(self, num_layers: int, where: str, total: int | None = None) -> list[int]:
+        """The selected indices among a modality's `num_layers` usable layers (`total` counts unused ones too:
+        layers after the one a model reads its vision features from, which never get a gradient)."""
+        total = num_layers if total is None else total
+        if total > num_layers and self.mode == "indices":
+            late = [i for i in self.indices if num_layers <= i < total]
+            if late:
+                raise MMTuningError(
+                    f"{where}: layers {late} come after the vision layer this model reads its features from "
+                    f"(vision_feature_layer), so their output never reaches the language model and adapters there "
+                    f"would never train; choose among layers 0-{num_layers - 1}."
+                )
         if num_layers == 0:
             raise MMTuningError(f"{where}: this modality has no numbered layers, so `layers` cannot select any; "
                                 f"remove the `layers` key.")
@@ -62,8 +72,9 @@ class LayerSelection(BaseModel):
             return list(range(num_layers))
         if self.mode in ("top", "bottom"):
             if self.count > num_layers:
+                unused = f" usable; the last {total - num_layers} never reach the language model" if total > num_layers else ""
                 raise MMTuningError(f"{where}: asks for {self.mode} {self.count} layers but there are only "
-                                    f"{num_layers} (0-{num_layers - 1}); write `{{{self.mode}: {num_layers}}}` or `all`.")
+                                    f"{num_layers} (0-{num_layers - 1}{unused}); write `{{{self.mode}: {num_layers}}}` or `all`.")
             return list(range(num_layers - self.count, num_layers)) if self.mode == "top" else list(range(self.count))
         if self.mode == "fraction":
             count = max(1, math.ceil(self.fraction * num_layers))

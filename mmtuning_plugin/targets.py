@@ -172,7 +172,8 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
             parameters += [PlannedParameter(n, modality, s, r, alpha) for n, s in params]
             modules_to_save += whole
         else:
-            layers[modality] = spec.layers.resolve(layout.layer_counts[modality], f"{where}.layers")
+            layers[modality] = spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers",
+                                                   total=layout.layer_counts[modality])
             in_layers = [leaf for leaf in layout.leaves_of(modality) if leaf.layer in layers[modality]]
             chosen = _select(in_layers, spec, where, layout) + _extras(layout, modality, spec, where)
         modules += [PlannedModule(leaf, r, alpha) for leaf in chosen]

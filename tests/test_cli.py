@@ -14,13 +14,14 @@ from mmtuning_plugin.tiny import tiny_config
 runner = CliRunner()
 
 # Full-size default configs of transformers 5.x: (vision layers, vision Linear modules, projector modules,
-# language layers, language Linear modules). Counted from the model definitions, not from mmtuning.
+# language layers, language Linear modules, vision layers whose output is used). Counted from the model
+# definitions, not from mmtuning (LLaVA reads vision_feature_layer -2, so its last vision layer is unused).
 FULL_SIZE = {
-    "qwen2_5_vl": (32, 32 * 5, 2, 80, 80 * 7),
-    "llava": (24, 24 * 6, 2, 32, 32 * 7),
-    "idefics3": (12, 12 * 6, 1, 32, 32 * 7),
-    "gemma3": (12, 12 * 6, 0, 26, 26 * 7),
-    "mllama": (32 + 8, 40 * 6, 1, 40, 40 * 7),
+    "qwen2_5_vl": (32, 32 * 5, 2, 80, 80 * 7, 32),
+    "llava": (24, 24 * 6, 2, 32, 32 * 7, 23),
+    "idefics3": (12, 12 * 6, 1, 32, 32 * 7, 12),
+    "gemma3": (12, 12 * 6, 0, 26, 26 * 7, 12),
+    "mllama": (32 + 8, 40 * 6, 1, 40, 40 * 7, 40),
 }
 
 
@@ -32,7 +33,7 @@ def run_json(*args):
 
 @pytest.mark.parametrize("model_type", sorted(FULL_SIZE))
 def test_inspect_targets_json_on_full_size_layouts(model_type):
-    vision_layers, vision_modules, projector_modules, language_layers, language_modules = FULL_SIZE[model_type]
+    vision_layers, vision_modules, projector_modules, language_layers, language_modules, usable = FULL_SIZE[model_type]
     report = run_json("inspect-targets", model_type, "--set", "vision.modules=attention", "--set", "vision.layers=top:4")
     modalities = report["modalities"]
     assert report["model_type"] == model_type
@@ -41,7 +42,8 @@ def test_inspect_targets_json_on_full_size_layouts(model_type):
     assert (modalities["language"]["layers"], len(modalities["language"]["modules"])) == (language_layers, language_modules)
     assert all(m["params"] > 0 for m in modalities.values())
     plan = report["plan"]
-    assert modalities["vision"]["selected_layers"] == list(range(vision_layers - 4, vision_layers))
+    assert modalities["vision"]["usable_layers"] == usable
+    assert modalities["vision"]["selected_layers"] == list(range(usable - 4, usable))
     assert set(modalities["vision"]["targeted"]) <= set(plan["target_modules"])
     assert len(plan["target_modules"]) == len(set(plan["target_modules"]))
     assert plan["trainable_params"] == sum(m["trainable_params"] for m in modalities.values())
@@ -59,7 +61,7 @@ def test_spec_file_inside_a_host_yaml_and_set_overrides(tmp_path):
     spec = tmp_path / "axolotl.yml"
     spec.write_text("base_model: x\nmmtuning:\n  vision: {modules: attention, layers: {top: 2}, r: 8}\n  projector: false\n")
     report = run_json("inspect-targets", "llava", "--spec", str(spec), "--set", "language.r=4")
-    assert report["modalities"]["vision"]["selected_layers"] == [22, 23]
+    assert report["modalities"]["vision"]["selected_layers"] == [21, 22]
     assert report["modalities"]["projector"]["targeted"] == []
     assert set(report["plan"]["rank_pattern"].values()) == {8, 4}
 
@@ -77,7 +79,7 @@ def test_local_model_directory(tmp_path):
     [
         (["inspect-targets", "not_a_model"], "Unknown model 'not_a_model'"),
         (["inspect-targets", "someone/uncached-model"], "not in the local Hugging Face cache"),
-        (["inspect-targets", "llava", "--set", "vision.layers=top:99"], "asks for top 99 layers but there are only 24"),
+        (["inspect-targets", "llava", "--set", "vision.layers=top:99"], "asks for top 99 layers but there are only 23 (0-22 usable"),
         (["inspect-targets", "llava", "--set", "vision.modules=[wq]"], "'wq' matches no module"),
         (["inspect-targets", "llava", "--spec", "/nonexistent.yaml"], "no such file"),
         (["inspect-targets", "llava", "--set", "novalue"], "write KEY=VALUE"),

@@ -36,7 +36,8 @@ def test_peft_wraps_exactly_the_plan_and_only_adapters_get_gradients(model_type)
     planned = set(plan.target_modules) | {p.rsplit(".", 1)[0] for p in plan.target_parameters}
     assert wrapped == planned
     assert {m.modality for m in plan.modules} | {p.modality for p in plan.parameters} == {"vision", "projector", "language"}
-    top_two = [4, 5] if model_type == "mllama" else [2, 3]  # mllama: 4 local + 2 global vision layers
+    # mllama: 4 local + 2 global vision layers; LLaVA(-NeXT) read vision layer -2, so layer 3 is unused
+    top_two = {"mllama": [4, 5], "llava": [1, 2], "llava_next": [1, 2]}.get(model_type, [2, 3])
     assert plan.layers["vision"] == top_two
     assert all(m.leaf.kind == "attention" and m.leaf.layer in top_two for m in plan.modules_of("vision"))
 
@@ -55,6 +56,19 @@ def test_peft_wraps_exactly_the_plan_and_only_adapters_get_gradients(model_type)
             module = name.removeprefix("base_model.model.").split(".lora_B")[0]
             moved[plan.modality_of(module) or plan.modality_of(module + ".mm_input_projection_weight")] = True
     assert moved == {"vision": True, "projector": True, "language": True}
+
+
+def test_every_selected_vision_layer_gets_a_gradient_when_the_model_skips_its_last_layer():
+    """LLaVA reads vision_feature_layer -2: selections count only the layers whose output is used."""
+    model = tiny_model("llava")
+    plan = plan_targets(model, {"vision": {"layers": {"top": 2}}, "projector": False, "language": False})
+    assert plan.layout.usable_layers["vision"] == 3 and plan.layers["vision"] == [1, 2]
+    peft_model = apply_plan(model, plan)
+    peft_model.train()
+    peft_model(**tiny_batch(model).inputs).loss.backward()
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
 def test_an_optimizer_step_moves_adapters_and_leaves_base_weights_bit_identical():
@@ -188,7 +202,9 @@ def test_verification_catches_a_missing_module_and_a_wrong_rank():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ({"vision": {"layers": {"top": 9}}}, "mmtuning.vision.layers: asks for top 9 layers but there are only 4"),
+        ({"language": {"layers": {"top": 9}}}, "mmtuning.language.layers: asks for top 9 layers but there are only 4"),
+        ({"vision": {"layers": {"top": 4}}}, "only 3 (0-2 usable; the last 1 never reach the language model)"),
+        ({"vision": {"layers": [3]}}, "layers [3] come after the vision layer this model reads its features from"),
         ({"language": {"layers": [7]}}, "mmtuning.language.layers: layer indices [7] do not exist"),
         ({"vision": {"modules": ["wq"]}}, "mmtuning.vision.modules: 'wq' matches no module"),
         ({"projector": {"modules": "attention"}}, "mmtuning.projector.modules: 'attention' selects no module"),

@@ -44,6 +44,9 @@ class ModalityMap:
     language_layers: tuple[str, ...]
     # Projectors built from bare parameters instead of nn.Linear (Gemma 3): trained via target_parameters.
     projector_parameters: tuple[str, ...] = ()
+    # Config attribute naming the vision hidden state the projector reads (LLaVA: -2, so the last vision
+    # layer's output never reaches the language model and adapters there would never train).
+    vision_feature_layer: str | None = "vision_feature_layer"
     # Dotted config path to the list of language layers with cross-attention (kept 16-bit by quant presets).
     cross_attention_layers: str | None = None
     # Dotted config keys that repair a transformers default config that cannot be built as is.
@@ -83,6 +86,8 @@ class ModelLayout:
     layer_counts: dict[str, int]
     params: dict[str, int]
     detected: bool = False
+    # Layers whose output reaches the language model (layer selections count these); default: all.
+    usable_layers: dict[str, int] = field(default_factory=dict)
 
     def leaves_of(self, modality: str) -> list[Leaf]:
         return [leaf for leaf in self.leaves if leaf.modality == modality]
@@ -175,7 +180,19 @@ def resolve_layout(model: nn.Module, modality_map: ModalityMap | None = None) ->
         if leaf is not None:
             leaves.append(leaf)
     counts = {m: sum(_stack_len(model, s) for s in modality_map.layer_stacks(m)) for m in MODALITIES}
-    return ModelLayout(model_type, modality_map, leaves, counts, params, detected)
+    usable = dict(counts, vision=_usable_vision_layers(model.config, modality_map, counts["vision"]))
+    return ModelLayout(model_type, modality_map, leaves, counts, params, detected, usable)
+
+
+def _usable_vision_layers(config: Any, mmap: ModalityMap, count: int) -> int:
+    """How many vision layers feed the projector. hidden_states holds the embeddings then each layer's
+    output, so feature layer -2 (LLaVA) is the output of layer N-2 and layer N-1 is never used."""
+    value = getattr(config, mmap.vision_feature_layer, None) if mmap.vision_feature_layer else None
+    if value is None or count == 0:
+        return count
+    indices = value if isinstance(value, (list, tuple)) else [value]
+    deepest = max(int(i) if int(i) >= 0 else count + 1 + int(i) for i in indices)
+    return max(1, min(count, deepest))
 
 
 def _leaf(name, module, modality, mmap, offsets) -> Leaf | None:
