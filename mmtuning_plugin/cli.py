@@ -194,6 +194,11 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
     console.print(table)
 
 
+from .integrations.llamafactory_cli import app as llamafactory_app  # noqa: E402  (imports no llamafactory)
+
+app.add_typer(llamafactory_app, name="llamafactory")
+
+
 def main() -> None:
     try:
         app()
