@@ -231,3 +231,56 @@ def test_cli_without_llamafactory_says_how_to_install(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["llamafactory", "train", str(path)])
     assert result.exit_code == 2 and "llamafactory==0.9.5" in result.output
     assert "llamafactory" not in sys.modules
+
+
+# --- recipes ------------------------------------------------------------------------------------------
+
+RECIPES = ROOT / "recipes" / "llamafactory"
+RECIPE_MODEL_TYPES = {
+    "qwen2_5_vl_7b_qlora.yaml": "qwen2_5_vl",
+    "qwen3_vl_8b_qlora.yaml": "qwen3_vl",
+    "llava_1_5_7b_qlora.yaml": "llava",
+    "llama_3_2_11b_vision_qlora.yaml": "mllama",
+    "gemma_3_4b_qlora.yaml": "gemma3",
+}
+# Parses each recipe with LLaMA-Factory's own parser (offline, no weights). bf16 is a hardware check the CPU
+# host fails, so it is swapped for use_cpu; output_dir goes to a temporary folder.
+CHECK_RECIPES = """
+import json, sys
+from pathlib import Path
+from llamafactory.data.template import TEMPLATES
+from llamafactory.extras.constants import DEFAULT_TEMPLATE, SUPPORTED_MODELS, DownloadSource
+from mmtuning_plugin.integrations import llamafactory as lf
+report = {}
+for path in sys.argv[2:]:
+    job = lf.split_config(lf.read_config(Path(path), ["bf16=false", "use_cpu=true", "output_dir=" + sys.argv[1]]))
+    model_args, data_args, training_args, finetuning_args, _ = lf.check_host_args(job.args)
+    names = [name for name, sources in SUPPORTED_MODELS.items()
+             if sources.get(DownloadSource.DEFAULT) == model_args.model_name_or_path]
+    report[Path(path).name] = {"template": data_args.template, "known_template": data_args.template in TEMPLATES,
+                               "registry_templates": sorted({DEFAULT_TEMPLATE.get(n) for n in names}),
+                               "quantization_bit": model_args.quantization_bit, "stage": finetuning_args.stage}
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_recipes_cover_the_models_and_plan_on_each_architecture():
+    from mmtuning_plugin.loading import load_skeleton
+    from mmtuning_plugin.targets import plan_targets
+
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(RECIPE_MODEL_TYPES)
+    for name, model_type in RECIPE_MODEL_TYPES.items():
+        job = lf.split_config(lf.read_config(RECIPES / name, []), where=name)
+        plan = plan_targets(load_skeleton(model_type), job.session.config)
+        assert plan.modules_of("vision") and (plan.modules_of("projector") or plan.parameters_of("projector")), name
+
+
+@needs_lf
+def test_recipes_pass_llamafactorys_own_parser_with_its_documented_templates(tmp_path):
+    done = run_lf("-c", CHECK_RECIPES, str(tmp_path / "out"), *map(str, sorted(RECIPES.glob("*.yaml"))), timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert sorted(report) == sorted(RECIPE_MODEL_TYPES)
+    for name, row in report.items():
+        assert row["known_template"] and row["registry_templates"] == [row["template"]], (name, row)
+        assert row["quantization_bit"] == 4 and row["stage"] == "sft", (name, row)
