@@ -37,8 +37,9 @@ def lf_env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
 
 
-def run_lf(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([LF_PYTHON, *args], cwd=ROOT, env=lf_env(), capture_output=True, text=True, timeout=timeout)
+def run_lf(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LF_PYTHON, *args], cwd=ROOT, env={**lf_env(), **env}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,10 @@ def write_config(tiny: Path, name: str, block: dict | None, **extra) -> Path:
     return path
 
 
-def train(tiny: Path, name: str, block: dict | None, *overrides: str, **extra) -> Path:
+def train(tiny: Path, name: str, block: dict | None, *overrides: str, env: dict | None = None, **extra) -> Path:
     config = write_config(tiny, name, block, **extra)
-    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), *overrides, timeout=420)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), *overrides, timeout=420,
+                  **(env or {}))
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return tiny / name
 
@@ -158,6 +160,16 @@ def test_configured_alignment_loss_is_logged(tiny):
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert logged and all("loss_align/contrastive" in entry for entry in logged)
+
+
+@needs_lf
+def test_torchrun_ranks_apply_the_same_setup(tiny):
+    """FORCE_TORCHRUN with one CPU process: the rank re-enters through this module and applies the plan.
+    (More than one device is untested here: there is no GPU.)"""
+    out = train(tiny, "ranks", BLOCK, "max_steps=1", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    record = json.loads((out / lf.RUN_RECORD).read_text())
+    assert sorted(g["name"] for g in record["optimizer_groups"]) == ["language", "projector", "vision"]
+    assert adapted_modules(adapter_tensors(out)) == set().union(*expected_modules(tiny).values())
 
 
 @needs_lf
