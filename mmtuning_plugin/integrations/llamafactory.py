@@ -280,6 +280,22 @@ def run_record(session: MMTuning, model, optimizer) -> dict[str, Any]:
     return {"plan": session.require_plan().summary(), "optimizer_groups": groups, "base_layer_types": layer_types}
 
 
+def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
+    """One line for the log: what got adapters, and the optimizer's groups."""
+    plan = session.require_plan()
+    parts = []
+    for modality in ("vision", "projector", "language"):
+        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality)) + (
+            len(plan.modules_to_save) if modality == "projector" else 0)
+        if count:
+            layers = plan.layers.get(modality)
+            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
+                f" in layer {layers[0]}" if layers else "")
+            parts.append(f"{modality} {count}{where} (r={plan.config.rank(modality)})")
+    groups = ", ".join(f"{g['name']} {g['params']:,}" for g in record["optimizer_groups"])
+    return f"[mmtuning] plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Record: {path}"
+
+
 def verify_callback(session: MMTuning):
     """A TrainerCallback: when training starts, check the model against the plan and record the run.
 
@@ -298,6 +314,7 @@ def verify_callback(session: MMTuning):
                 record = run_record(session, model, optimizer)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(args.output_dir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
+                sys.stderr.write(summary_line(session, record, Path(args.output_dir) / RUN_RECORD) + "\n")
 
     return VerifyPlan()
 
@@ -344,11 +361,29 @@ def torchrun_command(config: Path, overrides: list[str], env: dict[str, str], de
     ]
 
 
+def plan_ahead(job: Job) -> None:
+    """Plan on a meta-device skeleton when the model's config is already on disk, so a layer range or module
+    name that does not exist fails in seconds, before weights load. Otherwise the plan is checked after loading."""
+    from transformers import AutoConfig
+
+    from ..loading import build_skeleton
+    from ..targets import plan_targets
+
+    try:
+        model_config = AutoConfig.from_pretrained(str(job.args.get("model_name_or_path")), local_files_only=True,
+                                                  trust_remote_code=bool(job.args.get("trust_remote_code")))
+        skeleton = build_skeleton(model_config)
+    except Exception:  # not downloaded yet, or not buildable from its config: LLaMA-Factory loads it first
+        return
+    plan_targets(skeleton, job.session.config)
+
+
 def prepare(config: Path, overrides: list[str]) -> Job:
     """Everything that can fail on bad input, before any model loads."""
     data = read_config(config, overrides)
     job = split_config(data, where=str(config))
     check_host_args(job.args, where=str(config))
+    plan_ahead(job)
     return job
 
 

@@ -296,3 +296,13 @@ def test_recipes_pass_llamafactorys_own_parser_with_its_documented_templates(tmp
     for name, row in report.items():
         assert row["known_template"] and row["registry_templates"] == [row["template"]], (name, row)
         assert row["quantization_bit"] == 4 and row["stage"] == "sft", (name, row)
+
+
+def test_plan_errors_surface_from_the_config_before_weights_load(tmp_path):
+    from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llava", tmp_path / "model")
+    job = lf.split_config({"model_name_or_path": str(tmp_path / "model"), "mmtuning": {"vision": {"layers": {"top": 9}}}})
+    with pytest.raises(MMTuningError, match=r"mmtuning.vision.layers: asks for top 9 layers but there are only 4"):
+        lf.plan_ahead(job)
+    lf.plan_ahead(lf.split_config({"model_name_or_path": str(tmp_path / "missing"), "mmtuning": {}}))  # not on disk: later
