@@ -231,10 +231,19 @@ def add_quantization_policy(session: MMTuning, original: Callable) -> Callable:
                                 "add `quantization_bit: 4` (quantization_method: bnb) to the YAML, or remove "
                                 "mmtuning's quantization settings.")
         for key, value in policy.items():
-            setattr(built, key, value)
+            setattr(built, key, as_dtype_like(getattr(built, key, None), value))
         built.post_init()
 
     return configure_quantization
+
+
+def as_dtype_like(current: Any, value: Any) -> Any:
+    """Policy kwargs name dtypes as strings ("bfloat16"); an already-built config holds torch dtypes."""
+    import torch
+
+    if isinstance(current, torch.dtype) and isinstance(value, str):
+        return getattr(torch, value)
+    return value
 
 
 def trainer_with_mmtuning(session: MMTuning, base: type) -> type:

@@ -138,17 +138,20 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
 
     from mmtuning_plugin.session import MMTuning
 
-    block = {**BLOCK, "quant": "balanced"}
+    # `balanced` keeps the first and last vision blocks and the projector 16-bit: adapt layers 0 (kept) and 2
+    block = {**BLOCK, "vision": {**BLOCK["vision"], "layers": [0, -2]}, "quant": "balanced"}
     policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
     if policy is None:
         pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
     out = train(tiny, "qlora_policy", block, quantization_bit=4)
     types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
     skipped = policy["llm_int8_skip_modules"]
-    kept = [m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)]
+    kept = {m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)}
     assert any(m.startswith("model.vision_tower.") for m in kept), skipped
     assert all(types[m] != "Linear4bit" for m in kept), {m: types[m] for m in kept}
-    assert any(t == "Linear4bit" for m, t in types.items() if m.startswith("model.language_model."))
+    others = set(types) - kept
+    assert any(m.startswith("model.vision_tower.") for m in others)  # layer 2: quantized, as the policy says
+    assert all(types[m] == "Linear4bit" for m in others), {m: types[m] for m in others}
 
 
 @needs_lf
