@@ -290,6 +290,9 @@ def demo(
 from .convert.cli import convert_app  # noqa: E402  (after fail/console: the sub-app uses them)
 
 app.add_typer(convert_app, name="convert")
+from .integrations.llamafactory_cli import app as llamafactory_app  # noqa: E402  (imports no llamafactory)
+
+app.add_typer(llamafactory_app, name="llamafactory")
 
 
 def main() -> None:

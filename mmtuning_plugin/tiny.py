@@ -56,8 +56,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "aya_vision": {"image_token_index": 300, "downsample_factor": 2, "text_config.layer_types": None},
     "internvl": {"image_token_id": 300, "image_seq_length": 4, "vision_config.image_size": [32, 32],
                  "vision_config.patch_size": [8, 8], "text_config.layer_types": None},
-    "idefics3": {"image_token_id": 300, "scale_factor": 2, "vision_config.image_size": 32},
-    "smolvlm": {"image_token_id": 300, "scale_factor": 2, "vision_config.image_size": 32},
+    # pad id 0 inside the tiny vocab: transformers 5.6 defaults it to 128002 (5.23: None)
+    "idefics3": {"image_token_id": 300, "scale_factor": 2, "vision_config.image_size": 32, "text_config.pad_token_id": 0},
+    "smolvlm": {"image_token_id": 300, "scale_factor": 2, "vision_config.image_size": 32, "text_config.pad_token_id": 0},
     "qwen2_vl": {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302,
                  "vision_end_token_id": 303, "vision_config.hidden_size": 64, "vision_config.patch_size": 4,
                  "vision_config.spatial_merge_size": 2, "text_config.layer_types": None,

@@ -29,3 +29,12 @@ core_venv() {
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
   echo "$venv"
 }
+
+llamafactory_venv() {
+  # LLaMA-Factory 0.9.5 pins transformers <=5.6 / peft <=0.18.1 and imports torchaudio, so it gets its own venv
+  # (PyPI torch 2.11 + torchvision 0.26 + torchaudio 2.11, built for each other) plus mmtuning's runtime deps.
+  local venv
+  venv=$(ensure_venv llamafactory python3.11 constraints/llamafactory.txt "setuptools torch torchvision torchaudio llamafactory bitsandbytes pluggy typer rich pyyaml pillow tokenizers pytest")
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
+  echo "$venv"
+}

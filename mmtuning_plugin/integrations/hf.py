@@ -5,7 +5,8 @@
     trainer = MMTuningTrainer(model=model, args=args, train_dataset=ds, mmtuning=mm)
 
 `MMTuningTrainer` takes optimizer groups, callbacks and extra loss terms from the `MMTuning` session; it
-holds no logic of its own, so Axolotl and LLaMA-Factory reuse exactly the same pieces.
+holds no logic of its own. `MMTuningTrainerMixin` carries those three overrides so hosts whose trainers
+subclass `Trainer` themselves (LLaMA-Factory's `CustomSeq2SeqTrainer`) reuse exactly the same pieces.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from transformers import Trainer
 from ..session import MMTuning
 
 
-class MMTuningTrainer(Trainer):
-    def __init__(self, *args: Any, mmtuning: MMTuning, **kwargs: Any):
-        self.mmtuning = mmtuning
-        callbacks = list(kwargs.pop("callbacks", None) or []) + mmtuning.callbacks()
-        super().__init__(*args, callbacks=callbacks, **kwargs)
-        self._mmtuning_logs: dict[str, list[float]] = {}
+class MMTuningTrainerMixin:
+    """Per-modality optimizer groups and extra loss terms from `self.mmtuning`; mix in before a Trainer class."""
+
+    mmtuning: MMTuning
 
     def create_optimizer(self, model=None):
         """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's."""
@@ -37,16 +36,25 @@ class MMTuningTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss = add_extra_losses(self, model, inputs, outputs, loss, num_items_in_batch, self._mmtuning_logs)
+        # the log store lives in __dict__: host trainers (LLaMA-Factory's) never run MMTuningTrainer.__init__
+        logs = self.__dict__.setdefault("_mmtuning_logs", {})
+        loss = add_extra_losses(self, model, inputs, outputs, loss, num_items_in_batch, logs)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean of each extra loss term since the last log under its own key (`loss_align/<name>`)."""
-        for name, values in self._mmtuning_logs.items():
+        for name, values in self.__dict__.get("_mmtuning_logs", {}).items():
             if values:
                 logs[name] = sum(values) / len(values)
         self._mmtuning_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+class MMTuningTrainer(MMTuningTrainerMixin, Trainer):
+    def __init__(self, *args: Any, mmtuning: MMTuning, **kwargs: Any):
+        self.mmtuning = mmtuning
+        callbacks = list(kwargs.pop("callbacks", None) or []) + mmtuning.callbacks()
+        super().__init__(*args, callbacks=callbacks, **kwargs)
 
 
 def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:

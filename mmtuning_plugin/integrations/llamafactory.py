@@ -1,0 +1,432 @@
+"""LLaMA-Factory (0.9.5) integration: a normal LLaMA-Factory YAML plus an `mmtuning:` block.
+
+    mmtune llamafactory train train.yaml [key=value ...]
+
+LLaMA-Factory has no plugin discovery, its CLI passes no callbacks and its parser rejects unknown keys.
+So mmtuning reads the YAML itself, removes the `mmtuning:` block, checks that no LLaMA-Factory key
+fights the block (`lora_target` vs. `mmtuning.language`), lets LLaMA-Factory's own parser check the
+rest, and then calls `llamafactory.train.tuner.run_exp(args, callbacks)` with three functions replaced
+for the duration of the run (see `PATCHES`): each is the only place where LLaMA-Factory decides
+what the patch changes, and each is restored afterwards.
+
+With more than one device it re-launches itself under torchrun, like `llamafactory-cli train`; every
+rank reads the same YAML and applies the same setup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import MMTuningError
+from ..session import MMTuning
+
+SUPPORTED_VERSION = "0.9.5"
+
+# LLaMA-Factory keys that decide what the `mmtuning:` block decides: with the block present they are an
+# error, and the message says what to write instead.
+OWNED_KEYS: dict[str, str] = {
+    "lora_target": "mmtuning.<modality>.modules (e.g. mmtuning.language.modules: all-linear)",
+    "lora_rank": "mmtuning.r (or mmtuning.<modality>.r)",
+    "lora_alpha": "mmtuning.alpha (or mmtuning.<modality>.alpha)",
+    "lora_dropout": "mmtuning.dropout",
+    "use_dora": "mmtuning.use_dora",
+    "use_rslora": "mmtuning.use_rslora",
+    "additional_target": "mmtuning.projector.full: true, or include: [embed_tokens, lm_head]",
+    "freeze_vision_tower": "mmtuning.vision (off unless given; e.g. vision: {layers: {top: 4}})",
+    "freeze_multi_modal_projector": "mmtuning.projector (on by default; projector: false turns it off)",
+    "freeze_language_model": "mmtuning.language (language: false turns it off)",
+    "resize_vocab": "mmtuning.language.include: [embed_tokens, lm_head]",
+    "pissa_init": "nothing (PiSSA initialisation is not supported with an mmtuning block)",
+    "use_llama_pro": "mmtuning.language.layers",
+}
+# Keys that make LLaMA-Factory build its own optimizer, so mmtuning's per-modality groups could not apply.
+CUSTOM_OPTIMIZER_KEYS = ("loraplus_lr_ratio", "use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+# Keys that route model loading around the code mmtuning hooks into.
+BYPASS_KEYS = {
+    "adapter_name_or_path": "resume with resume_from_checkpoint (mmtuning creates the adapters from its plan)",
+    "use_unsloth": "remove it (Unsloth builds the PEFT model itself, bypassing mmtuning's plan)",
+    "use_kt": "remove it (KTransformers builds the PEFT model itself)",
+    "use_mca": "remove it (mcore_adapter trains outside the transformers Trainer)",
+}
+FINETUNING_TYPES = ("lora",)
+
+# Per stage: the workflow module and the name of the trainer class it instantiates. mmtuning's
+# optimizer groups and extra losses go in through a subclass bound to that name (see `PATCHES`).
+TRAINER_BY_STAGE: dict[str, tuple[str, str]] = {
+    "sft": ("llamafactory.train.sft.workflow", "CustomSeq2SeqTrainer"),
+    "pt": ("llamafactory.train.pt.workflow", "CustomTrainer"),
+}
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One function or class replaced during `run_exp`: where, and why nothing narrower exists."""
+
+    module: str
+    name: str
+    why: str
+
+
+PATCHES: dict[str, Patch] = {
+    "targets": Patch(
+        "llamafactory.model.adapter", "get_peft_model",
+        "The PEFT config LLaMA-Factory builds comes from `lora_target` expanded by substring "
+        "(`patch_target_modules`), which drops frozen parts and never targets the projector; this call is "
+        "the one place the whole config is used, so mmtuning wraps the model there with its exact plan "
+        "(rank/alpha patterns, bare projector weights) and verifies the result.",
+    ),
+    "quantization": Patch(
+        "llamafactory.model.patcher", "configure_quantization",
+        "LLaMA-Factory builds the BitsAndBytesConfig here with no skip list, so vision tower and projector "
+        "are quantized; mmtuning adds its exact `llm_int8_skip_modules` (and any other policy kwargs) to the "
+        "config this function just built, before the model loads.",
+    ),
+    "trainer": Patch(
+        "", "",  # per stage, from TRAINER_BY_STAGE
+        "LLaMA-Factory's trainers build their optimizer from one group (or its own custom optimizers) and "
+        "have no extra-loss hook; callbacks only see the optimizer after it exists. A subclass with "
+        "`MMTuningTrainerMixin` (the same code as the transformers integration) bound to the name the "
+        "workflow instantiates is the narrowest way in.",
+    ),
+}
+
+
+# --- reading the YAML --------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """A parsed run: LLaMA-Factory's args (without the block) and the mmtuning session."""
+
+    args: dict[str, Any]
+    session: MMTuning
+    stage: str
+
+
+def read_config(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """The YAML as a dict with `key=value` overrides applied (`mmtuning.vision.r=8` edits the block)."""
+    import yaml
+
+    from ..cli import apply_set
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise MMTuningError(f"{path}: no such file; pass a LLaMA-Factory training YAML.") from None
+    except yaml.YAMLError as error:
+        raise MMTuningError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise MMTuningError(f"{path}: expected a mapping of LLaMA-Factory settings, got {type(data).__name__}.")
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep:
+            raise MMTuningError(f"override {item!r}: write KEY=VALUE, e.g. max_steps=10 or mmtuning.vision.r=8")
+        if key.strip().startswith("mmtuning."):
+            block = data.get("mmtuning")
+            block = {} if block is None else block
+            if not isinstance(block, dict):
+                raise MMTuningError(f"{path}: `mmtuning:` must be a mapping of settings to apply {item!r}.")
+            apply_set(block, item.strip()[len("mmtuning."):])
+            data["mmtuning"] = block
+        else:
+            apply_set(data, item)
+    return data
+
+
+def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
+    """Separate and validate the `mmtuning:` block; refuse LLaMA-Factory keys that conflict with it."""
+    if "mmtuning" not in data:
+        raise MMTuningError(f"{where} has no `mmtuning:` block; add one (e.g. `mmtuning: {{vision: {{layers: "
+                            f"{{top: 4}}}}}}`) or run plain `llamafactory-cli train` instead.")
+    args = dict(data)
+    session = MMTuning(args.pop("mmtuning"), where="mmtuning")
+    problems = [f"`{key}` (write {instead})" for key, instead in OWNED_KEYS.items() if key in args]
+    problems += [f"`{key}` ({instead})" for key, instead in BYPASS_KEYS.items() if args.get(key)]
+    problems += [f"`{key}` (it replaces the optimizer, so mmtuning's per-modality parameter groups could not "
+                 f"apply; remove it)" for key in CUSTOM_OPTIMIZER_KEYS if args.get(key) not in (None, False)]
+    if problems:
+        raise MMTuningError(f"{where}: these LLaMA-Factory keys conflict with the `mmtuning:` block, which decides "
+                            f"the adapters: " + "; ".join(problems) + ".")
+    finetuning = args.setdefault("finetuning_type", "lora")
+    if finetuning not in FINETUNING_TYPES:
+        raise MMTuningError(f"{where}: finetuning_type: {finetuning} cannot carry mmtuning adapters; write "
+                            f"finetuning_type: lora (mmtuning.method picks lora/ia3/loha/lokr).")
+    stage = args.get("stage", "sft")
+    if stage not in TRAINER_BY_STAGE:
+        raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "
+                            f"stages: {', '.join(TRAINER_BY_STAGE)}.")
+    return Job(args, session, stage)
+
+
+def require_llamafactory():
+    """Import llamafactory lazily: the core environment does not have it."""
+    try:
+        import llamafactory
+    except ImportError as error:
+        raise MMTuningError(
+            f"`mmtune llamafactory` needs LLaMA-Factory {SUPPORTED_VERSION} in this Python environment "
+            f"({sys.executable}): {error}. Install it (`pip install llamafactory=={SUPPORTED_VERSION}` with "
+            f"torch/torchvision/torchaudio built for each other), or run scripts/env.sh's llamafactory_venv."
+        ) from None
+    return llamafactory
+
+
+def check_host_args(args: dict[str, Any], where: str = "the YAML") -> tuple:
+    """LLaMA-Factory's own parser on the args: unknown keys and bad values fail here, before any model loads."""
+    require_llamafactory()
+    from llamafactory.hparams import get_train_args
+
+    try:
+        return get_train_args(dict(args))
+    except (ValueError, SystemExit) as error:
+        raise MMTuningError(f"{where}: LLaMA-Factory refused its settings: {error}") from None
+
+
+# --- the patches --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replaced(module_name: str, name: str, replacement: Any) -> Iterator[Any]:
+    """Bind `module.name` to `replacement` and restore the original afterwards."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(module, name, original)
+
+
+def wrap_with_plan(session: MMTuning) -> Callable:
+    """Replacement for `get_peft_model(model, peft_config)`: wrap with mmtuning's plan, keep the task type."""
+
+    def get_peft_model(model, peft_config, *args: Any, **kwargs: Any):
+        task_type = getattr(peft_config, "task_type", None)
+        return session.wrap(model, **({"task_type": task_type} if task_type else {}))
+
+    return get_peft_model
+
+
+def add_quantization_policy(session: MMTuning, original: Callable) -> Callable:
+    """Replacement for `configure_quantization`: LLaMA-Factory's config plus mmtuning's skip list."""
+
+    def configure_quantization(config, tokenizer, model_args, is_trainable, init_kwargs):
+        original(config, tokenizer, model_args, is_trainable, init_kwargs)
+        policy = session.bnb_config_kwargs(config)
+        if policy is None:
+            return
+        from transformers import BitsAndBytesConfig
+
+        built = init_kwargs.get("quantization_config")
+        if not isinstance(built, BitsAndBytesConfig):
+            raise MMTuningError("mmtuning's quantization settings need on-the-fly bitsandbytes quantization: "
+                                "add `quantization_bit: 4` (quantization_method: bnb) to the YAML, or remove "
+                                "mmtuning's quantization settings.")
+        for key, value in policy.items():
+            setattr(built, key, as_dtype_like(getattr(built, key, None), value))
+        built.post_init()
+
+    return configure_quantization
+
+
+def as_dtype_like(current: Any, value: Any) -> Any:
+    """Policy kwargs name dtypes as strings ("bfloat16"); an already-built config holds torch dtypes."""
+    import torch
+
+    if isinstance(current, torch.dtype) and isinstance(value, str):
+        return getattr(torch, value)
+    return value
+
+
+def trainer_with_mmtuning(session: MMTuning, base: type) -> type:
+    """`base` (LLaMA-Factory's trainer class) with mmtuning's optimizer groups and extra losses."""
+    from .hf import MMTuningTrainerMixin
+
+    return type(f"MMTuning{base.__name__}", (MMTuningTrainerMixin, base), {"mmtuning": session})
+
+
+@contextlib.contextmanager
+def patched(session: MMTuning, stage: str) -> Iterator[None]:
+    """All of mmtuning's replacements inside LLaMA-Factory, active for one `run_exp`."""
+    import importlib
+
+    with contextlib.ExitStack() as stack:
+        targets = PATCHES["targets"]
+        stack.enter_context(replaced(targets.module, targets.name, wrap_with_plan(session)))
+        quant = PATCHES["quantization"]
+        original = getattr(importlib.import_module(quant.module), quant.name)
+        stack.enter_context(replaced(quant.module, quant.name, add_quantization_policy(session, original)))
+        module, name = TRAINER_BY_STAGE[stage]
+        base = getattr(importlib.import_module(module), name)
+        stack.enter_context(replaced(module, name, trainer_with_mmtuning(session, base)))
+        yield
+
+
+RUN_RECORD = "mmtuning_run.json"
+
+
+def run_record(session: MMTuning, model, optimizer) -> dict[str, Any]:
+    """What this run trains: the plan, the optimizer's groups, and the class under each adapted module."""
+    from ..targets import PEFT_PREFIX
+
+    modules = dict(model.named_modules())
+    layer_types = {}
+    for planned in session.require_plan().modules:
+        module = modules.get(PEFT_PREFIX + planned.name) or modules.get(planned.name)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        layer_types[planned.name] = type(base).__name__
+    groups = [{"name": group.get("name"), "lr": group["lr"], "weight_decay": group.get("weight_decay"),
+               "tensors": len(group["params"]), "params": sum(p.numel() for p in group["params"])}
+              for group in (optimizer.param_groups if optimizer is not None else [])]
+    return {"plan": session.require_plan().summary(), "optimizer_groups": groups, "base_layer_types": layer_types}
+
+
+def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
+    """One line for the log: what got adapters, and the optimizer's groups."""
+    plan = session.require_plan()
+    parts = []
+    for modality in ("vision", "projector", "language"):
+        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality)) + (
+            len(plan.modules_to_save) if modality == "projector" else 0)
+        if count:
+            layers = plan.layers.get(modality)
+            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
+                f" in layer {layers[0]}" if layers else "")
+            parts.append(f"{modality} {count}{where} (r={plan.config.rank(modality)})")
+    groups = ", ".join(f"{g['name']} {g['params']:,}" for g in record["optimizer_groups"])
+    return f"[mmtuning] plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Record: {path}"
+
+
+def verify_callback(session: MMTuning):
+    """A TrainerCallback: when training starts, check the model against the plan and record the run.
+
+    LLaMA-Factory may touch the model after wrapping (casts, checkpointing); this checks what really
+    trains, and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
+    import json
+
+    from transformers import TrainerCallback
+
+    class VerifyPlan(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if model is None:
+                return
+            session.verify(model)
+            if state.is_world_process_zero:
+                record = run_record(session, model, optimizer)
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.output_dir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
+                sys.stderr.write(summary_line(session, record, Path(args.output_dir) / RUN_RECORD) + "\n")
+
+    return VerifyPlan()
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def device_count() -> int:
+    """Devices the way LLaMA-Factory counts them (CUDA, XPU, NPU, MPS)."""
+    from llamafactory.extras.misc import get_device_count
+
+    return get_device_count()
+
+
+def wants_torchrun(env: dict[str, str], devices: int) -> bool:
+    """LLaMA-Factory's rule: FORCE_TORCHRUN, or more than one device (unless Ray); never inside a rank."""
+    if "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env:
+        return False
+    enabled = {"true", "1", "y"}
+    if env.get("FORCE_TORCHRUN", "").lower() in enabled:
+        return True
+    return devices > 1 and env.get("USE_RAY", "").lower() not in enabled
+
+
+def torchrun_command(config: Path, overrides: list[str], env: dict[str, str], devices: int,
+                     python: str = sys.executable, port: int | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... -m mmtuning_plugin.integrations.llamafactory CONFIG overrides`.
+
+    Every rank runs this module on the same YAML, so every rank applies the same plan and patches.
+    NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT mean what they mean for llamafactory-cli.
+    """
+    if port is None and "MASTER_PORT" not in env:
+        from llamafactory.extras.misc import find_available_port
+
+        port = find_available_port()
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", env.get("NNODES", "1"),
+        "--node_rank", env.get("NODE_RANK", "0"),
+        "--nproc_per_node", env.get("NPROC_PER_NODE", str(max(devices, 1))),
+        "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"),
+        "--master_port", env.get("MASTER_PORT", str(port)),
+        "-m", __name__, str(Path(config).absolute()), *overrides,
+    ]
+
+
+def plan_ahead(job: Job) -> None:
+    """Plan on a meta-device skeleton when the model's config is already on disk, so a layer range or module
+    name that does not exist fails in seconds, before weights load. Otherwise the plan is checked after loading."""
+    from transformers import AutoConfig
+
+    from ..loading import build_skeleton
+    from ..targets import plan_targets
+
+    try:
+        model_config = AutoConfig.from_pretrained(str(job.args.get("model_name_or_path")), local_files_only=True,
+                                                  trust_remote_code=bool(job.args.get("trust_remote_code")))
+        skeleton = build_skeleton(model_config)
+    except Exception:  # not downloaded yet, or not buildable from its config: LLaMA-Factory loads it first
+        return
+    plan_targets(skeleton, job.session.config)
+
+
+def prepare(config: Path, overrides: list[str]) -> Job:
+    """Everything that can fail on bad input, before any model loads."""
+    data = read_config(config, overrides)
+    job = split_config(data, where=str(config))
+    check_host_args(job.args, where=str(config))
+    plan_ahead(job)
+    return job
+
+
+def run_in_process(job: Job) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    callbacks = [verify_callback(job.session), *job.session.callbacks()]
+    with patched(job.session, job.stage):
+        run_exp(dict(job.args), callbacks=callbacks)
+
+
+def train(config: Path, overrides: list[str]) -> int:
+    """`mmtune llamafactory train`: validate, then run here or once per device under torchrun."""
+    job = prepare(config, overrides)
+    if wants_torchrun(dict(os.environ), device_count()):
+        command = torchrun_command(config, overrides, dict(os.environ), device_count())
+        return subprocess.run(command, check=False).returncode
+    run_in_process(job)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each torchrun rank (and of `python -m mmtuning_plugin.integrations.llamafactory`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        sys.stderr.write("usage: python -m mmtuning_plugin.integrations.llamafactory CONFIG.yaml [key=value ...]\n")
+        sys.exit(2)
+    try:
+        code = train(Path(argv[0]), argv[1:])
+    except MMTuningError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

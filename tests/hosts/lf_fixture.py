@@ -1,0 +1,42 @@
+"""Writes a tiny LLaVA checkpoint and a 4-row image dataset for LLaMA-Factory runs (run with its Python).
+
+    python tests/hosts/lf_fixture.py OUT_DIR   ->  OUT_DIR/model, OUT_DIR/data/{dataset_info.json,tiny.json,images}
+
+Built in the LLaMA-Factory venv itself, so the checkpoint is saved by the transformers that loads it.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+
+ROWS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+DATASET_INFO = {"tiny": {
+    "file_name": "tiny.json", "formatting": "sharegpt",
+    "columns": {"messages": "messages", "images": "images"},
+    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+}}
+
+
+def write(root: Path) -> None:
+    save_tiny_checkpoint("llava", root / "model")
+    images = root / "data" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (colour, shape) in enumerate(ROWS):
+        pixels = (np.random.default_rng(index).random((32, 32, 3)) * 255).astype("uint8")
+        path = images / f"{index}.png"
+        Image.fromarray(pixels).save(path)
+        rows.append({"messages": [{"role": "user", "content": "<image> what shape is in the image ?"},
+                                  {"role": "assistant", "content": f"a {colour} {shape} ."}],
+                     "images": [str(path)]})
+    (root / "data" / "tiny.json").write_text(json.dumps(rows))
+    (root / "data" / "dataset_info.json").write_text(json.dumps(DATASET_INFO))
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]))

@@ -1,0 +1,311 @@
+"""LLaMA-Factory 0.9.5 integration, run for real: `mmtune llamafactory train` in LLaMA-Factory's own venv.
+
+The runs are subprocesses of the venv that scripts/test builds (`llamafactory_venv` in scripts/env.sh) and
+names in MMTUNING_LLAMAFACTORY_PYTHON. They train a tiny LLaVA for a few steps on CPU and check what was
+saved and recorded. Pure-Python pieces (config splitting, conflicts, torchrun arguments) run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmtuning_plugin.config import MMTuningConfig
+from mmtuning_plugin.errors import MMTuningError
+from mmtuning_plugin.integrations import llamafactory as lf
+
+ROOT = Path(__file__).resolve().parents[2]
+LF_PYTHON = os.environ.get("MMTUNING_LLAMAFACTORY_PYTHON")
+needs_lf = pytest.mark.skipif(
+    not LF_PYTHON, reason="MMTUNING_LLAMAFACTORY_PYTHON is not set: run scripts/test, which builds the LLaMA-Factory "
+    "venv (scripts/env.sh llamafactory_venv) and exports its python")
+
+# LLaVA reads image features from the second-last vision layer (vision_feature_layer: -2): the last layer
+# gets no gradient, so the vision adapter goes on layer -2, whose training is visible in the saved weights.
+BLOCK = {"vision": {"modules": "attention", "layers": [-2], "r": 4}, "projector": {"r": 8},
+         "language": {"modules": "all-linear", "r": 8}}
+
+
+def lf_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
+
+
+def run_lf(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LF_PYTHON, *args], cwd=ROOT, env={**lf_env(), **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny LLaVA checkpoint and a 4-row image dataset, written by the LLaMA-Factory venv's transformers."""
+    root = tmp_path_factory.mktemp("lf")
+    done = run_lf(str(ROOT / "tests/hosts/lf_fixture.py"), str(root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def write_config(tiny: Path, name: str, block: dict | None, **extra) -> Path:
+    config = {
+        "model_name_or_path": str(tiny / "model"), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "dataset": "tiny", "dataset_dir": str(tiny / "data"), "template": "llava", "cutoff_len": 256,
+        "output_dir": str(tiny / name), "per_device_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True,
+        "overwrite_output_dir": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, **extra,
+    }
+    if block is not None:
+        config["mmtuning"] = block
+    path = tiny / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(tiny: Path, name: str, block: dict | None, *overrides: str, env: dict | None = None, **extra) -> Path:
+    config = write_config(tiny, name, block, **extra)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), *overrides, timeout=420,
+                  **(env or {}))
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return tiny / name
+
+
+def expected_modules(tiny: Path) -> dict[str, set[str]]:
+    """BLOCK's targets on the tiny LLaVA, written out from its config.json (independent of the planner)."""
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    layer = config["vision_config"]["num_hidden_layers"] - 2
+    vision = {f"model.vision_tower.encoder.layers.{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    language = {f"model.language_model.layers.{i}.{p}" for i in range(config["text_config"]["num_hidden_layers"])
+                for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    return {"vision": vision, "projector": {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"},
+            "language": language}
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def adapted_modules(tensors: dict) -> set[str]:
+    return {key.removeprefix("base_model.model.").split(".lora_")[0] for key in tensors}
+
+
+# --- real runs ----------------------------------------------------------------------------------------
+
+
+@needs_lf
+def test_lora_run_adapts_projector_and_vision_as_planned_with_one_group_per_modality(tiny):
+    out = train(tiny, "lora", BLOCK, "mmtuning.vision.r=2")  # an override reaches the block
+    expected = expected_modules(tiny)
+    tensors = adapter_tensors(out)
+    assert adapted_modules(tensors) == set().union(*expected.values())
+    for modality, rank in (("vision", 2), ("projector", 8), ("language", 8)):
+        for module in expected[modality]:
+            assert tensors[f"base_model.model.{module}.lora_A.weight"].shape[0] == rank, module
+    # lora_B starts at zero: a non-zero B on the projector and in the vision tower means they trained
+    for module in (*expected["projector"], *expected["vision"]):
+        assert tensors[f"base_model.model.{module}.lora_B.weight"].abs().sum() > 0, module
+    record = json.loads((out / lf.RUN_RECORD).read_text())
+    groups = {g["name"]: g for g in record["optimizer_groups"]}
+    assert sorted(groups) == ["language", "projector", "vision"]
+    assert groups["vision"]["tensors"] == 2 * len(expected["vision"])
+    assert groups["projector"]["tensors"] == 2 * len(expected["projector"])
+    assert groups["language"]["tensors"] == 2 * len(expected["language"])
+
+
+@needs_lf
+def test_qlora_run_keeps_the_plan_on_4bit_layers(tiny):
+    out = train(tiny, "qlora", BLOCK, quantization_bit=4)
+    expected = expected_modules(tiny)
+    assert adapted_modules(adapter_tensors(out)) == set().union(*expected.values())
+    types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
+    assert {types[m] for m in expected["language"]} == {"Linear4bit"}
+    assert {types[m] for m in expected["projector"] | expected["vision"]} <= {"Linear4bit", "Linear"}
+
+
+@needs_lf
+def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
+    if "quant" not in MMTuningConfig.model_fields:
+        pytest.skip("issue 3 not merged: MMTuningConfig has no `quant` key, so MMTuning.bnb_config_kwargs returns "
+                    "None and LLaMA-Factory quantizes every vision layer (no skip list)")
+    from transformers import AutoConfig
+
+    from mmtuning_plugin.session import MMTuning
+
+    # `balanced` keeps the first and last vision blocks and the projector 16-bit: adapt layers 0 (kept) and 2
+    block = {**BLOCK, "vision": {**BLOCK["vision"], "layers": [0, -2]}, "quant": "balanced"}
+    policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
+    if policy is None:
+        pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
+    out = train(tiny, "qlora_policy", block, quantization_bit=4)
+    types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
+    skipped = policy["llm_int8_skip_modules"]
+    kept = {m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)}
+    assert any(m.startswith("model.vision_tower.") for m in kept), skipped
+    assert all(types[m] != "Linear4bit" for m in kept), {m: types[m] for m in kept}
+    others = set(types) - kept
+    assert any(m.startswith("model.vision_tower.") for m in others)  # layer 2: quantized, as the policy says
+    assert all(types[m] == "Linear4bit" for m in others), {m: types[m] for m in others}
+
+
+@needs_lf
+def test_configured_alignment_loss_is_logged(tiny):
+    if "losses" not in MMTuningConfig.model_fields:
+        pytest.skip("issue 6 not merged: MMTuningConfig has no `losses` key, so MMTuning.extra_losses returns "
+                    "nothing to add or log")
+    out = train(tiny, "align", {**BLOCK, "losses": {"contrastive": {"weight": 0.1}}})
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert logged and all("loss_align/contrastive" in entry for entry in logged)
+
+
+@needs_lf
+def test_torchrun_ranks_apply_the_same_setup(tiny):
+    """FORCE_TORCHRUN with one CPU process: the rank re-enters through this module and applies the plan.
+    (More than one device is untested here: there is no GPU.)"""
+    out = train(tiny, "ranks", BLOCK, "max_steps=1", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    record = json.loads((out / lf.RUN_RECORD).read_text())
+    assert sorted(g["name"] for g in record["optimizer_groups"]) == ["language", "projector", "vision"]
+    assert adapted_modules(adapter_tensors(out)) == set().union(*expected_modules(tiny).values())
+
+
+@needs_lf
+def test_unknown_llamafactory_key_fails_before_loading_with_exit_2(tiny):
+    config = write_config(tiny, "bad", BLOCK, lora_rnk=8)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), timeout=180)
+    assert done.returncode == 2
+    assert "lora_rnk" in done.stderr and "Traceback" not in done.stderr
+    assert not (tiny / "bad").exists()
+
+
+# --- in-process: config, conflicts, launcher ----------------------------------------------------------
+
+
+def test_block_is_removed_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "stage": "sft", "mmtuning": {"vision": True}}))
+    job = lf.split_config(lf.read_config(path, ["max_steps=3", "mmtuning.vision.layers=top:2"]))
+    assert "mmtuning" not in job.args and job.args["max_steps"] == 3 and job.args["finetuning_type"] == "lora"
+    assert job.session.config.vision.enabled and job.session.config.vision.layers.count == 2
+    with pytest.raises(MMTuningError, match=r"mmtuning.vision.layer: unknown key"):
+        lf.split_config({"mmtuning": {"vision": {"layer": "all"}}})
+
+
+@pytest.mark.parametrize("key, value, hint", [
+    ("lora_target", "all", "mmtuning.<modality>.modules"),
+    ("freeze_vision_tower", False, "mmtuning.vision"),
+    ("loraplus_lr_ratio", 16.0, "per-modality parameter groups"),
+    ("adapter_name_or_path", "out/old", "resume_from_checkpoint"),
+])
+def test_conflicting_llamafactory_keys_are_refused_with_the_replacement(key, value, hint):
+    with pytest.raises(MMTuningError) as error:
+        lf.split_config({"model_name_or_path": "m", key: value, "mmtuning": {}})
+    assert f"`{key}`" in str(error.value) and hint in str(error.value)
+
+
+def test_unsupported_stage_and_finetuning_type_are_refused():
+    with pytest.raises(MMTuningError, match="stage: dpo"):
+        lf.split_config({"stage": "dpo", "mmtuning": {}})
+    with pytest.raises(MMTuningError, match="finetuning_type: full"):
+        lf.split_config({"finetuning_type": "full", "mmtuning": {}})
+    with pytest.raises(MMTuningError, match="no `mmtuning:` block"):
+        lf.split_config({"stage": "sft"})
+
+
+def test_torchrun_launch_rule_and_command():
+    assert not lf.wants_torchrun({}, 1) and lf.wants_torchrun({}, 2) and lf.wants_torchrun({"FORCE_TORCHRUN": "1"}, 0)
+    assert not lf.wants_torchrun({"LOCAL_RANK": "0"}, 8)  # a rank never re-launches
+    assert not lf.wants_torchrun({"USE_RAY": "1"}, 4)
+    command = lf.torchrun_command(Path("cfg.yaml"), ["max_steps=5"], {"NNODES": "2", "NODE_RANK": "1"}, 4,
+                                  python="/venv/bin/python", port=29511)
+    assert command[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    flags = dict(zip(command[3:13:2], command[4:13:2]))
+    assert flags == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "4", "--master_addr": "127.0.0.1",
+                     "--master_port": "29511"}
+    assert command[13:] == ["-m", "mmtuning_plugin.integrations.llamafactory", str(Path("cfg.yaml").absolute()),
+                            "max_steps=5"]
+
+
+def test_cli_without_llamafactory_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    if importlib.util.find_spec("llamafactory") is not None:
+        pytest.skip("llamafactory is installed in this environment")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "mmtuning": {}}))
+    result = CliRunner().invoke(app, ["llamafactory", "train", str(path)])
+    assert result.exit_code == 2 and "llamafactory==0.9.5" in result.output
+    assert "llamafactory" not in sys.modules
+
+
+# --- recipes ------------------------------------------------------------------------------------------
+
+RECIPES = ROOT / "recipes" / "llamafactory"
+RECIPE_MODEL_TYPES = {
+    "qwen2_5_vl_7b_qlora.yaml": "qwen2_5_vl",
+    "qwen3_vl_8b_qlora.yaml": "qwen3_vl",
+    "llava_1_5_7b_qlora.yaml": "llava",
+    "llama_3_2_11b_vision_qlora.yaml": "mllama",
+    "gemma_3_4b_qlora.yaml": "gemma3",
+}
+# Parses each recipe with LLaMA-Factory's own parser (offline, no weights). bf16 is a hardware check the CPU
+# host fails, so it is swapped for use_cpu; output_dir goes to a temporary folder.
+CHECK_RECIPES = """
+import json, sys
+from pathlib import Path
+from llamafactory.data.template import TEMPLATES
+from llamafactory.extras.constants import DEFAULT_TEMPLATE, SUPPORTED_MODELS, DownloadSource
+from mmtuning_plugin.integrations import llamafactory as lf
+report = {}
+for path in sys.argv[2:]:
+    job = lf.split_config(lf.read_config(Path(path), ["bf16=false", "use_cpu=true", "output_dir=" + sys.argv[1]]))
+    model_args, data_args, training_args, finetuning_args, _ = lf.check_host_args(job.args)
+    names = [name for name, sources in SUPPORTED_MODELS.items()
+             if sources.get(DownloadSource.DEFAULT) == model_args.model_name_or_path]
+    report[Path(path).name] = {"template": data_args.template, "known_template": data_args.template in TEMPLATES,
+                               "registry_templates": sorted({DEFAULT_TEMPLATE.get(n) for n in names}),
+                               "quantization_bit": model_args.quantization_bit, "stage": finetuning_args.stage}
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_recipes_cover_the_models_and_plan_on_each_architecture():
+    from mmtuning_plugin.loading import load_skeleton
+    from mmtuning_plugin.targets import plan_targets
+
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(RECIPE_MODEL_TYPES)
+    for name, model_type in RECIPE_MODEL_TYPES.items():
+        job = lf.split_config(lf.read_config(RECIPES / name, []), where=name)
+        plan = plan_targets(load_skeleton(model_type), job.session.config)
+        assert plan.modules_of("vision") and (plan.modules_of("projector") or plan.parameters_of("projector")), name
+
+
+@needs_lf
+def test_recipes_pass_llamafactorys_own_parser_with_its_documented_templates(tmp_path):
+    done = run_lf("-c", CHECK_RECIPES, str(tmp_path / "out"), *map(str, sorted(RECIPES.glob("*.yaml"))), timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert sorted(report) == sorted(RECIPE_MODEL_TYPES)
+    for name, row in report.items():
+        assert row["known_template"] and row["registry_templates"] == [row["template"]], (name, row)
+        assert row["quantization_bit"] == 4 and row["stage"] == "sft", (name, row)
+
+
+def test_plan_errors_surface_from_the_config_before_weights_load(tmp_path):
+    from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llava", tmp_path / "model")
+    job = lf.split_config({"model_name_or_path": str(tmp_path / "model"), "mmtuning": {"vision": {"layers": {"top": 9}}}})
+    with pytest.raises(MMTuningError, match=r"mmtuning.vision.layers: asks for top 9 layers but there are only 4"):
+        lf.plan_ahead(job)
+    lf.plan_ahead(lf.split_config({"model_name_or_path": str(tmp_path / "missing"), "mmtuning": {}}))  # not on disk: later
