@@ -29,3 +29,29 @@ core_venv() {
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
   echo "$venv"
 }
+
+# Axolotl 0.21.0 needs Python 3.12 (pyenv's 3.12.1 is not on the default path); its own venv, since it pins
+# transformers/peft versions of its own. Prints nothing and returns 1 where no Python 3.12 exists.
+axolotl_python() {
+  local prefix
+  prefix=$(pyenv prefix 3.12.1 2>/dev/null || true)
+  if [ -n "$prefix" ] && "$prefix/bin/python3.12" --version >/dev/null 2>&1; then
+    echo "$prefix/bin/python3.12"
+  elif python3.12 --version >/dev/null 2>&1; then
+    command -v python3.12
+  else
+    return 1
+  fi
+}
+
+axolotl_venv() {
+  local venv python
+  if python=$(axolotl_python); then
+    venv=$(ensure_venv axolotl "$python" constraints/axolotl.txt "axolotl==0.21.0 torchvision pluggy rich typer pyyaml pillow tokenizers pytest")
+  else
+    # No Python 3.12 here: Axolotl 0.19.0, the last release for 3.11 (same plugin hooks, see FACTS.md).
+    venv=$(ensure_venv axolotl019 python3.11 constraints/axolotl-0.19.txt "axolotl==0.19.0 torchvision pluggy rich typer pyyaml pillow tokenizers pytest")
+  fi
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
+  echo "$venv"
+}
