@@ -306,9 +306,22 @@ class RunReportCallback(TrainerCallback):
                   for g in (optimizer.param_groups if optimizer is not None else [])]
         plan = self.session.require_plan()
         report = {"plan": plan.summary(), "modalities": {m.name: m.modality for m in plan.modules},
-                  "optimizer_groups": groups}
+                  "optimizer_groups": groups, "quantized_modules": quantized_by_modality(model, plan)}
         path = Path(args.output_dir) / REPORT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, path)
+
+
+def quantized_by_modality(model: Any, plan: TargetPlan) -> dict[str, int]:
+    """How many bitsandbytes 4/8-bit Linear modules each modality holds (what the skip list left in 16-bit shows)."""
+    from ..targets import _relative
+
+    modality_of = {leaf.name: leaf.modality for leaf in plan.layout.leaves}
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            found = modality_of.get(_relative(name), "other")
+            counts[found] = counts.get(found, 0) + 1
+    return counts

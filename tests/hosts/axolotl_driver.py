@@ -1,8 +1,7 @@
 """Runs inside the Axolotl venv (Python 3.12, axolotl 0.21.0), started by tests/hosts/test_axolotl.py.
 
-    python axolotl_driver.py checkpoint MODEL_TYPE DIR        # tiny checkpoint (weights, tokenizer, processor)
-    python axolotl_driver.py data FILE.jsonl                  # tiny chat rows with base64 PNG images
-    python axolotl_driver.py recipes OUT.json RECIPE.yml...   # Axolotl's own config loading, no weights
+    python axolotl_driver.py setup DIR TYPE...                # DIR/TYPE tiny checkpoints + DIR/data.jsonl
+    python axolotl_driver.py recipes OUT.json TYPE=RECIPE.yml... # Axolotl's own config loading, no weights
     python axolotl_driver.py train-without-plugins CFG.yml    # `axolotl train` with no plugin discovered
 
 Each command prints or writes JSON; nothing here fakes Axolotl, transformers or PEFT.
@@ -50,7 +49,8 @@ def write_data(path: str, rows: int = 8) -> None:
 
 
 def validate_recipes(out: str, recipes: list[str]) -> None:
-    """Each recipe through axolotl.cli.config.load_cfg, its base_model swapped for a local default config."""
+    """Each YAML through axolotl.cli.config.load_cfg; a hub base_model is swapped for the model type's default
+    config written to a temporary directory (no weights, no hub), so the plan is built on the meta device."""
     import yaml
     from axolotl.cli.config import load_cfg
     from axolotl.utils.dict import DictDefault
@@ -58,15 +58,20 @@ def validate_recipes(out: str, recipes: list[str]) -> None:
     from mmtuning_plugin.loading import load_model_config
 
     results = {}
-    for recipe in recipes:
+    for item in recipes:
+        model_type, recipe = item.split("=", 1)
         raw = yaml.safe_load(Path(recipe).read_text())
-        model_type = raw.pop("mmtuning_model_type", None) or _model_type_of(raw)
         with tempfile.TemporaryDirectory() as tmp:
-            load_model_config(model_type).save_pretrained(tmp)
-            raw["base_model"] = tmp
-            raw.pop("base_model_config", None)
+            if not Path(str(raw.get("base_model"))).is_dir():  # a hub id: its default config, written locally
+                load_model_config(model_type).save_pretrained(tmp)
+                raw["base_model"] = tmp
+                raw.pop("base_model_config", None)
             raw["output_dir"] = str(Path(tmp) / "out")
-            cfg = load_cfg(DictDefault(raw))
+            try:
+                cfg = load_cfg(DictDefault(raw))
+            except Exception as error:  # the test asserts on the message users would see
+                results[recipe] = {"error": f"{type(error).__name__}: {error}"}
+                continue
             results[recipe] = {
                 "model_type": model_type,
                 "adapter": cfg.adapter,
@@ -84,12 +89,6 @@ def validate_recipes(out: str, recipes: list[str]) -> None:
     Path(out).write_text(json.dumps(results, indent=1))
 
 
-def _model_type_of(raw: dict) -> str:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(raw["base_model"]).model_type
-
-
 def train_without_plugins(config: str) -> None:
     """Axolotl exactly as if no plugin were installed: its entry-point list emptied before the CLI starts."""
     import axolotl.integrations.base as base
@@ -105,12 +104,13 @@ def train_without_plugins(config: str) -> None:
 
 def main(argv: list[str]) -> None:
     command, *args = argv
-    if command == "checkpoint":
+    if command == "setup":
         from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
 
-        save_tiny_checkpoint(args[0], args[1])
-    elif command == "data":
-        write_data(args[0])
+        root, *model_types = args
+        for model_type in model_types:
+            save_tiny_checkpoint(model_type, Path(root) / model_type)
+        write_data(str(Path(root) / "data.jsonl"))
     elif command == "recipes":
         validate_recipes(args[0], args[1:])
     elif command == "train-without-plugins":
