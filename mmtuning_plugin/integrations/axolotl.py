@@ -19,6 +19,7 @@ returns at once: Axolotl auto-registers installed plugins on every run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +35,7 @@ from ..session import MMTuning, modality_of_parameter
 from ..targets import TargetPlan
 from .hf import MMTuningTrainerMixin
 
+LOG = logging.getLogger("axolotl.integrations.mmtuning")  # under Axolotl's logger: shown at INFO
 BLOCK = "mmtuning"
 # Axolotl keys mmtuning sets from the plan. A YAML may repeat a value equal to mmtuning's, never another one.
 OWNED_TARGET_KEYS = ("lora_target_modules", "lora_target_linear", "lora_target_parameters", "lora_rank_pattern",
@@ -91,6 +93,8 @@ class MMTuningPlugin(BasePlugin):
 
         plan = self.session.plan_for(build_skeleton(model_config))
         write_lora_settings(cfg, plan, check_conflicts=True)
+        LOG.info("mmtuning: %s planned for %s; Axolotl's LoRA settings now name them exactly",
+                    describe_plan(plan), plan.model_type)
         for key in LORA_KERNEL_KEYS:
             if cfg.get(key) is None:
                 cfg[key] = False
@@ -114,7 +118,9 @@ class MMTuningPlugin(BasePlugin):
         """PEFT wrapped exactly the planned modules, parameters and ranks (else PlanMismatchError)."""
         if not self.active(cfg):
             return
-        self.require_session(cfg).verify(model)
+        session = self.require_session(cfg)
+        session.verify(model)
+        LOG.info("mmtuning: PEFT wrapped exactly the plan (%s)", describe_plan(session.require_plan()))
 
     # --- trainer -----------------------------------------------------------------------------------------
 
@@ -150,6 +156,18 @@ class MMTuningPlugin(BasePlugin):
         if self.session is None:  # a programmatic run that skipped register(): build it from the validated cfg
             self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
         return self.session
+
+
+def describe_plan(plan: TargetPlan) -> str:
+    """`vision 8 (r=4), projector 2 (r=8), language 28 (r=8)`: one log line a user can check."""
+    parts = []
+    for modality in ("vision", "projector", "language"):
+        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality))
+        if count:
+            parts.append(f"{modality} {count} (r={plan.config.rank(modality)})")
+    if plan.modules_to_save:
+        parts.append(f"trained whole: {', '.join(plan.modules_to_save)}")
+    return ", ".join(parts)
 
 
 # --- settings ----------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def validate_recipes(out: str, recipes: list[str]) -> None:
     from axolotl.cli.config import load_cfg
     from axolotl.utils.dict import DictDefault
 
-    from mmtuning_plugin.loading import load_model_config
+    from mmtuning_plugin.loading import _default_config  # what `mmtune inspect-targets TYPE` builds
 
     results = {}
     for item in recipes:
@@ -63,7 +63,7 @@ def validate_recipes(out: str, recipes: list[str]) -> None:
         raw = yaml.safe_load(Path(recipe).read_text())
         with tempfile.TemporaryDirectory() as tmp:
             if not Path(str(raw.get("base_model"))).is_dir():  # a hub id: its default config, written locally
-                load_model_config(model_type).save_pretrained(tmp)
+                _default_config(model_type).save_pretrained(tmp)
                 raw["base_model"] = tmp
                 raw.pop("base_model_config", None)
             raw["output_dir"] = str(Path(tmp) / "out")
