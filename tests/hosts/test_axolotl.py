@@ -233,12 +233,15 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
         assert not result["lora_target_linear"] and result["lora_kernels"] == [False, False, False]
         shown = CliRunner().invoke(app, ["inspect-targets", model_type, "--spec", recipe, "--json"])
         assert shown.exit_code == 0, shown.output
-        plan = json.loads(shown.output)["plan"]
+        report = json.loads(shown.output)
+        plan = report["plan"]
         assert result["lora_target_modules"] == plan["target_modules"], name
         assert result["lora_target_parameters"] == plan["target_parameters"], name
         assert result["lora_rank_pattern"] == plan["rank_pattern"], name
-        assert {modality(m) for m in plan["target_modules"] + plan["target_parameters"]} == {
-            "vision", "projector", "language"}, name
+        targeted = {m: len(row["targeted"]) for m, row in report["modalities"].items()}
+        assert all(targeted[m] > 0 for m in ("vision", "projector", "language")), (name, targeted)
+        assert report["modalities"]["vision"]["selected_layers"] == list(
+            range(report["modalities"]["vision"]["layers"] - 8, report["modalities"]["vision"]["layers"])), name
 
 
 @pytest.mark.parametrize("name, message", [
