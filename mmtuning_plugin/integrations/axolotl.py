@@ -185,9 +185,6 @@ def check_host_settings(cfg: Any, session: MMTuning) -> None:
     if cfg.get("rl"):
         raise MMTuningError(f"rl: {cfg.get('rl')} - the mmtuning Axolotl plugin supports supervised fine-tuning runs "
                             f"only; remove `rl:` or the `mmtuning:` block.")
-    if cfg.get("lora_model_dir"):
-        raise MMTuningError("lora_model_dir: loading a saved adapter keeps that adapter's own targets, so the "
-                            "`mmtuning:` block would not apply; remove one of the two.")
     for key in OPTIMIZER_GROUP_KEYS:
         if cfg.get(key) is not None:
             raise MMTuningError(f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's "
