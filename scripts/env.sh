@@ -49,8 +49,9 @@ axolotl_venv() {
   if python=$(axolotl_python); then
     venv=$(ensure_venv axolotl "$python" constraints/axolotl.txt "axolotl==0.21.0 torchvision pluggy rich typer pyyaml pillow tokenizers pytest")
   else
-    # No Python 3.12 here: Axolotl 0.19.0, the last release for 3.11 (same plugin hooks, see FACTS.md).
-    venv=$(ensure_venv axolotl019 python3.11 constraints/axolotl-0.19.txt "axolotl==0.19.0 torchvision pluggy rich typer pyyaml pillow tokenizers pytest")
+    # No Python 3.12 here: Axolotl 0.19.0, the last release for 3.11 (same plugin hooks, see FACTS.md). Without
+    # torchvision: PyPI's build does not load against the local CPU torch, so the Qwen2-VL run is skipped there.
+    venv=$(ensure_venv axolotl019 python3.11 constraints/axolotl-0.19.txt "axolotl==0.19.0 torch==2.13.0 pluggy rich typer pyyaml pillow tokenizers pytest")
   fi
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
   echo "$venv"

@@ -94,7 +94,7 @@ class MMTuningPlugin(BasePlugin):
         plan = self.session.plan_for(build_skeleton(model_config))
         write_lora_settings(cfg, plan, check_conflicts=True)
         LOG.info("mmtuning: %s planned for %s; Axolotl's LoRA settings now name them exactly",
-                    describe_plan(plan), plan.model_type)
+                 describe_plan(plan), plan.model_type)
         for key in LORA_KERNEL_KEYS:
             if cfg.get(key) is None:
                 cfg[key] = False

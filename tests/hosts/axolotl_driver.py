@@ -107,10 +107,20 @@ def main(argv: list[str]) -> None:
     if command == "setup":
         from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
 
+        import importlib.util
+
+        import axolotl.integrations.base as base
+
         root, *model_types = args
+        facts = {"torchvision": importlib.util.find_spec("torchvision") is not None,
+                 "entry_points": hasattr(base, "get_builtin_plugins"), "models": []}
         for model_type in model_types:
+            if model_type.startswith("qwen") and not facts["torchvision"]:
+                continue  # Qwen2-VL's processor needs torchvision (absent from the Axolotl 0.19 fallback venv)
             save_tiny_checkpoint(model_type, Path(root) / model_type)
+            facts["models"].append(model_type)
         write_data(str(Path(root) / "data.jsonl"))
+        (Path(root) / "setup.json").write_text(json.dumps(facts))
     elif command == "recipes":
         validate_recipes(args[0], args[1:])
     elif command == "train-without-plugins":

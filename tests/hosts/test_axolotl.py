@@ -90,6 +90,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("axolotl")
     subprocess.run([PYTHON, str(DRIVER), "setup", str(root), "llava", "qwen2_vl"], check=True, env=env(),
                    capture_output=True)
+    facts = json.loads((root / "setup.json").read_text())
     configs = {
         "llava_lora": with_mmtuning(base_yaml(root, "llava", "llava_lora")),
         "qwen_qlora": {**with_mmtuning(base_yaml(root, "qwen2_vl", "qwen_qlora")), "adapter": "qlora",
@@ -97,6 +98,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "llava_noblock": {**base_yaml(root, "llava", "llava_noblock"), "lora_target_linear": True},
         "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
     }
+    if "qwen2_vl" not in facts["models"]:
+        configs.pop("qwen_qlora")
     commands = {}
     for name, config in configs.items():
         path = root / f"{name}.yml"
@@ -111,7 +114,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     failed = {name: p.wait(timeout=900) for name, p in processes.items()}
     for name, code in failed.items():
         assert code == 0, f"{name} failed:\n" + (root / f"{name}.log").read_text()[-4000:]
-    return {"root": root, **{name: root for name in commands}}
+    return {"root": root, "facts": facts, **{name: root for name in commands}}
 
 
 def config_checks(root: Path, good: dict) -> list[str]:
@@ -194,6 +197,8 @@ def test_optimizer_axolotl_trains_with_has_one_group_per_modality(runs):
 
 
 def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
+    if "qwen_qlora" not in runs:
+        pytest.skip("this Axolotl venv has no torchvision, which Qwen2-VL's processor needs (the 0.19 fallback)")
     out = runs["root"] / "out_qwen_qlora"
     modules = adapter_modules(out)
     by_modality = {m: {k: r for k, r in modules.items() if modality(k) == m} for m in ("vision", "projector", "language")}
@@ -215,7 +220,8 @@ def test_without_mmtuning_block_the_plugin_changes_nothing(runs):
     assert len(losses(root / "llava_noblock.log")) == STEPS
     assert not (root / "out_llava_noblock" / "mmtuning_report.json").exists()
     plugin = "mmtuning_plugin.integrations.axolotl.MMTuningPlugin"
-    assert plugin in (root / "llava_noblock.log").read_text()  # it was registered, through its entry point
+    if runs["facts"]["entry_points"]:  # Axolotl >= 0.21 registers it through its entry point
+        assert plugin in (root / "llava_noblock.log").read_text()
     assert plugin not in (root / "llava_bare.log").read_text()
 
 
