@@ -45,7 +45,10 @@ BUILTIN_MAPS: tuple[ModalityMap, ...] = (
     ModalityMap(("qwen2_vl", "qwen2_5_vl"), projector=("model.visual.merger",), **_QWEN_VISION),
     ModalityMap(("qwen3_vl",), projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
                 **_QWEN_VISION),
-    ModalityMap(("idefics3", "smolvlm"), **_IDEFICS_STYLE),
+    ModalityMap(("idefics3", "smolvlm"), **_IDEFICS_STYLE,
+                # transformers 5.16 (Axolotl 0.19's pin) defaults SmolVLM's text pad_token_id to 128002 with a
+                # 32000 vocabulary and cannot build it; the layout does not depend on the pad token.
+                default_config_fixes={"text_config.pad_token_id": None}),
     ModalityMap(("mllama",),
                 vision=("model.vision_model",),
                 projector=("model.multi_modal_projector",),

@@ -216,7 +216,10 @@ def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
 def test_without_mmtuning_block_the_plugin_changes_nothing(runs):
     root = runs["root"]
     assert adapter_modules(root / "out_llava_noblock") == adapter_modules(root / "out_llava_bare")
-    assert losses(root / "llava_noblock.log") == losses(root / "llava_bare.log")
+    if runs["facts"]["entry_points"]:
+        # Axolotl 0.21 loads the plugin in the no-block run too: same seed, same losses. (0.19 discovers no
+        # plugins, so both runs are plain Axolotl there, and its CPU losses vary from run to run.)
+        assert losses(root / "llava_noblock.log") == losses(root / "llava_bare.log")
     assert len(losses(root / "llava_noblock.log")) == STEPS
     assert not (root / "out_llava_noblock" / "mmtuning_report.json").exists()
     plugin = "mmtuning_plugin.integrations.axolotl.MMTuningPlugin"
