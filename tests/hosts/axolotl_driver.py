@@ -113,7 +113,8 @@ def main(argv: list[str]) -> None:
 
         root, *model_types = args
         facts = {"torchvision": importlib.util.find_spec("torchvision") is not None,
-                 "entry_points": hasattr(base, "get_builtin_plugins"), "models": []}
+                 "entry_points": hasattr(base, "get_builtin_plugins"), "models": [],
+                 "axolotl": __import__("importlib.metadata").metadata.version("axolotl")}
         for model_type in model_types:
             if model_type.startswith("qwen") and not facts["torchvision"]:
                 continue  # Qwen2-VL's processor needs torchvision (absent from the Axolotl 0.19 fallback venv)
