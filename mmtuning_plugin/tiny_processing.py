@@ -109,7 +109,13 @@ def _qwen2_vl_processor(config: Any, tokenizer):
         size={"shortest_edge": (2 * unit) ** 2, "longest_edge": (4 * unit) ** 2},
     )
     template = CHAT_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><|image_pad|><|vision_end|>")
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    # transformers <= 5.20 (Axolotl 0.21's pin) requires the video processor to be passed explicitly
+    from transformers import Qwen2VLVideoProcessor
+
+    videos = Qwen2VLVideoProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                   temporal_patch_size=vision.temporal_patch_size)
+    return Qwen2VLProcessor(image_processor=images, video_processor=videos, tokenizer=tokenizer,
+                            chat_template=template)
 
 
 def tiny_processor(config: Any):

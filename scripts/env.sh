@@ -22,12 +22,16 @@ ensure_venv() {
   echo "$venv"
 }
 
+# The package itself goes in editable on every run (seconds), so entry points follow pyproject.toml.
+with_mmtuning() {
+  "$1/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
+  echo "$1"
+}
+
 core_venv() {
   local venv
   venv=$(ensure_venv core python3.11 constraints/core.txt "torch transformers peft bitsandbytes accelerate pluggy typer pydantic safetensors rich pyyaml pillow tokenizers pytest matplotlib tqdm")
-  # The package itself is installed editable on every run (seconds): entry points stay in step with pyproject.toml.
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
-  echo "$venv"
+  with_mmtuning "$venv"
 }
 
 llamafactory_venv() {
@@ -35,6 +39,31 @@ llamafactory_venv() {
   # (PyPI torch 2.11 + torchvision 0.26 + torchaudio 2.11, built for each other) plus mmtuning's runtime deps.
   local venv
   venv=$(ensure_venv llamafactory python3.11 constraints/llamafactory.txt "setuptools torch torchvision torchaudio llamafactory bitsandbytes pluggy typer rich pyyaml pillow tokenizers pytest")
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
-  echo "$venv"
+  with_mmtuning "$venv"
+}
+
+# Axolotl 0.21.0 needs Python 3.12 (pyenv's 3.12.1 is not on the default path); its own venv, since it pins
+# transformers/peft versions of its own. Prints nothing and returns 1 where no Python 3.12 exists.
+axolotl_python() {
+  local prefix
+  prefix=$(pyenv prefix 3.12.1 2>/dev/null || true)
+  if [ -n "$prefix" ] && "$prefix/bin/python3.12" --version >/dev/null 2>&1; then
+    echo "$prefix/bin/python3.12"
+  elif python3.12 --version >/dev/null 2>&1; then
+    command -v python3.12
+  else
+    return 1
+  fi
+}
+
+axolotl_venv() {
+  local venv python
+  if python=$(axolotl_python); then
+    venv=$(ensure_venv axolotl "$python" constraints/axolotl.txt "axolotl==0.21.0 torchvision pluggy rich typer pyyaml pillow tokenizers pytest")
+  else
+    # No Python 3.12 here: Axolotl 0.19.0, the last release for 3.11 (same plugin hooks, see FACTS.md). Without
+    # torchvision: PyPI's build does not load against the local CPU torch, so the Qwen2-VL run is skipped there.
+    venv=$(ensure_venv axolotl019 python3.11 constraints/axolotl-0.19.txt "axolotl==0.19.0 torch==2.13.0 pluggy rich typer pyyaml pillow tokenizers pytest")
+  fi
+  with_mmtuning "$venv"
 }

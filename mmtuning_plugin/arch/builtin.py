@@ -46,8 +46,8 @@ BUILTIN_MAPS: tuple[ModalityMap, ...] = (
     ModalityMap(("qwen3_vl",), projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
                 **_QWEN_VISION),
     ModalityMap(("idefics3", "smolvlm"), **_IDEFICS_STYLE,
-                # transformers 5.6 (LLaMA-Factory 0.9.5's pin) defaults text_config.pad_token_id to 128002 with a
-                # 32000-token vocab, which cannot be built; 5.23 defaults it to None.
+                # transformers 5.6 (LLaMA-Factory 0.9.5's pin) and 5.16 (Axolotl 0.19's) default the text
+                # pad_token_id to 128002 with a 32000-token vocab, which cannot be built; 5.23 defaults it to None.
                 default_config_fixes={"text_config.pad_token_id": None}),
     ModalityMap(("mllama",),
                 vision=("model.vision_model",),

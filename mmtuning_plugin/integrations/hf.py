@@ -20,18 +20,18 @@ from ..session import MMTuning
 
 
 class MMTuningTrainerMixin:
-    """Per-modality optimizer groups and extra loss terms from `self.mmtuning`; mix in before a Trainer class."""
+    """The session's pieces for any `transformers.Trainer` subclass (ours below, Axolotl's own trainers):
+    per-modality optimizer groups, extra loss terms added to the task loss, and their logging.
+
+    Mixed in before the trainer class; reads the session from `self.mmtuning`.
+    """
 
     mmtuning: MMTuning
 
     def create_optimizer(self, model=None):
         """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's."""
         if self.optimizer is None:
-            model = model if model is not None else self.model
-            groups = self.mmtuning.optimizer_groups(model, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-            optimizer_kwargs.pop("lr", None)
-            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+            self.optimizer = build_grouped_optimizer(self.mmtuning, model if model is not None else self.model, self.args)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -48,6 +48,14 @@ class MMTuningTrainerMixin:
                 logs[name] = sum(values) / len(values)
         self._mmtuning_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any):
+    """The optimizer `args` asks for (class and kwargs from the Trainer), over the session's modality groups."""
+    groups = session.optimizer_groups(model, args.learning_rate, args.weight_decay)
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_kwargs.pop("lr", None)
+    return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
 
 class MMTuningTrainer(MMTuningTrainerMixin, Trainer):
@@ -75,7 +83,7 @@ def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:
 
 def add_extra_losses(trainer: Trainer, model, inputs, outputs, loss, num_items_in_batch, logs: dict[str, list[float]]):
     """Task loss plus the session's extra terms, scaled like the task loss; logs each term's unscaled value.
-    Hosts whose Trainer subclass is not MMTuningTrainer (Axolotl, LLaMA-Factory) call this from their compute_loss."""
+    `MMTuningTrainerMixin.compute_loss` calls it, so every host trainer scales the terms the same way."""
     extras = trainer.mmtuning.extra_losses(model, inputs, outputs)
     if not extras:
         return loss

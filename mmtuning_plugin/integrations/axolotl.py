@@ -1,0 +1,342 @@
+"""The Axolotl integration: an `mmtuning:` block in an Axolotl YAML.
+
+    plugins:
+      - mmtuning_plugin.integrations.axolotl.MMTuningPlugin
+    mmtuning:
+      vision:    {modules: attention, layers: {top: 8}, r: 8}
+      projector: {r: 16}
+      language:  {modules: all-linear, r: 16}
+
+The plugin translates mmtuning's exact target plan into Axolotl's own LoRA settings (so Axolotl builds the
+PEFT model as usual), then checks at each later hook that nothing changed it. Hook order (Axolotl 0.21):
+`register` (raw YAML, before validation: targets, quantization skip list) -> `pre_lora_load` (plan again on
+the real model) -> `post_model_load` (PEFT wrapped exactly the plan) -> `get_trainer_cls` (per-modality
+optimizer groups and extra loss terms) -> `add_callbacks_*` (schedules, the run report) ->
+`post_trainer_create` (no freezing option undid the plan). Without an `mmtuning:` block every hook
+returns at once: Axolotl auto-registers installed plugins on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from axolotl.integrations.base import BasePlugin
+from pydantic import BaseModel, field_validator
+from transformers import TrainerCallback
+
+from ..config import load_config
+from ..errors import MMTuningError
+from ..session import MMTuning, modality_of_parameter
+from ..targets import TargetPlan
+from .hf import MMTuningTrainerMixin
+
+LOG = logging.getLogger("axolotl.integrations.mmtuning")  # under Axolotl's logger: shown at INFO
+BLOCK = "mmtuning"
+# Axolotl keys mmtuning sets from the plan. A YAML may repeat a value equal to mmtuning's, never another one.
+OWNED_TARGET_KEYS = ("lora_target_modules", "lora_target_linear", "lora_target_parameters", "lora_rank_pattern",
+                     "lora_alpha_pattern", "lora_modules_to_save", "peft_layers_to_transform", "peft_layers_pattern")
+# Axolotl keys that build their own optimizer groups, which would replace the per-modality ones.
+OPTIMIZER_GROUP_KEYS = ("lr_groups", "loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale")
+# Fused LoRA kernels are auto-enabled for lora/qlora; they fail on LLaVA ("could not import attention
+# class") and were never checked with per-modality plans on vision-language models.
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+REPORT_FILE = "mmtuning_report.json"
+
+
+class MMTuningArgs(BaseModel):
+    """Merged into Axolotl's config schema: the `mmtuning:` block, validated by the core's MMTuningConfig."""
+
+    mmtuning: Optional[dict[str, Any]] = None
+
+    @field_validator("mmtuning", mode="before")
+    @classmethod
+    def _validate_block(cls, value: Any) -> Any:
+        if value is not None:
+            try:
+                load_config(value, BLOCK)
+            except MMTuningError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+
+class MMTuningPlugin(BasePlugin):
+    """mmtuning's target plans, checks, optimizer groups and loss terms inside an Axolotl run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: MMTuning | None = None
+        self._choosing_trainer = False
+
+    def get_input_args(self) -> str:
+        return f"{__name__}.MMTuningArgs"
+
+    @staticmethod
+    def active(cfg: Any) -> bool:
+        return cfg is not None and cfg.get(BLOCK) is not None
+
+    # --- before validation ---------------------------------------------------------------------------
+
+    def register(self, cfg: Any) -> None:
+        """Plan on the model's meta skeleton and write Axolotl's LoRA and quantization settings into the YAML."""
+        if not self.active(cfg):
+            self.session = None
+            return
+        self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
+        check_host_settings(cfg, self.session)
+        model_config = load_host_model_config(cfg)
+        from ..loading import build_skeleton
+
+        plan = self.session.plan_for(build_skeleton(model_config))
+        write_lora_settings(cfg, plan, check_conflicts=True)
+        LOG.info("mmtuning: %s planned for %s; Axolotl's LoRA settings now name them exactly",
+                 describe_plan(plan), plan.model_type)
+        for key in LORA_KERNEL_KEYS:
+            if cfg.get(key) is None:
+                cfg[key] = False
+        quant = self.session.bnb_config_kwargs(model_config)
+        if quant:
+            cfg["bnb_config_kwargs"] = merge_bnb_kwargs(quant, cfg.get("bnb_config_kwargs"))
+
+    def on_config_validation_error(self, cfg: Any) -> None:
+        self.session = None
+
+    # --- model -------------------------------------------------------------------------------------------
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Plan again on the model Axolotl really built (its class decides the names) and use that plan."""
+        if not self.active(cfg):
+            return
+        session = self.require_session(cfg)
+        write_lora_settings(cfg, session.plan_for(model), check_conflicts=False)
+
+    def post_model_load(self, cfg: Any, model: Any) -> None:
+        """PEFT wrapped exactly the planned modules, parameters and ranks (else PlanMismatchError)."""
+        if not self.active(cfg):
+            return
+        session = self.require_session(cfg)
+        session.verify(model)
+        LOG.info("mmtuning: PEFT wrapped exactly the plan (%s)", describe_plan(session.require_plan()))
+
+    # --- trainer -----------------------------------------------------------------------------------------
+
+    def get_trainer_cls(self, cfg: Any):
+        """Axolotl's own choice of trainer class, with mmtuning's optimizer groups and loss terms mixed in."""
+        if not self.active(cfg) or self._choosing_trainer:
+            return None
+        self._choosing_trainer = True
+        try:
+            base = axolotl_trainer_cls(cfg)
+        finally:
+            self._choosing_trainer = False
+        session = self.require_session(cfg)
+        return type(f"MMTuning{base.__name__}", (MMTuningTrainerMixin, base), {"mmtuning": session})
+
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
+        if not self.active(cfg):
+            return []
+        return list(self.require_session(cfg).callbacks())
+
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
+        if not self.active(cfg):
+            return []
+        return [RunReportCallback(self.require_session(cfg))]
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """After Axolotl's `unfrozen_parameters`/`freeze_mm_modules`: exactly the planned adapters still train."""
+        if not self.active(cfg):
+            return
+        check_trainable(trainer.model, self.require_session(cfg).require_plan())
+
+    def require_session(self, cfg: Any) -> MMTuning:
+        if self.session is None:  # a programmatic run that skipped register(): build it from the validated cfg
+            self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
+        return self.session
+
+
+def describe_plan(plan: TargetPlan) -> str:
+    """`vision 8 (r=4), projector 2 (r=8), language 28 (r=8)`: one log line a user can check."""
+    parts = []
+    for modality in ("vision", "projector", "language"):
+        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality))
+        if count:
+            parts.append(f"{modality} {count} (r={plan.config.rank(modality)})")
+    if plan.modules_to_save:
+        parts.append(f"trained whole: {', '.join(plan.modules_to_save)}")
+    return ", ".join(parts)
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def check_host_settings(cfg: Any, session: MMTuning) -> None:
+    """Axolotl settings that cannot work with mmtuning, refused before anything loads."""
+    adapter = cfg.get("adapter")
+    if adapter not in ("lora", "qlora"):
+        raise MMTuningError(f"adapter: {adapter!r} - the `mmtuning:` block plans LoRA adapters; write `adapter: lora` "
+                            f"or `adapter: qlora` (with load_in_4bit: true), or remove the `mmtuning:` block.")
+    if session.config.method != "lora":
+        raise MMTuningError(f"mmtuning.method: {session.config.method} - Axolotl builds LoRA adapters only; write "
+                            f"`method: lora` (use_dora/use_rslora are available) or use the transformers Trainer integration.")
+    if cfg.get("rl"):
+        raise MMTuningError(f"rl: {cfg.get('rl')} - the mmtuning Axolotl plugin supports supervised fine-tuning runs "
+                            f"only; remove `rl:` or the `mmtuning:` block.")
+    for key in OPTIMIZER_GROUP_KEYS:
+        if cfg.get(key) is not None:
+            raise MMTuningError(f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's "
+                                f"per-modality groups; remove `{key}` from the YAML.")
+    adapted = [m for m in ("vision", "projector") if session.config.spec(m).enabled]
+    if cfg.get("freeze_mm_modules") and adapted:
+        raise MMTuningError(f"freeze_mm_modules: true would freeze the {' and '.join(adapted)} adapters that the "
+                            f"`mmtuning:` block asks for (base weights stay frozen anyway); remove freeze_mm_modules, "
+                            f"or write `mmtuning.{adapted[0]}: false`.")
+
+
+def lora_settings(plan: TargetPlan) -> dict[str, Any]:
+    """Axolotl's names for the plan: exact module names, patterns keyed by escaped full names."""
+    config = plan.config
+    return {
+        "lora_r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": plan.dropout,
+        "lora_target_modules": plan.target_modules,
+        "lora_target_parameters": plan.target_parameters or None,
+        "lora_rank_pattern": plan.rank_pattern or None,
+        "lora_alpha_pattern": plan.alpha_pattern or None,
+        "lora_modules_to_save": plan.modules_to_save or None,
+        "peft_use_dora": config.use_dora or None,
+        "peft_use_rslora": config.use_rslora or None,
+    }
+
+
+USER_KEY_FOR = {"lora_r": "mmtuning.r", "lora_alpha": "mmtuning.alpha", "lora_dropout": "mmtuning.dropout",
+                "peft_use_dora": "mmtuning.use_dora", "peft_use_rslora": "mmtuning.use_rslora"}
+
+
+def write_lora_settings(cfg: Any, plan: TargetPlan, check_conflicts: bool) -> None:
+    settings = lora_settings(plan)
+    if check_conflicts:
+        for key in OWNED_TARGET_KEYS:
+            value = cfg.get(key)
+            if value not in (None, False, [], {}) and value != settings.get(key):
+                raise MMTuningError(
+                    f"{key}: {value!r} conflicts with the `mmtuning:` block, which sets the LoRA targets itself "
+                    f"({len(plan.target_modules)} exact module names across vision/projector/language); remove "
+                    f"`{key}` and choose modules with mmtuning.vision/projector/language.modules and .layers."
+                )
+        for key, where in USER_KEY_FOR.items():
+            value = cfg.get(key)
+            if value is not None and value != settings[key] and not (value is False and settings[key] is None):
+                raise MMTuningError(f"{key}: {value!r} differs from {where} ({settings[key]!r}); remove `{key}` "
+                                    f"and set {where} in the `mmtuning:` block.")
+    for key, value in settings.items():
+        cfg[key] = value
+    cfg["lora_target_linear"] = None
+
+
+def merge_bnb_kwargs(ours: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:
+    """The quantization policy's kwargs; the YAML's own bnb_config_kwargs keep their other keys."""
+    theirs = dict(theirs or {})
+    skip = theirs.get("llm_int8_skip_modules")
+    if skip is not None and "llm_int8_skip_modules" in ours and list(skip) != list(ours["llm_int8_skip_modules"]):
+        raise MMTuningError("bnb_config_kwargs.llm_int8_skip_modules conflicts with mmtuning's quantization policy, "
+                            "which writes the exact skip list itself; remove it from bnb_config_kwargs.")
+    return {**theirs, **ours}
+
+
+def load_host_model_config(cfg: Any):
+    """The transformers config of `base_model_config`/`base_model`: local dir or cached id, else the hub."""
+    from transformers import AutoConfig
+
+    from ..loading import load_model_config
+
+    name = str(cfg.get("base_model_config") or cfg.get("base_model") or "")
+    if not name:
+        raise MMTuningError("base_model: missing; the `mmtuning:` block needs the model to plan its targets.")
+    try:
+        return load_model_config(name)
+    except MMTuningError:
+        if "/" not in name or Path(name).expanduser().exists():
+            raise
+    try:  # Axolotl downloads the model anyway: fetching its config.json here is no extra surprise
+        return AutoConfig.from_pretrained(name, trust_remote_code=bool(cfg.get("trust_remote_code")),
+                                          revision=cfg.get("revision_of_model"))
+    except Exception as error:
+        raise MMTuningError(f"base_model: {name!r} - could not read its config ({error}); the `mmtuning:` block "
+                            f"needs it to plan targets. Check the name, or download it first.") from None
+
+
+# --- trainer -----------------------------------------------------------------------------------------
+
+
+def axolotl_trainer_cls(cfg: Any):
+    """The trainer class Axolotl itself would pick for this config (other plugins' choices included)."""
+    from axolotl.core.builders.causal import HFCausalTrainerBuilder
+    from axolotl.core.trainers.base import AxolotlTrainer
+
+    choose = getattr(HFCausalTrainerBuilder, "_get_trainer_cls", None)
+    if choose is None:
+        return AxolotlTrainer
+    return choose(SimpleNamespace(cfg=cfg))
+
+
+def check_trainable(model: Any, plan: TargetPlan) -> None:
+    """Every trainable parameter belongs to a planned adapter, and every planned adapter trains."""
+    from ..targets import _relative
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    outside = [name for name in trainable if modality_of_parameter(plan, name) is None]
+    adapted = {_relative(n.split(".lora_")[0]) for n in trainable if ".lora_" in n}
+    frozen = [m.name for m in plan.modules if m.name not in adapted]
+    frozen += [p.name for p in plan.parameters if p.name.rsplit(".", 1)[0] not in adapted and p.name not in adapted]
+    problems = []
+    if outside:
+        problems.append(f"{len(outside)} trainable parameters outside the plan (e.g. {', '.join(outside[:3])}): "
+                        f"check unfrozen_parameters")
+    if frozen:
+        problems.append(f"{len(frozen)} planned adapters are frozen (e.g. {', '.join(frozen[:3])}): check "
+                        f"freeze_mm_modules / unfrozen_parameters")
+    if problems:
+        raise MMTuningError("After Axolotl's freezing options the trainable set no longer matches the mmtuning plan: "
+                            + "; ".join(problems) + ". Remove those options and let mmtuning choose what trains.")
+
+
+class RunReportCallback(TrainerCallback):
+    """Writes `mmtuning_report.json` into output_dir when training starts: the plan, and per optimizer group
+    its modality, learning rate and parameter names, so a user (and the tests) can see what really trains."""
+
+    def __init__(self, session: MMTuning):
+        self.session = session
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [{"name": g.get("name"), "lr": g.get("lr"), "weight_decay": g.get("weight_decay"),
+                   "params": [names.get(id(p), "?") for p in g["params"]]}
+                  for g in (optimizer.param_groups if optimizer is not None else [])]
+        plan = self.session.require_plan()
+        report = {"plan": plan.summary(), "modalities": {m.name: m.modality for m in plan.modules},
+                  "optimizer_groups": groups, "quantized_modules": quantized_by_modality(model, plan)}
+        path = Path(args.output_dir) / REPORT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+def quantized_by_modality(model: Any, plan: TargetPlan) -> dict[str, int]:
+    """How many bitsandbytes 4/8-bit Linear modules each modality holds (what the skip list left in 16-bit shows)."""
+    from ..targets import _relative
+
+    modality_of = {leaf.name: leaf.modality for leaf in plan.layout.leaves}
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            found = modality_of.get(_relative(name), "other")
+            counts[found] = counts.get(found, 0) + 1
+    return counts

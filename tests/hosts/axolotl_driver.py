@@ -1,0 +1,134 @@
+"""Runs inside the Axolotl venv (Python 3.12, axolotl 0.21.0), started by tests/hosts/test_axolotl.py.
+
+    python axolotl_driver.py setup DIR TYPE...                # DIR/TYPE tiny checkpoints + DIR/data.jsonl
+    python axolotl_driver.py recipes OUT.json TYPE=RECIPE.yml... # Axolotl's own config loading, no weights
+    python axolotl_driver.py train-without-plugins CFG.yml    # `axolotl train` with no plugin discovered
+
+Each command prints or writes JSON; nothing here fakes Axolotl, transformers or PEFT.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+QUESTIONS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+
+
+def png_base64(colour: str, seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rgb = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}[colour]
+    noise = np.random.default_rng(seed).integers(0, 40, (40, 40, 3))
+    pixels = np.clip(np.array(rgb)[None, None, :] + noise, 0, 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_data(path: str, rows: int = 8) -> None:
+    with open(path, "w") as out:
+        for i in range(rows):
+            colour, shape = QUESTIONS[i % len(QUESTIONS)]
+            messages = [
+                {"role": "user", "content": [{"type": "image", "base64": png_base64(colour, i)},
+                                             {"type": "text", "text": "what shape is in the image ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"a {colour} {shape} ."}]},
+            ]
+            out.write(json.dumps({"messages": messages}) + "\n")
+
+
+def validate_recipes(out: str, recipes: list[str]) -> None:
+    """Each YAML through axolotl.cli.config.load_cfg; a hub base_model is swapped for the model type's default
+    config written to a temporary directory (no weights, no hub), so the plan is built on the meta device."""
+    import yaml
+    from axolotl.cli.config import load_cfg
+    from axolotl.utils.dict import DictDefault
+
+    from mmtuning_plugin.loading import _default_config  # what `mmtune inspect-targets TYPE` builds
+
+    results = {}
+    for item in recipes:
+        model_type, recipe = item.split("=", 1)
+        raw = yaml.safe_load(Path(recipe).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            if not Path(str(raw.get("base_model"))).is_dir():  # a hub id: its default config, written locally
+                _default_config(model_type).save_pretrained(tmp)
+                raw["base_model"] = tmp
+                raw.pop("base_model_config", None)
+            raw["output_dir"] = str(Path(tmp) / "out")
+            try:
+                cfg = load_cfg(DictDefault(raw))
+            except Exception as error:  # the test asserts on the message users would see
+                results[recipe] = {"error": f"{type(error).__name__}: {error}"}
+                continue
+            results[recipe] = {
+                "model_type": model_type,
+                "adapter": cfg.adapter,
+                "load_in_4bit": bool(cfg.load_in_4bit),
+                "lora_r": cfg.lora_r,
+                "lora_alpha": cfg.lora_alpha,
+                "lora_target_modules": list(cfg.lora_target_modules or []),
+                "lora_target_parameters": list(cfg.lora_target_parameters or []),
+                "lora_rank_pattern": dict(cfg.lora_rank_pattern or {}),
+                "lora_alpha_pattern": dict(cfg.lora_alpha_pattern or {}),
+                "lora_target_linear": cfg.lora_target_linear,
+                "lora_kernels": [cfg.get(k) for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")],
+                "mmtuning": cfg.mmtuning,
+            }
+    Path(out).write_text(json.dumps(results, indent=1))
+
+
+def train_without_plugins(config: str) -> None:
+    """Axolotl exactly as if no plugin were installed: its entry-point list emptied before the CLI starts."""
+    import axolotl.integrations.base as base
+    from importlib.metadata import entry_points
+
+    base._plugin_entry_points = ()
+    base._plugin_entry_points_source = entry_points
+    from axolotl.cli.main import main
+
+    sys.argv = ["axolotl", "train", config, "--launcher", "python"]
+    main()
+
+
+def main(argv: list[str]) -> None:
+    command, *args = argv
+    if command == "setup":
+        from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+
+        import importlib.util
+
+        import axolotl.integrations.base as base
+
+        root, *model_types = args
+        facts = {"torchvision": importlib.util.find_spec("torchvision") is not None,
+                 "entry_points": hasattr(base, "get_builtin_plugins"), "models": [],
+                 "axolotl": __import__("importlib.metadata").metadata.version("axolotl")}
+        for model_type in model_types:
+            if model_type.startswith("qwen") and not facts["torchvision"]:
+                continue  # Qwen2-VL's processor needs torchvision (absent from the Axolotl 0.19 fallback venv)
+            save_tiny_checkpoint(model_type, Path(root) / model_type)
+            facts["models"].append(model_type)
+        write_data(str(Path(root) / "data.jsonl"))
+        (Path(root) / "setup.json").write_text(json.dumps(facts))
+    elif command == "recipes":
+        validate_recipes(args[0], args[1:])
+    elif command == "train-without-plugins":
+        train_without_plugins(args[0])
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

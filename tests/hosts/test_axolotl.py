@@ -1,0 +1,271 @@
+"""The Axolotl plugin under the real `axolotl train` (Axolotl 0.21.0, Python 3.12, its own venv).
+
+scripts/test builds that venv (scripts/env.sh axolotl_venv) and exports MMTUNING_AXOLOTL_PYTHON; every
+Axolotl process runs there as a subprocess (tests/hosts/axolotl_driver.py), while the asserts run here.
+All runs start at once (they mostly wait on imports) and are shared by the tests below:
+
+  llava_lora    LLaVA-style tiny model, LoRA, vision + projector + language adapters
+  qwen_qlora    Qwen2-VL-style tiny model, 4-bit QLoRA (real bitsandbytes on CPU), same three modalities
+  llava_noblock LLaVA, no `mmtuning:` block, plugin installed (auto-registered by its entry point)
+  llava_bare    the same YAML with Axolotl discovering no plugin at all
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PYTHON = os.environ.get("MMTUNING_AXOLOTL_PYTHON")
+pytestmark = pytest.mark.skipif(not PYTHON, reason="MMTUNING_AXOLOTL_PYTHON unset: run through scripts/test, "
+                                                   "which builds the Axolotl venv")
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+DRIVER = HERE / "axolotl_driver.py"
+RECIPES = ROOT / "recipes" / "axolotl"
+RECIPE_TYPES = {
+    "qwen2_5_vl_7b_qlora.yml": "qwen2_5_vl",
+    "qwen3_vl_8b_qlora.yml": "qwen3_vl",
+    "llava_1_5_7b_qlora.yml": "llava",
+    "llama_3_2_11b_vision_qlora.yml": "mllama",
+    "gemma_3_4b_qlora.yml": "gemma3",
+    "smolvlm2_2_2b_qlora.yml": "smolvlm",
+}
+MMTUNING = {"vision": {"modules": "attention", "layers": {"top": 2}, "r": 4},
+            "projector": {"r": 8}, "language": {"modules": "all-linear", "r": 8}, "r": 8, "alpha": 16}
+STEPS = 6
+# Axolotl 0.19 validates Qwen3-VL configs as MPT ("gradient_checkpointing is not supported for MPT models").
+RECIPE_NEEDS_AXOLOTL_021 = {"qwen3_vl_8b_qlora.yml"}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
+            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT)}
+
+
+def axolotl_cli() -> list[str]:
+    return [str(Path(PYTHON).parent / "axolotl"), "train"]
+
+
+def base_yaml(root: Path, model_type: str, name: str) -> dict:
+    return {
+        "base_model": str(root / model_type), "processor_type": "AutoProcessor",
+        "adapter": "lora", "chat_template": "tokenizer_default",
+        "datasets": [{"path": str(root / "data.jsonl"), "type": "chat_template", "ds_type": "json"}],
+        "skip_prepare_dataset": True, "remove_unused_columns": False, "sample_packing": False,
+        "sequence_len": 128, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": STEPS,
+        "num_epochs": 1, "learning_rate": 0.01, "lr_scheduler": "constant", "optimizer": "adamw_torch",
+        "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no", "seed": 42, "val_set_size": 0,
+        "bf16": False, "fp16": False, "tf32": False, "gradient_checkpointing": False, "dataloader_num_workers": 0,
+        # Axolotl auto-enables fused LoRA kernels, which fail on LLaVA (FACTS.md 5); the bare runs need it too.
+        "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_embedding_kernel": False,
+        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "output_dir": str(root / f"out_{name}"), "dataset_prepared_path": str(root / f"prepared_{name}"),
+    }
+
+
+def with_mmtuning(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    for key in ("lora_r", "lora_alpha", "lora_dropout", *(k for k in config if k.endswith("_kernel"))):
+        config.pop(key)
+    config["plugins"] = ["mmtuning_plugin.integrations.axolotl.MMTuningPlugin"]
+    config["mmtuning"] = copy.deepcopy(MMTUNING)
+    return config
+
+
+def launch(command: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(), cwd=log.parent)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Set up tiny checkpoints and data, then every `axolotl train` run and the config checks, in parallel."""
+    root = tmp_path_factory.mktemp("axolotl")
+    subprocess.run([PYTHON, str(DRIVER), "setup", str(root), "llava", "qwen2_vl"], check=True, env=env(),
+                   capture_output=True)
+    facts = json.loads((root / "setup.json").read_text())
+    configs = {
+        "llava_lora": with_mmtuning(base_yaml(root, "llava", "llava_lora")),
+        "qwen_qlora": {**with_mmtuning(base_yaml(root, "qwen2_vl", "qwen_qlora")), "adapter": "qlora",
+                       "load_in_4bit": True},
+        "llava_noblock": {**base_yaml(root, "llava", "llava_noblock"), "lora_target_linear": True},
+        "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
+    }
+    if "qwen2_vl" not in facts["models"]:
+        configs.pop("qwen_qlora")
+    commands = {}
+    for name, config in configs.items():
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(config))
+        if name == "llava_bare":
+            commands[name] = [PYTHON, str(DRIVER), "train-without-plugins", str(path)]
+        else:
+            commands[name] = [*axolotl_cli(), str(path), "--launcher", "python"]
+    commands["configs"] = [PYTHON, str(DRIVER), "recipes", str(root / "configs.json"),
+                           *config_checks(root, configs["llava_lora"])]
+    processes = {name: launch(command, root / f"{name}.log") for name, command in commands.items()}
+    failed = {name: p.wait(timeout=900) for name, p in processes.items()}
+    for name, code in failed.items():
+        assert code == 0, f"{name} failed:\n" + (root / f"{name}.log").read_text()[-4000:]
+    return {"root": root, "facts": facts, **{name: root for name in commands}}
+
+
+def config_checks(root: Path, good: dict) -> list[str]:
+    """`TYPE=YAML` arguments: the six recipes plus YAMLs that must be refused with a pointed message."""
+    items = [f"{model_type}={RECIPES / name}" for name, model_type in RECIPE_TYPES.items()]
+    bad = {
+        "bad_target_linear": {"lora_target_linear": True},
+        "bad_target_modules": {"lora_target_modules": ["q_proj", "v_proj"]},
+        "bad_layers": {"mmtuning": {**MMTUNING, "vision": {"layers": {"top": 99}}}},
+        "bad_key": {"mmtuning": {**MMTUNING, "visoin": {"r": 4}}},
+        "bad_freeze": {"freeze_mm_modules": True},
+        "bad_rank": {"lora_r": 32},
+    }
+    for name, change in bad.items():
+        config = {**good, **change, "base_model": str(root / "llava")}
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(config))
+        items.append(f"llava={path}")
+    return items
+
+
+def losses(log: Path) -> list[float]:
+    """Per-step training losses as the Trainer printed them (`{'loss': '5.719', ...}`)."""
+    return [float(v) for v in re.findall(r"\{'loss': '?([0-9.eE+-]+|nan|inf)'?,", log.read_text())]
+
+
+def adapter_modules(out: Path) -> dict[str, int]:
+    """Module name -> LoRA rank from the saved adapter_model.safetensors."""
+    from safetensors import safe_open
+
+    ranks = {}
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_A\.weight", key)
+            if match:
+                ranks[match.group(1)] = f.get_slice(key).get_shape()[0]
+    return ranks
+
+
+def expected_llava_modules() -> dict[str, int]:
+    """Written out from the architecture, not from the plan: vision top-2 of 4 layers (attention, r=4), both
+    projector linears (r=8), every Linear of the 4 language layers (r=8)."""
+    modules = {}
+    for layer in (2, 3):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            modules[f"model.vision_tower.encoder.layers.{layer}.self_attn.{proj}"] = 4
+    for linear in ("linear_1", "linear_2"):
+        modules[f"model.multi_modal_projector.{linear}"] = 8
+    for layer in range(4):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            modules[f"model.language_model.layers.{layer}.{proj}"] = 8
+    return modules
+
+
+def modality(name: str) -> str:
+    if "multi_modal_projector" in name or "merger" in name:
+        return "projector"
+    return "vision" if ("vision_tower" in name or "visual" in name) else "language"
+
+
+def test_lora_run_trains_exactly_the_planned_vision_projector_language_adapters(runs):
+    out = runs["root"] / "out_llava_lora"
+    assert adapter_modules(out) == expected_llava_modules()
+    values = losses(runs["root"] / "llava_lora.log")
+    assert len(values) == STEPS and all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0]
+
+
+def test_optimizer_axolotl_trains_with_has_one_group_per_modality(runs):
+    report = json.loads((runs["root"] / "out_llava_lora" / "mmtuning_report.json").read_text())
+    assert report["quantized_modules"] == {}  # plain LoRA: nothing quantized
+    groups = {g["name"]: g["params"] for g in report["optimizer_groups"]}
+    assert sorted(groups) == ["language", "projector", "vision"]
+    expected = expected_llava_modules()
+    for name, params in groups.items():
+        modules = {re.sub(r"^base_model\.model\.|\.lora_[AB]\.default\.weight$", "", p) for p in params}
+        assert modules == {m for m in expected if modality(m) == name}, name
+        assert len(params) == 2 * len(modules)  # lora_A and lora_B of each, nothing else
+
+
+def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
+    if "qwen_qlora" not in runs:
+        pytest.skip("this Axolotl venv has no torchvision, which Qwen2-VL's processor needs (the 0.19 fallback)")
+    out = runs["root"] / "out_qwen_qlora"
+    modules = adapter_modules(out)
+    by_modality = {m: {k: r for k, r in modules.items() if modality(k) == m} for m in ("vision", "projector", "language")}
+    assert set(by_modality["vision"]) == {f"model.visual.blocks.{i}.attn.{p}" for i in (2, 3) for p in ("qkv", "proj")}
+    assert set(by_modality["vision"].values()) == {4}
+    assert set(by_modality["projector"]) == {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
+    assert len(by_modality["language"]) == 4 * 7 and set(by_modality["language"].values()) == {8}
+    report = json.loads((out / "mmtuning_report.json").read_text())
+    assert report["quantized_modules"].get("language", 0) >= 4 * 7  # every LM Linear is NF4 under its LoRA
+    values = losses(runs["root"] / "qwen_qlora.log")
+    assert len(values) == STEPS and all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0]
+
+
+def test_without_mmtuning_block_the_plugin_changes_nothing(runs):
+    root = runs["root"]
+    assert adapter_modules(root / "out_llava_noblock") == adapter_modules(root / "out_llava_bare")
+    if runs["facts"]["entry_points"]:
+        # Axolotl 0.21 loads the plugin in the no-block run too: same seed, same losses. (0.19 discovers no
+        # plugins, so both runs are plain Axolotl there, and its CPU losses vary from run to run.)
+        assert losses(root / "llava_noblock.log") == losses(root / "llava_bare.log")
+    assert len(losses(root / "llava_noblock.log")) == STEPS
+    assert not (root / "out_llava_noblock" / "mmtuning_report.json").exists()
+    plugin = "mmtuning_plugin.integrations.axolotl.MMTuningPlugin"
+    if runs["facts"]["entry_points"]:  # Axolotl >= 0.21 registers it through its entry point
+        assert plugin in (root / "llava_noblock.log").read_text()
+    assert plugin not in (root / "llava_bare.log").read_text()
+
+
+def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    results = json.loads((runs["root"] / "configs.json").read_text())
+    for name, model_type in RECIPE_TYPES.items():
+        if name in RECIPE_NEEDS_AXOLOTL_021 and runs["facts"]["axolotl"].startswith("0.19"):
+            continue
+        recipe = str(RECIPES / name)
+        result = results[recipe]
+        assert "error" not in result, f"{name}: {result.get('error')}"
+        assert result["adapter"] == "qlora" and result["load_in_4bit"]
+        assert not result["lora_target_linear"] and result["lora_kernels"] == [False, False, False]
+        shown = CliRunner().invoke(app, ["inspect-targets", model_type, "--spec", recipe, "--json"])
+        assert shown.exit_code == 0, shown.output
+        report = json.loads(shown.output)
+        plan = report["plan"]
+        assert result["lora_target_modules"] == plan["target_modules"], name
+        assert result["lora_target_parameters"] == plan["target_parameters"], name
+        assert result["lora_rank_pattern"] == plan["rank_pattern"], name
+        targeted = {m: len(row["targeted"]) for m, row in report["modalities"].items()}
+        assert all(targeted[m] > 0 for m in ("vision", "projector", "language")), (name, targeted)
+        assert report["modalities"]["vision"]["selected_layers"] == list(
+            range(report["modalities"]["vision"]["layers"] - 8, report["modalities"]["vision"]["layers"])), name
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bad_target_linear", "lora_target_linear: True conflicts with the `mmtuning:` block"),
+    ("bad_target_modules", "lora_target_modules: ['q_proj', 'v_proj'] conflicts with the `mmtuning:` block"),
+    ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 4"),
+    ("bad_key", "mmtuning.visoin: unknown key"),
+    ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
+    ("bad_rank", "lora_r: 32 differs from mmtuning.r (8)"),
+])
+def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message):
+    results = json.loads((runs["root"] / "configs.json").read_text())
+    result = results[str(runs["root"] / f"{name}.yml")]
+    assert "error" in result and message in result["error"], result
