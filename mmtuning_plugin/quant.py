@@ -261,8 +261,9 @@ def _keep_rules(model: nn.Module, layout: ModelLayout, policy: QuantPolicy) -> l
         rules += [(leaf.name, "patch embedding") for leaf in layout.leaves if leaf.kind == "patch_embed"]
     if policy.keep_vision_edge_blocks:
         blocks = _numbered_blocks(model, mmap.vision_layers)
-        if blocks:
-            rules += [(blocks[0], "first vision block"), (blocks[-1], "last vision block")]
+        if blocks:  # "last" = the last block the projector reads (LLaVA: N-2; block N-1 feeds nothing)
+            last = blocks[layout.usable_layers.get("vision", len(blocks)) - 1]
+            rules += [(blocks[0], "first vision block"), (last, "last vision block the projector reads")]
     if policy.keep_cross_attention and mmap.cross_attention_layers:
         indices = _config_value(model.config, mmap.cross_attention_layers) or []
         blocks = _numbered_blocks(model, mmap.language_layers)

@@ -134,4 +134,5 @@ def test_demo_intro_prints_the_seed_and_each_arms_target_plan():
     text = console.export_text()
     assert "seed 7" in text
     assert "plain LoRA" in text and "mmtuning (llava" in text
-    assert "2-3 of 4" in text  # the recipe's vision adapters sit on the top two of four layers
+    # the recipe's vision adapters sit on the top two of the three layers LLaVA reads (layer 3 feeds nothing)
+    assert "1-2 of 4" in text

@@ -241,7 +241,7 @@ def test_no_losses_configured_attaches_nothing():
     model = tiny_model("llava")
     session = MMTuning({})
     wrapped = session.wrap(model)
-    assert not hasattr(wrapped, "mmtuning_losses") and session.callbacks() == []
+    assert not hasattr(wrapped, "mmtuning_losses") and session.losses.callbacks() == []
     assert session.losses.capture is None and session.extra_losses(wrapped, {}, None) == {}
 
 

@@ -22,8 +22,9 @@ bnb = pytest.importorskip("bitsandbytes")
 EXPECTED_16BIT = {
     "llava": {
         "all-4bit": [],
+        # LLaVA's projector reads vision layer -2: block 2 is the last one that matters, block 3 feeds nothing
         "balanced": ["model.multi_modal_projector", "model.vision_tower.encoder.layers.0.",
-                     "model.vision_tower.encoder.layers.3."],
+                     "model.vision_tower.encoder.layers.2."],
         "language-4bit": ["model.multi_modal_projector", "model.vision_tower"],
     },
     "qwen2_vl": {
@@ -105,7 +106,7 @@ def test_mllama_balanced_keeps_cross_attention_layers_and_both_vision_edges():
     config.text_config.num_hidden_layers, config.text_config.cross_attention_layers = 8, [3, 7]
     plan = plan_quantization(build_skeleton(config), policy_of("balanced"))
     reasons = set(plan.kept.values())
-    assert {"cross-attention layer 3", "cross-attention layer 7", "first vision block", "last vision block"} <= reasons
+    assert {"cross-attention layer 3", "cross-attention layer 7", "first vision block", "last vision block the projector reads"} <= reasons
     assert "model.language_model.layers.3" in plan.skip_modules
     assert "model.vision_model.transformer.layers.0" in plan.skip_modules
     last_global = len(build_skeleton(config).model.vision_model.global_transformer.layers) - 1

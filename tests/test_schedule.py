@@ -303,11 +303,12 @@ def test_inspect_targets_shows_the_schedule_as_a_table_and_in_json(tmp_path):
     result = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec), "--steps", "400", "--json"])
     assert result.exit_code == 0, result.output
     timeline = json.loads(result.stdout)["schedule"]["timeline"]
-    assert timeline == [{"step": 0, "vision": "23", "projector": "off", "language": "30-31"},
-                        {"step": 50, "vision": "23", "projector": "on", "language": "30-31"},
-                        {"step": 80, "vision": "22-23", "projector": "on", "language": "30-31"},
-                        {"step": 160, "vision": "21-23", "projector": "on", "language": "30-31"},
-                        {"step": 200, "vision": "21-23", "projector": "on", "language": "0-31"}]
+    # LLaVA reads vision layer -2: its top 3 usable vision layers are 20-22 (layer 23 feeds nothing)
+    assert timeline == [{"step": 0, "vision": "22", "projector": "off", "language": "30-31"},
+                        {"step": 50, "vision": "22", "projector": "on", "language": "30-31"},
+                        {"step": 80, "vision": "21-22", "projector": "on", "language": "30-31"},
+                        {"step": 160, "vision": "20-22", "projector": "on", "language": "30-31"},
+                        {"step": 200, "vision": "20-22", "projector": "on", "language": "0-31"}]
     table = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
     assert table.exit_code == 0 and "pass --steps N" in table.stdout and "20%" in table.stdout
     plain = runner.invoke(app, ["inspect-targets", "llava"])

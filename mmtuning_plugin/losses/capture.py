@@ -87,8 +87,9 @@ class FeatureCapture:
         return self._hook(f"vision_layer.{self.layer_index('vision', index)}", self._layer("vision", index))
 
     def layer_index(self, modality: str, index: int) -> int:
-        """`index` as a non-negative layer number (-1 is the last layer)."""
-        count = self.layout.layer_counts.get(modality, 0)
+        """`index` as a non-negative layer number (-1 is the last layer whose output the model uses, as in
+        target selection: LLaVA's last vision layer feeds nothing)."""
+        count = self.layout.usable_layers.get(modality, 0)
         if not -count <= index < count:
             raise MMTuningError(f"mmtuning.losses: {modality} layer {index} does not exist; this model has {count} "
                                 f"{modality} layers, numbered 0-{count - 1} (or -1 for the last).")

@@ -10,11 +10,12 @@ Each command prints or writes JSON; nothing here fakes Axolotl, transformers or 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,17 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 QUESTIONS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+
+
+@contextlib.contextmanager
+def fixed_scratch(path: Path):
+    """An empty folder at `path`, removed afterwards."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield str(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def png_base64(colour: str, seed: int) -> str:
@@ -61,7 +73,9 @@ def validate_recipes(out: str, recipes: list[str]) -> None:
     for item in recipes:
         model_type, recipe = item.split("=", 1)
         raw = yaml.safe_load(Path(recipe).read_text())
-        with tempfile.TemporaryDirectory() as tmp:
+        # A fixed folder name in the run's own directory: Axolotl treats any base_model path containing "mpt"
+        # as an MPT model, which random temp names ("/tmp/tmpt...") sometimes do.
+        with fixed_scratch(Path.cwd() / f"recipe-{model_type}") as tmp:
             if not Path(str(raw.get("base_model"))).is_dir():  # a hub id: its default config, written locally
                 _default_config(model_type).save_pretrained(tmp)
                 raw["base_model"] = tmp

@@ -157,10 +157,11 @@ def adapter_modules(out: Path) -> dict[str, int]:
 
 
 def expected_llava_modules() -> dict[str, int]:
-    """Written out from the architecture, not from the plan: vision top-2 of 4 layers (attention, r=4), both
-    projector linears (r=8), every Linear of the 4 language layers (r=8)."""
+    """Written out from the architecture, not from the plan: vision top-2 of the 3 layers LLaVA reads
+    (vision_feature_layer -2, so layers 1-2 of 4; attention, r=4), both projector linears (r=8), every Linear
+    of the 4 language layers (r=8)."""
     modules = {}
-    for layer in (2, 3):
+    for layer in (1, 2):
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             modules[f"model.vision_tower.encoder.layers.{layer}.self_attn.{proj}"] = 4
     for linear in ("linear_1", "linear_2"):
@@ -253,14 +254,14 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
         assert result["lora_rank_pattern"] == plan["rank_pattern"], name
         targeted = {m: len(row["targeted"]) for m, row in report["modalities"].items()}
         assert all(targeted[m] > 0 for m in ("vision", "projector", "language")), (name, targeted)
-        assert report["modalities"]["vision"]["selected_layers"] == list(
-            range(report["modalities"]["vision"]["layers"] - 8, report["modalities"]["vision"]["layers"])), name
+        usable = report["modalities"]["vision"]["usable_layers"]  # LLaVA: its last vision layer feeds nothing
+        assert report["modalities"]["vision"]["selected_layers"] == list(range(usable - 8, usable)), name
 
 
 @pytest.mark.parametrize("name, message", [
     ("bad_target_linear", "lora_target_linear: True conflicts with the `mmtuning:` block"),
     ("bad_target_modules", "lora_target_modules: ['q_proj', 'v_proj'] conflicts with the `mmtuning:` block"),
-    ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 4"),
+    ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 3 (0-2 usable"),
     ("bad_key", "mmtuning.visoin: unknown key"),
     ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
     ("bad_rank", "lora_r: 32 differs from mmtuning.r (8)"),

@@ -28,7 +28,8 @@ needs_lf = pytest.mark.skipif(
 
 # LLaVA reads image features from the second-last vision layer (vision_feature_layer: -2): the last layer
 # gets no gradient, so the vision adapter goes on layer -2, whose training is visible in the saved weights.
-BLOCK = {"vision": {"modules": "attention", "layers": [-2], "r": 4}, "projector": {"r": 8},
+# vision layer -1 = the last layer LLaVA reads (vision_feature_layer -2): layer 2 of the tiny model's 4
+BLOCK = {"vision": {"modules": "attention", "layers": [-1], "r": 4}, "projector": {"r": 8},
          "language": {"modules": "all-linear", "r": 8}}
 
 
@@ -138,8 +139,9 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
 
     from mmtuning_plugin.session import MMTuning
 
-    # `balanced` keeps the first and last vision blocks and the projector 16-bit: adapt layers 0 (kept) and 2
-    block = {**BLOCK, "vision": {**BLOCK["vision"], "layers": [0, -2]}, "quant": "balanced"}
+    # `balanced` keeps the first vision block, the last one LLaVA reads (2) and the projector 16-bit:
+    # adapt layers 0 (kept) and 1 (quantized)
+    block = {**BLOCK, "vision": {**BLOCK["vision"], "layers": [0, 1]}, "quant": "balanced"}
     policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
     if policy is None:
         pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
@@ -150,7 +152,7 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
     assert any(m.startswith("model.vision_tower.") for m in kept), skipped
     assert all(types[m] != "Linear4bit" for m in kept), {m: types[m] for m in kept}
     others = set(types) - kept
-    assert any(m.startswith("model.vision_tower.") for m in others)  # layer 2: quantized, as the policy says
+    assert any(m.startswith("model.vision_tower.") for m in others)  # layer 1: quantized, as the policy says
     assert all(types[m] == "Linear4bit" for m in others), {m: types[m] for m in others}
 
 
@@ -306,6 +308,6 @@ def test_plan_errors_surface_from_the_config_before_weights_load(tmp_path):
 
     save_tiny_checkpoint("llava", tmp_path / "model")
     job = lf.split_config({"model_name_or_path": str(tmp_path / "model"), "mmtuning": {"vision": {"layers": {"top": 9}}}})
-    with pytest.raises(MMTuningError, match=r"mmtuning.vision.layers: asks for top 9 layers but there are only 4"):
+    with pytest.raises(MMTuningError, match=r"mmtuning.vision.layers: asks for top 9 layers but there are only 3 \(0-2 usable"):
         lf.plan_ahead(job)
     lf.plan_ahead(lf.split_config({"model_name_or_path": str(tmp_path / "missing"), "mmtuning": {}}))  # not on disk: later
