@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from mmtuning_plugin.integrations.hf import MMTuningTrainer
 from mmtuning_plugin.losses import LossSuite, validate_losses
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 LOSSES = {
     "anchor": {"weight": 0.5, "warmup_steps": 5},
@@ -29,28 +29,13 @@ LOSSES = {
 }
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, inputs, length):
-        self.inputs, self.length = inputs, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        return {k: v[index % self.inputs["input_ids"].shape[0]] for k, v in self.inputs.items()}
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def train(model_type: str, losses: dict, steps: int, batch, out: str):
     session = MMTuning({"vision": {"layers": {"top": 2}}, "losses": losses})
     model = session.wrap(tiny_model(model_type))
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-2,
                              logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              remove_unused_columns=False, seed=0)
-    trainer = MMTuningTrainer(model=model, args=args, train_dataset=Rows(batch, 64), data_collator=stack,
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch, 64), data_collator=stack_rows,
                               mmtuning=session)
     trainer.train()
     session.detach()

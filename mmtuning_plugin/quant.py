@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .arch import MODALITIES, ModelLayout, resolve_layout, unwrap
+from .arch import MODALITIES, ModelLayout, owner_modality, resolve_layout, unwrap
 from .errors import MMTuningError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -203,7 +203,7 @@ def plan_quantization(model: nn.Module, policy: QuantPolicy, layout: ModelLayout
     kept: dict[str, str] = {}
     output_name = _output_embedding_name(model)
     for name in linears:
-        modality = _owner(name, prefixes) or "language"
+        modality = owner_modality(name, prefixes) or "language"
         modality_of[name] = modality
         reason = None
         if name == output_name:
@@ -233,14 +233,6 @@ def plan_quantization(model: nn.Module, policy: QuantPolicy, layout: ModelLayout
     plan = QuantPlan(policy, modality_of, quantized, kept)
     plan.skip_modules = _skip_list(kept, quantized, output_name)
     return plan
-
-
-def _owner(name: str, prefixes: dict[str, str]) -> str | None:
-    best, best_len = None, -1
-    for prefix, modality in prefixes.items():
-        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
-            best, best_len = modality, len(prefix)
-    return best
 
 
 def _output_embedding_name(model: nn.Module) -> str:
@@ -369,7 +361,7 @@ def quantization_report(model: nn.Module) -> dict[str, dict[str, list[str]]]:
     prefixes = {p: m for m in MODALITIES for p in layout.modality_map.prefixes(m)}
     report = {m: {"4bit": [], "8bit": [], "16bit": []} for m in MODALITIES}
     for name, module in quantizable_linears(model).items():
-        report[_owner(name, prefixes) or "language"][precision_of(module)].append(name)
+        report[owner_modality(name, prefixes) or "language"][precision_of(module)].append(name)
     return report
 
 
@@ -570,7 +562,7 @@ def memory_estimate(model: nn.Module, policy: QuantPolicy | None, plan: "TargetP
         seen.add(id(param))
         if name.endswith(".bias") and name[: -len(".bias")] in linears:
             continue
-        owner = _owner(name, prefixes) or "language"
+        owner = owner_modality(name, prefixes) or "language"
         rows[owner]["weight_bytes"] += param.numel() * dtype_bytes
     total_trainable = 0
     for modality, row in rows.items():

@@ -281,3 +281,24 @@ TINY_MODEL_TYPES: tuple[str, ...] = (
     "internvl",
     "aya_vision",
 )
+
+
+class RepeatedBatch(torch.utils.data.Dataset):
+    """The rows of one batch, repeated to `length` items: a training loss that cannot go down on it means
+    nothing trains. Pair with `stack_rows` as the Trainer's data collator."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], length: int | None = None):
+        self.inputs = inputs
+        self.rows = inputs["input_ids"].shape[0]
+        self.length = length or self.rows
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index % self.rows] for key, value in self.inputs.items()}
+
+
+def stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Data collator for `RepeatedBatch` items."""
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}

@@ -9,23 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
-
-
-class RepeatedBatch(torch.utils.data.Dataset):
-    def __init__(self, inputs, length=16):
-        self.inputs, self.length = inputs, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        row = index % self.inputs["input_ids"].shape[0]
-        return {k: v[row] for k, v in self.inputs.items()}
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 
 def run(out_dir: str, find_unused: str) -> None:
@@ -43,8 +27,8 @@ def run(out_dir: str, find_unused: str) -> None:
                              weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0,
                              ddp_backend="gloo", ddp_find_unused_parameters={"auto": None, "false": False}[find_unused])
-    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs),
-                              data_collator=stack, mmtuning=session)
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 16),
+                              data_collator=stack_rows, mmtuning=session)
     trainer.train()
     rank = int(os.environ["RANK"])
     after = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

@@ -4,25 +4,7 @@ import torch
 from transformers import TrainingArguments
 
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
-
-
-class RepeatedBatch(torch.utils.data.Dataset):
-    """The same samples every epoch: a loss that cannot go down means nothing trains."""
-
-    def __init__(self, inputs, length=8):
-        self.inputs, self.length = inputs, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        row = index % self.inputs["input_ids"].shape[0]
-        return {k: v[row] for k, v in self.inputs.items()}
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 
 def test_trainer_trains_only_adapters_with_one_group_per_modality(tmp_path):
@@ -33,7 +15,7 @@ def test_trainer_trains_only_adapters_with_one_group_per_modality(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=12,
                              learning_rate=5e-3, logging_steps=4, save_strategy="no", report_to=[],
                              use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
-    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs), data_collator=stack,
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 8), data_collator=stack_rows,
                               mmtuning=session)
     trainer.train()
 

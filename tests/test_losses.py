@@ -12,6 +12,7 @@ from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.losses import LossSuite, registered_losses, validate_losses
 from mmtuning_plugin.losses.capture import FeatureCapture
 from mmtuning_plugin.session import MMTuning
+from helpers import perturb_lora_b
 from mmtuning_plugin.tiny import tiny_batch, tiny_model
 
 ARCHS = ("llava", "qwen2_vl", "idefics3")
@@ -36,15 +37,6 @@ def session_for(model_type, losses, batch=3, **config):
 def loss_terms(model, session, inputs):
     outputs = model(**inputs)
     return outputs, session.extra_losses(model, inputs, outputs)
-
-
-def perturb_lora_b(model, std=0.05, seed=3):
-    """Move the adapters away from their zero init, as a few task-loss steps would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 @pytest.mark.parametrize("model_type", ARCHS + ("gemma3",))  # gemma3: bare projector weight (PEFT ParamWrapper)

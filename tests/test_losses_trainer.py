@@ -16,32 +16,10 @@ from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.integrations.hf import MMTuningTrainer
 from mmtuning_plugin.losses.sculpt import conflict_mask
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from helpers import perturb_lora_b
+from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 HERE = Path(__file__).parent
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, inputs, length=None):
-        self.inputs, self.length = inputs, length or inputs["input_ids"].shape[0]
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        return {k: v[index % self.inputs["input_ids"].shape[0]] for k, v in self.inputs.items()}
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def perturb_lora_b(model, std=0.05, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def arguments(tmp_path, **overrides):
@@ -58,8 +36,8 @@ def test_trainer_logs_each_loss_and_feeds_steps_to_warmup_and_sparsification(tmp
         "anchor": {"weight": 0.5, "warmup_steps": 2}, "contrastive": {"weight": 0.05},
         "sculpt": {"weight": 1e-3, "sparsify_from": 4, "keep": 0.2}}})
     model = session.wrap(model)
-    trainer = MMTuningTrainer(model=model, args=arguments(tmp_path), train_dataset=Rows(inputs, 8),
-                              data_collator=stack, mmtuning=session)
+    trainer = MMTuningTrainer(model=model, args=arguments(tmp_path), train_dataset=RepeatedBatch(inputs, 8),
+                              data_collator=stack_rows, mmtuning=session)
     trainer.train()
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -83,7 +61,7 @@ def one_sgd_step(tmp_path, inputs, batch, accumulation, accepts_loss_kwargs):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = arguments(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1)
-    trainer = MMTuningTrainer(model=model, args=args, train_dataset=Rows(inputs), data_collator=stack, mmtuning=session)
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(inputs), data_collator=stack_rows, mmtuning=session)
     if accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
     trainer.train()

@@ -17,27 +17,11 @@ from mmtuning_plugin.hookspecs import hookimpl
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
 from mmtuning_plugin.schedule import LayerScheduler, Stage, active_of, schedule_plan
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = "base_model.model.model.vision_tower.encoder.layers."
 LANGUAGE = "base_model.model.model.language_model.layers."
-
-
-class RepeatedBatch(torch.utils.data.Dataset):
-    def __init__(self, inputs, length=16):
-        self.inputs, self.length = inputs, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        row = index % self.inputs["input_ids"].shape[0]
-        return {k: v[row] for k, v in self.inputs.items()}
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def adapters(model):
@@ -57,8 +41,8 @@ def make_trainer(tmp_path, config, max_steps, seed=0, **extra):
                   weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                   disable_tqdm=True, remove_unused_columns=False, seed=seed, data_seed=seed)
     kwargs.update(extra)
-    trainer = MMTuningTrainer(model=model, args=TrainingArguments(**kwargs), train_dataset=RepeatedBatch(batch.inputs),
-                              data_collator=stack, mmtuning=session)
+    trainer = MMTuningTrainer(model=model, args=TrainingArguments(**kwargs), train_dataset=RepeatedBatch(batch.inputs, 16),
+                              data_collator=stack_rows, mmtuning=session)
     return model, session, trainer
 
 

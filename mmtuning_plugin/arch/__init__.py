@@ -93,7 +93,7 @@ class ModelLayout:
         return [leaf for leaf in self.leaves if leaf.modality == modality]
 
 
-def _owner(name: str, prefixes: dict[str, str]) -> str | None:
+def owner_modality(name: str, prefixes: dict[str, str]) -> str | None:
     """Modality of `name`: the longest prefix wins (Qwen's merger sits inside its vision tower)."""
     best, best_len = None, -1
     for prefix, modality in prefixes.items():
@@ -172,7 +172,7 @@ def resolve_layout(model: nn.Module, modality_map: ModalityMap | None = None) ->
     leaves: list[Leaf] = []
     params = dict.fromkeys(MODALITIES, 0)
     for name, module in model.named_modules():
-        modality = _owner(name, prefixes) if name != "lm_head" else "language"
+        modality = owner_modality(name, prefixes) if name != "lm_head" else "language"
         if modality is None:
             continue
         params[modality] += sum(p.numel() for p in module.parameters(recurse=False))
