@@ -121,6 +121,9 @@ class MMTuningPlugin(BasePlugin):
         session = self.require_session(cfg)
         session.verify(model)
         LOG.info("mmtuning: PEFT wrapped exactly the plan (%s)", describe_plan(session.require_plan()))
+        if session.config.quant is not None and (cfg.get("load_in_4bit") or cfg.get("load_in_8bit")):
+            session.verify_quantized(model)  # the skip list reached the loader: 16-bit exactly where the policy says
+            LOG.info("mmtuning: quantized exactly as the `quant:` policy says (%s)", session.config.quant.preset or "custom")
 
     # --- trainer -----------------------------------------------------------------------------------------
 
@@ -321,7 +324,7 @@ class RunReportCallback(TrainerCallback):
                   for g in (optimizer.param_groups if optimizer is not None else [])]
         plan = self.session.require_plan()
         report = {"plan": plan.summary(), "modalities": {m.name: m.modality for m in plan.modules},
-                  "optimizer_groups": groups, "quantized_modules": quantized_by_modality(model, plan)}
+                  "optimizer_groups": groups, "quantized_modules": quantized_by_modality(model)}
         path = Path(args.output_dir) / REPORT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -329,14 +332,9 @@ class RunReportCallback(TrainerCallback):
         os.replace(tmp, path)
 
 
-def quantized_by_modality(model: Any, plan: TargetPlan) -> dict[str, int]:
-    """How many bitsandbytes 4/8-bit Linear modules each modality holds (what the skip list left in 16-bit shows)."""
-    from ..targets import _relative
+def quantized_by_modality(model: Any) -> dict[str, int]:
+    """How many 4/8-bit Linear modules each modality holds (PEFT wrappers counted once, through the core)."""
+    from ..quant import quantization_report
 
-    modality_of = {leaf.name: leaf.modality for leaf in plan.layout.leaves}
-    counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            found = modality_of.get(_relative(name), "other")
-            counts[found] = counts.get(found, 0) + 1
-    return counts
+    counts = {m: len(r["4bit"]) + len(r["8bit"]) for m, r in quantization_report(model).items()}
+    return {m: n for m, n in counts.items() if n}

@@ -5,7 +5,8 @@ Axolotl process runs there as a subprocess (tests/hosts/axolotl_driver.py), whil
 All runs start at once (they mostly wait on imports) and are shared by the tests below:
 
   llava_lora    LLaVA-style tiny model, LoRA, vision + projector + language adapters
-  qwen_qlora    Qwen2-VL-style tiny model, 4-bit QLoRA (real bitsandbytes on CPU), same three modalities
+  qwen_qlora    Qwen2-VL-style tiny model, 4-bit QLoRA (real bitsandbytes on CPU), same three modalities,
+                `quant: balanced` and the `anchor` alignment loss
   llava_noblock LLaVA, no `mmtuning:` block, plugin installed (auto-registered by its entry point)
   llava_bare    the same YAML with Axolotl discovering no plugin at all
 """
@@ -73,12 +74,12 @@ def base_yaml(root: Path, model_type: str, name: str) -> dict:
     }
 
 
-def with_mmtuning(config: dict) -> dict:
+def with_mmtuning(config: dict, **extra) -> dict:
     config = copy.deepcopy(config)
     for key in ("lora_r", "lora_alpha", "lora_dropout", *(k for k in config if k.endswith("_kernel"))):
         config.pop(key)
     config["plugins"] = ["mmtuning_plugin.integrations.axolotl.MMTuningPlugin"]
-    config["mmtuning"] = copy.deepcopy(MMTUNING)
+    config["mmtuning"] = {**copy.deepcopy(MMTUNING), **extra}
     return config
 
 
@@ -95,8 +96,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     facts = json.loads((root / "setup.json").read_text())
     configs = {
         "llava_lora": with_mmtuning(base_yaml(root, "llava", "llava_lora")),
-        "qwen_qlora": {**with_mmtuning(base_yaml(root, "qwen2_vl", "qwen_qlora")), "adapter": "qlora",
-                       "load_in_4bit": True},
+        "qwen_qlora": with_mmtuning({**base_yaml(root, "qwen2_vl", "qwen_qlora"), "adapter": "qlora",
+                                     "load_in_4bit": True}, quant="balanced", losses={"anchor": {"weight": 0.1}}),
         "llava_noblock": {**base_yaml(root, "llava", "llava_noblock"), "lora_target_linear": True},
         "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
     }
@@ -211,6 +212,11 @@ def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
     assert len(by_modality["language"]) == 4 * 7 and set(by_modality["language"].values()) == {8}
     report = json.loads((out / "mmtuning_report.json").read_text())
     assert report["quantized_modules"].get("language", 0) >= 4 * 7  # every LM Linear is NF4 under its LoRA
+    # quant: balanced keeps the merger and vision blocks 0 and 3 in 16-bit: only blocks 1-2 (4 Linears each) are NF4
+    assert report["quantized_modules"].get("vision", 0) == 2 * 4
+    assert report["quantized_modules"].get("projector", 0) == 0
+    log = (runs["root"] / "qwen_qlora.log").read_text()
+    assert "loss_align/anchor" in log  # the alignment loss reaches Axolotl's trainer and its logs
     values = losses(runs["root"] / "qwen_qlora.log")
     assert len(values) == STEPS and all(math.isfinite(v) for v in values)
     assert values[-1] < values[0]
