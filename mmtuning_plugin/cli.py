@@ -296,6 +296,10 @@ app.add_typer(llamafactory_app, name="llamafactory")
 
 
 def main() -> None:
+    import warnings
+
+    # PEFT 0.21's PeftModel.__init__ reads a property transformers 5.23 deprecated: noise for every user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         app()
     except MMTuningError as error:  # a command that forgot to catch still gets the contract
