@@ -51,7 +51,8 @@ def test_shipped_model_knows_the_general_set_and_not_the_target_task():
     sets = EvalSets(target=_encode(processor, "target", 64),
                     general=_encode(processor, "general", metadata["recipe"]["eval_items"]))
     accuracies = sets.measure(model, processor.tokenizer)
-    assert accuracies["general"] == pytest.approx(metadata["general_accuracy"], abs=0.01)
+    # the weights are the shipped ones, but greedy decoding on another CPU can flip a near-tie: a small band
+    assert accuracies["general"] == pytest.approx(metadata["general_accuracy"], abs=0.03)
     assert accuracies["general"] >= 0.7
     assert accuracies["target"] <= 0.05  # it never saw a position question
 
@@ -62,12 +63,24 @@ def _encode(processor, task, count):
     return encode(processor, make_set(task, "eval", count, seed=0))
 
 
-def test_pretrain_script_reproduces_the_shipped_checkpoint():
-    """Re-run the first trace interval of the shipped recipe: same schedule, same data, same accuracy."""
+# Float rounding differs between CPUs (AVX2 vs AVX-512 kernels, other reduction orders), and training
+# amplifies it: the first trace point (step 100, mid-learning) read 0.4023 on the machine that recorded it
+# and 0.3945 on an AMD EPYC. Bits are compared only between two runs on one machine; the recorded trace
+# only within this band, wide enough for any CPU and far narrower than the 0.4 -> 0.97 climb it checks.
+CROSS_MACHINE_ACCURACY = 0.1
+
+
+def test_pretrain_script_is_deterministic_and_tracks_the_shipped_checkpoint():
+    """Re-run the first trace interval of the shipped recipe twice: identical bits within this machine, and
+    the recorded accuracy of the shipped checkpoint's run within the cross-machine band."""
     metadata = json.loads((MODEL_DIR / METADATA).read_text())
     first = int(metadata["recipe"]["trace_every"])
-    _, _, rerun = pretrain(stop_after=first, log=lambda *_: None)
-    assert rerun["trace"][str(first)] == metadata["trace"][str(first)]
+    model, _, rerun = pretrain(stop_after=first, log=lambda *_: None)
+    again, _, rerun_again = pretrain(stop_after=first, log=lambda *_: None)
+    assert rerun["trace"] == rerun_again["trace"]
+    weights, weights_again = model.state_dict(), again.state_dict()
+    assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
+    assert rerun["trace"][str(first)] == pytest.approx(metadata["trace"][str(first)], abs=CROSS_MACHINE_ACCURACY)
 
 
 def test_recipes_are_valid_mmtuning_blocks_that_differ():
