@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MMTuningError
-from .adapter import Adapter, Factors, read_adapter, safe_output
+from .placement import safe_output
+from .adapter import Adapter, Factors, read_adapter
 from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, CHECKPOINT_SPELLINGS, spell
 from .stream import DTYPES as STORED_DTYPES, read_header, read_tensor, write_streaming

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import MMTuningError
-from .adapter import Adapter, read_adapter, safe_output, write_adapter
+from .placement import safe_output
+from .adapter import Adapter, read_adapter, write_adapter
 from .base import renamed_adapter
 from .layouts import CURRENT
 from .merge import merge_into
