@@ -117,10 +117,17 @@ def user_message(error: BaseException) -> Optional[str]:
     return None
 
 
+# PEFT / Axolotl / LLaMA-Factory spellings of mmtuning keys, which string similarity alone misses (rank ~ quant).
+KEY_SYNONYMS = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                "target_modules": "modules", "lora_target": "modules", "layers_to_transform": "layers",
+                "learning_rate": "lr", "dora": "use_dora", "rslora": "use_rslora", "loss": "losses"}
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """` (did you mean `r`?)` for the closest valid key (PEFT spellings such as lora_alpha included), else ''."""
     choices = [str(c) for c in choices]
-    matches = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.4) or \
+    synonym = KEY_SYNONYMS.get(str(word).lower())
+    matches = [synonym] if synonym in choices else difflib.get_close_matches(str(word), choices, n=1, cutoff=0.4) or \
         difflib.get_close_matches(str(word).removeprefix("lora_"), choices, n=1, cutoff=0.4)
     return f" (did you mean `{matches[0]}`?)" if matches else ""
 
