@@ -86,15 +86,18 @@ def test_an_output_that_appears_meanwhile_is_kept_and_this_result_refused(tmp_pa
             (out / "theirs.txt").write_text("theirs")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and not _leftovers(out)
     (out / "theirs.txt").unlink()
+    out.rmdir()
     with pytest.raises(MMTuningError, match="appeared"):  # an empty directory is not replaced either
         with safe_output(out, force=False) as temp:
             (temp / "result.txt").write_text("ours")
+            out.mkdir()
     assert list(out.iterdir()) == [] and not _leftovers(out)
     with safe_output(out, force=True) as temp:  # --force replaces it
         (temp / "result.txt").write_text("ours")
     assert (out / "result.txt").read_text() == "ours" and not _leftovers(out)
 
 
+@pytest.mark.slow
 def test_two_racing_merges_of_different_adapters_one_wins_and_the_other_exits_2(small, tmp_path):
     root, base, first, second = small
     before = _hashes(root / "inputs")
@@ -113,6 +116,7 @@ def test_two_racing_merges_of_different_adapters_one_wins_and_the_other_exits_2(
     assert not _leftovers(out) and _hashes(root / "inputs") == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_exits_2_and_removes_the_partial_output(small, tmp_path):
     """A file-size limit (RLIMIT_FSIZE, EFBIG) fails the write on any Linux: same cleanup path as ENOSPC."""
     import resource
@@ -144,6 +148,7 @@ def _can_mount(tmp_path: Path) -> bool:
     return _in_private_mount(f"mount -t tmpfs -o size=64k tmpfs {probe}").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mount, words", [
     ("mount -t tmpfs -o size=256k tmpfs {disk}", ["disk is full", "partial output was removed"]),
     ("mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}", ["read-only"]),
