@@ -294,8 +294,8 @@ def _check_schedule_keys(modality: str, spec: ModalitySpec) -> None:
         inert = sorted(spec.model_fields_set - {"enabled"})
         if inert or spec.schedule not in ("static", "always", None) or spec.lr != 1.0 or spec.lr_decay is not None:
             keys = ", ".join(f"{modality}.{key}" for key in inert) or "schedule/lr/lr_decay"
-            raise ValueError(f"{keys} set but {modality} is disabled ({modality}: false), so they would do nothing; "
-                             f"remove them, or enable {modality} (`{modality}: {{enabled: true, ...}}`, "
+            raise ValueError(f"{keys}: given while {modality} is disabled ({modality}: false), where it would do "
+                             f"nothing; remove the setting, or enable {modality} (`{modality}: {{enabled: true, ...}}`, "
                              f"--set {modality}=true)")
         return
     if modality == "projector" and spec.lr_decay is not None:
