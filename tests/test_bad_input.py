@@ -69,6 +69,14 @@ def _write(name: str, content):
     return edit
 
 
+def _header_only(path: Path, header: dict) -> None:
+    """A safetensors file whose header is valid JSON of the wrong shape."""
+    import struct
+
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded)
+
+
 def _yaml(path: Path, data) -> Path:
     import yaml
 
@@ -116,6 +124,8 @@ def world(tmp_path_factory):
                                    lambda f: [x.unlink() for x in f.glob("model*.safetensors*")])
     p["base_badshard"] = _variant(inputs, base, "base_badshard", lambda f: sorted(f.glob("model-*.safetensors"))[0]
                                   .write_bytes(BINARY))
+    p["base_badheader"] = _variant(inputs, base, "base_badheader", lambda f: _header_only(
+        sorted(f.glob("model-*.safetensors"))[0], {"x": {"dtype": "F32"}}))
     p["base_badindex"] = _variant(inputs, base, "base_badindex", _write("model.safetensors.index.json", "{broken"))
     # model directories for inspect-targets
     for name, content in {"cfg_broken": "{not json", "cfg_list": "[1]", "cfg_unknown": '{"model_type": "not_a_type_x"}',
@@ -276,6 +286,8 @@ CLI_CASES = [
     ("merge-base-no-json", ["convert", "merge", ADAPTER, "--base", "{base_nojson}", "--out", "{out}"], ["not a model directory with config.json"]),
     ("merge-base-no-weights", ["convert", "merge", ADAPTER, "--base", "{base_noweights}", "--out", "{out}"], ["neither", "safetensors"]),
     ("merge-base-bad-shard", ["convert", "merge", ADAPTER, "--base", "{base_badshard}", "--out", "{out}"], ["truncated or corrupt"]),
+    ("merge-base-bad-header", ["convert", "merge", ADAPTER, "--base", "{base_badheader}", "--out", "{out}"],
+     ["is corrupt", "lack a dtype, shape or data offsets"]),
     ("merge-base-bad-index", ["convert", "merge", ADAPTER, "--base", "{base_badindex}", "--out", "{out}"], ["not a valid safetensors index"]),
     ("merge-base-config-mismatch", ["convert", "merge", ADAPTER, "--base", "{base_wide}", "--out", "{out}"],
      ["do not match its config.json", "mlp"]),
@@ -339,6 +351,7 @@ CLI_CASES = [
     # --- demo (refused before any training)
     ("demo-out-user-files", ["demo", "--steps", "1", "--out", "{inputs}"], ["not an earlier demo's output"]),
     ("demo-out-file", ["demo", "--steps", "1", "--out", "{a_file}"], ["not an earlier demo's output"]),
+    ("demo-out-parent-file", ["demo", "--steps", "1", "--out", "{a_file}/run"], ["is a file, not a directory"]),
     ("demo-steps-zero", ["demo", "--steps", "0"], ["--steps"]),
     ("demo-threads-zero", ["demo", "--threads", "0"], ["--threads"]),
     # --- llamafactory train (argument level: before LLaMA-Factory is imported)
