@@ -50,7 +50,9 @@ def os_problem(error: OSError) -> tuple[str, str]:
     return OS_ERRORS.get(error.errno, (error.strerror or str(error), "check the path and run again"))
 
 
-def _os_error(error: OSError) -> str:
+def _os_error(error: OSError) -> Optional[str]:
+    if error.errno == errno.EPIPE:  # `mmtune ... --json | head`: the reader left; click ends quietly
+        return None
     where = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None) or "a file"
     what, fix = os_problem(error)
     return f"{where}: {what}. {fix[0].upper()}{fix[1:]}."
@@ -79,7 +81,7 @@ def _unexpected(error: BaseException) -> str:
     first = (str(error).strip().splitlines() or [""])[0]
     return (f"mmtune stopped on an unexpected {type(error).__name__}: {first}. This is a bug in mmtune, not in your "
             f"input: please report it with the command you ran (set {TRACEBACK_ENV}=1 to see the traceback). "
-            f"Inputs are never modified; --out was not written.")
+            f"Input files are never modified.")
 
 
 def _safetensors_class() -> tuple[type, ...]:
