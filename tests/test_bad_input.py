@@ -457,3 +457,25 @@ def test_unexpected_errors_are_one_paragraph_too():
         assert user_message(KeyError("oops")) is None and user_message(MMTuningError("x")) == "x"
     finally:
         del os.environ[TRACEBACK_ENV]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of permission bits")
+def test_permission_denied_is_one_paragraph(world, tmp_path):
+    """An unreadable --spec and an --out in a directory without write permission (EACCES)."""
+    spec = tmp_path / "secret.yaml"
+    spec.write_text("vision: true\n")
+    spec.chmod(0)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
+        text = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and ("is not readable" in text or "cannot read it" in text), text  # typer checks first
+        result = runner.invoke(app, ["convert", "remap", str(world["adapter"]), "--out", str(locked / "out")])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "permission denied" in text and "--out" in text, text
+        assert list(locked.iterdir()) == []
+    finally:
+        spec.chmod(0o644)
+        locked.chmod(0o755)
