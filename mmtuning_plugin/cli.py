@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import MMTuningError
+from .boundary import CommandBoundary
+from .errors import MMTuningError, user_message
 
 app = typer.Typer(
     name="mmtune",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CommandBoundary,
 )
 console = Console()
 errors = Console(stderr=True)
@@ -32,17 +34,11 @@ def fail(message: str) -> None:
 
 def read_spec(spec: Optional[Path], sets: list[str]) -> dict[str, Any]:
     """The `mmtuning:` block from a YAML file (the block itself or a host YAML holding it) plus --set edits."""
-    import yaml
+    from .files import read_yaml
 
     data: dict[str, Any] = {}
     if spec is not None:
-        try:
-            loaded = yaml.safe_load(spec.read_text())
-        except FileNotFoundError:
-            raise MMTuningError(f"--spec {spec}: no such file.") from None
-        except yaml.YAMLError as error:
-            raise MMTuningError(f"--spec {spec} is not valid YAML: {error}") from None
-        loaded = loaded or {}
+        loaded = read_yaml(spec, f"--spec {spec}", "a YAML file with an `mmtuning:` block") or {}
         if not isinstance(loaded, dict):
             raise MMTuningError(f"--spec {spec}: expected a mapping (an `mmtuning:` block), got {type(loaded).__name__}.")
         data = loaded.get("mmtuning", loaded) or {}
@@ -69,6 +65,8 @@ def apply_set(data: dict[str, Any], item: str) -> None:
         if not isinstance(current, dict):
             raise MMTuningError(f"--set {item!r}: '{part}' is {current!r}, not a block of settings.")
         target = current
+    if isinstance(target.get(leaf), dict) and isinstance(value, bool):  # `--set vision=false` after vision.* edits
+        value = {**target[leaf], "enabled": value}  # keeps them, so the schema can refuse the contradiction
     target[leaf] = value
 
 
@@ -212,6 +210,17 @@ def print_schedule(schedule: dict[str, Any]) -> None:
     console.print(table)
 
 
+def quant_option(preset: str, spec_quant: Any) -> Any:
+    """`--quant P` joined with the spec's `quant:`: a block gets P as its preset; two different presets are refused."""
+    if spec_quant is None or spec_quant == preset:
+        return preset
+    if isinstance(spec_quant, dict) and spec_quant.get("preset") in (None, preset):
+        return {**spec_quant, "preset": preset}
+    given = spec_quant.get("preset") if isinstance(spec_quant, dict) else spec_quant
+    raise MMTuningError(f"--quant {preset} contradicts quant preset {given!r} from --spec/--set; give the preset "
+                        f"once (drop --quant, or drop quant.preset / quant: from the spec).")
+
+
 @app.command("inspect-targets")
 def inspect_targets(
     model: str = typer.Argument(..., help="Model directory with config.json, a hub id in the local cache, or a model type (qwen2_5_vl)."),
@@ -227,7 +236,7 @@ def inspect_targets(
     try:
         config = read_spec(spec, sets)
         if quant is not None:
-            config["quant"] = quant
+            config["quant"] = quant_option(quant, config.get("quant"))
         report = inspect_report(model, load_skeleton(model), config, steps)
     except MMTuningError as error:
         fail(str(error))
@@ -302,8 +311,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         app()
-    except MMTuningError as error:  # a command that forgot to catch still gets the contract
-        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    except Exception as error:  # outside any command (e.g. while importing one): the same contract
+        message = user_message(error)
+        if message is None:
+            raise
+        errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import MMTuningError
+from .errors import MMTuningError, unknown_key
 from .quant import QuantPolicy
 
 KINDS = ("attention", "mlp", "all-linear")
@@ -126,9 +126,16 @@ def _parse_layer_dict(value: dict) -> dict:
         raise ValueError(f"layers {value!r}: write exactly one of {{top: N}}, {{bottom: N}}, {{fraction: F}}")
     (key, number), = value.items()
     if key == "fraction":
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 1:
+            raise ValueError(f"layers {{fraction: {number!r}}}: the share of layers is a number in (0, 1], e.g. "
+                             f"{{fraction: 0.5}} for the top half; to put no adapters on this modality turn it off "
+                             f"(`false`)")
         return {"mode": "fraction", "fraction": number}
     if not isinstance(number, int) or isinstance(number, bool):
-        raise ValueError(f"layers {{{key}: {number!r}}}: {key} takes a whole number of layers")
+        raise ValueError(f"layers {{{key}: {number!r}}}: {key} takes a whole number of layers, e.g. {{{key}: 4}}")
+    if number < 1:
+        raise ValueError(f"layers {{{key}: {number}}} selects no layer; write {{{key}: 1}} or more, `all`, or turn "
+                         f"the modality off (`false`) to put no adapters on it")
     return {"mode": key, "count": number}
 
 
@@ -284,8 +291,12 @@ def _check_schedule_keys(modality: str, spec: ModalitySpec) -> None:
     from .schedule import parse_schedule
 
     if not spec.enabled:
-        if spec.schedule not in ("static", "always", None) or spec.lr != 1.0 or spec.lr_decay is not None:
-            raise ValueError(f"schedule/lr/lr_decay are set but {modality} is disabled; enable it or remove them")
+        inert = sorted(spec.model_fields_set - {"enabled"})
+        if inert or spec.schedule not in ("static", "always", None) or spec.lr != 1.0 or spec.lr_decay is not None:
+            keys = ", ".join(f"{modality}.{key}" for key in inert) or "schedule/lr/lr_decay"
+            raise ValueError(f"{keys}: given while {modality} is disabled ({modality}: false), where it would do "
+                             f"nothing; remove the setting, or enable {modality} (`{modality}: {{enabled: true, ...}}`, "
+                             f"--set {modality}=true)")
         return
     if modality == "projector" and spec.lr_decay is not None:
         raise ValueError("lr_decay: the projector has no layers; use projector.lr")
@@ -313,7 +324,7 @@ def format_validation_error(error: ValidationError, where: str) -> str:
         path = ".".join(str(p) for p in (where, *item["loc"]) if not _is_union_branch(p))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = f"unknown key; valid keys here are: {', '.join(_valid_keys(item['loc']))}"
+            message = unknown_key(item["loc"][-1], _valid_keys(item["loc"]))
         lines.append(f"{path}: {message}")
     return "Invalid mmtuning settings:\n  " + "\n  ".join(dict.fromkeys(lines))
 

@@ -21,14 +21,15 @@ def load_model_config(model: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(model).expanduser()
+    if path.is_file():
+        instead = f"its directory, {path.parent}" if path.name == "config.json" else "the model directory that holds config.json"
+        raise MMTuningError(f"'{model}' is a file, but MODEL is a model directory (with config.json), a cached hub id "
+                            f"or a model type; pass {instead}.")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MMTuningError(f"'{model}' is a directory without a config.json; point MODEL at a model "
                                 f"directory (one with config.json), a cached hub id, or a model type such as qwen2_5_vl.")
-        try:
-            return AutoConfig.from_pretrained(str(path))
-        except Exception as error:  # transformers raises many types for a broken config
-            raise MMTuningError(f"Could not read {path / 'config.json'}: {error}. Fix the JSON or re-download it.") from None
+        return _local_config(path)
     if path.suffix == ".json" or model.startswith((".", "~", os.sep)) or model.count("/") > 1:
         raise MMTuningError(f"'{model}' does not exist. MODEL is a model directory, a hub id already in the local "
                             f"cache (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or a model type such as qwen2_5_vl.")
@@ -47,6 +48,35 @@ def load_model_config(model: str):
         f"Unknown model '{model}': not a directory, not a cached hub id and not a transformers model type. "
         f"Vision-language model types include: {', '.join(_vlm_types()[:12])}, ... (`mmtune architectures` lists them)."
     )
+
+
+def _local_config(path: Path):
+    """config.json of a model directory; a bad file, a missing or unknown model_type each get their own answer."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .files import read_json_object
+
+    config_path = path / "config.json"
+    data = read_json_object(config_path, str(config_path), "the model's config.json (re-download it)")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise MMTuningError(f"{config_path} has no `model_type`, so transformers cannot tell which model it describes; "
+                            f"restore the model's own config.json (it names e.g. \"model_type\": \"llava\").")
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise MMTuningError(
+            f"{config_path}: model_type '{model_type}' is unknown to transformers {transformers.__version__} (the JSON "
+            f"itself is fine). Use a transformers release that has it, or register it: its config and model classes "
+            f"with AutoConfig.register / AutoModelForImageTextToText.register, and its modality map through an mmtuning "
+            f"plugin (`register_architectures`, see docs/extending.md).")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as error:  # transformers raises many types for values its config class refuses
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise MMTuningError(f"transformers could not read {config_path} as a {model_type} config: {first}. Fix the "
+                            f"value it names or re-download the file.") from None
 
 
 def _default_config(model_type: str):

@@ -95,7 +95,7 @@ def test_bad_input_exits_2_with_one_paragraph(args, message):
 def test_unreadable_config_exits_2(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     result = runner.invoke(app, ["inspect-targets", str(tmp_path)])
-    assert result.exit_code == 2 and "Could not read" in result.stderr
+    assert result.exit_code == 2 and "is not valid JSON: Expecting property name" in result.stderr
 
 
 def test_console_script_contract_in_a_real_process():

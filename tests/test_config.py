@@ -36,8 +36,8 @@ def test_layer_selection_forms(text, mode, payload):
 @pytest.mark.parametrize(
     "data, expected",
     [
-        ({"vison": {}}, "mmtuning.vison: unknown key; valid keys here are: vision, projector, language"),
-        ({"vision": {"layer": "all"}}, "mmtuning.vision.layer: unknown key; valid keys here are: enabled, modules, layers"),
+        ({"vison": {}}, "mmtuning.vison: unknown key (did you mean `vision`?); valid keys here are: vision, projector, language"),
+        ({"vision": {"layer": "all"}}, "mmtuning.vision.layer: unknown key (did you mean `layers`?); valid keys here are: enabled, modules, layers"),
         ({"vision": {"layers": {"top": "eight"}}}, "mmtuning.vision.layers: layers {top: 'eight'}: top takes a whole number"),
         ({"vision": {"layers": "5-2"}}, "range '5-2' runs backwards; write '2-5'"),
         ({"vision": {"layers": {"top": 2, "bottom": 1}}}, "write exactly one of"),

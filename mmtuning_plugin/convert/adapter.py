@@ -6,20 +6,18 @@ tensors (modules_to_save copies, trainable tokens) are carried as `extra` tensor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import MMTuningError
+from ..files import read_json_object
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -89,13 +87,17 @@ def read_adapter(path: Path) -> Adapter:
 
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not config_path.is_file():
+    if path.is_file():
+        raise MMTuningError(f"{path} is a file; pass the adapter's directory ({path.parent if path.name in (CONFIG_FILE, WEIGHTS_FILE) else 'the folder written by `save_pretrained`'}), "
+                            f"which holds {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    if not path.is_dir():
+        raise MMTuningError(f"{path}: no such directory; pass a PEFT adapter directory (the folder written by "
+                            f"`save_pretrained`, with {CONFIG_FILE} and {WEIGHTS_FILE}).")
+    if not config_path.exists():
         raise MMTuningError(f"{path} is not a PEFT adapter directory: {CONFIG_FILE} is missing. Point at the folder "
                             f"written by `save_pretrained` (it holds {CONFIG_FILE} and {WEIGHTS_FILE}).")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise MMTuningError(f"{config_path} is not valid JSON ({error}); restore it from the training output.") from None
+    config = check_adapter_config(read_json_object(config_path, str(config_path), f"the {CONFIG_FILE} written by `save_pretrained` in training"),
+                                  config_path)
     if not weights_path.is_file():
         other = [p.name for p in path.glob("adapter_model.*")]
         hint = f" (found {', '.join(other)}: re-save with safe_serialization=True)" if other else ""
@@ -108,6 +110,48 @@ def read_adapter(path: Path) -> Adapter:
         raise MMTuningError(f"{weights_path} is truncated or corrupt ({error}); the file on disk is not a complete "
                             f"safetensors file. Copy it again from where the adapter was trained.") from None
     return split_tensors(path, config, tensors)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _names(v) -> bool:
+    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(i, str) for i in v))
+
+
+def _pattern(check):
+    return lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items()))
+
+
+# adapter_config.json fields convert reads: key -> (valid?, what PEFT writes there). Absent keys take PEFT defaults.
+ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
+    "r": (_whole, "a whole number >= 1, the rank used in training"),
+    "lora_alpha": (_number, "a positive number, the alpha used in training"),
+    "rank_pattern": (_pattern(_whole), "a mapping of module name -> rank, or {}"),
+    "alpha_pattern": (_pattern(_number), "a mapping of module name -> alpha, or {}"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "peft_type": (lambda v: isinstance(v, str), "a PEFT type name such as \"LORA\""),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "the base model's directory or hub id"),
+    "target_modules": (_names, "a list of module names or one regex"),
+    "exclude_modules": (_names, "a list of module names or one regex"),
+    "modules_to_save": (_names, "a list of module names"),
+}
+
+
+def check_adapter_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Refuse fields of the wrong type (a null lora_alpha, a string rank) before any arithmetic uses them."""
+    wrong = [f"{key}: {json.dumps(config[key])} (write {expected})"
+             for key, (valid, expected) in ADAPTER_FIELDS.items() if key in config and not valid(config[key])]
+    if wrong:
+        raise MMTuningError(f"{where} has invalid values: {'; '.join(wrong)}. Restore the file written by "
+                            f"`save_pretrained` in training.")
+    return config
 
 
 def split_tensors(path: Path | None, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapter:
@@ -189,37 +233,3 @@ def write_adapter(adapter: Adapter, out: Path) -> None:
         for item in adapter.path.iterdir():
             if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE) and not item.name.startswith("."):
                 shutil.copy2(item, out / item.name)
-
-
-def _resolved(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser()))
-
-
-@contextlib.contextmanager
-def safe_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Write into a temporary sibling of `out` and rename it into place only when everything succeeded.
-
-    An existing `out` is refused without force; `out` may never be (or contain, or sit inside) an input.
-    """
-    out = _resolved(Path(out))
-    for source in inputs:
-        source = _resolved(Path(source))
-        if out == source or source in out.parents or out in source.parents:
-            raise MMTuningError(f"--out {out} overlaps the input {source}; inputs are never modified. "
-                                f"Choose an output directory outside the input.")
-    if out.exists() and not force:
-        raise MMTuningError(f"--out {out} already exists; pass --force to replace it or choose another directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield temp
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(temp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -111,9 +111,10 @@ def merge_command(
     def action():
         four_bit = None
         if dequantize_4bit is not None:
-            if dequantize_4bit not in ("nf4", "fp4"):
-                raise MMTuningError(f"--dequantize-4bit {dequantize_4bit!r}: write nf4 or fp4 (bnb_4bit_quant_type).")
             four_bit = FourBit(dequantize_4bit, blocksize, double_quant, tuple(skip_4bit))
+        elif blocksize != 64 or not double_quant or list(skip_4bit) != ["lm_head"]:
+            raise MMTuningError("--blocksize/--no-double-quant/--skip-4bit describe the 4-bit round trip and only apply with "
+                                "--dequantize-4bit nf4|fp4; add it, or drop them.")
         return merge(adapter, base, out, dtype, four_bit, force, source, device=device)
 
     _run(action, as_json, _show_merge)

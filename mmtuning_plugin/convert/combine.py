@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MMTuningError
-from .adapter import Adapter, Factors, explicit_config, factors_from_delta, read_adapter, safe_output, write_adapter
+from .placement import safe_output
+from .adapter import Adapter, Factors, explicit_config, factors_from_delta, read_adapter, write_adapter
 from .modality import Located
 from .resize import truncate
 
@@ -80,6 +81,12 @@ def combine(adapter_dirs: list[Path], out: Path, method: str = "linear", weights
         raise MMTuningError(f"--density {density}: the kept fraction is in (0, 1].")
     if rank is not None and rank < 1:
         raise MMTuningError(f"--rank {rank}: a rank is at least 1.")
+    if method == "linear" and density != 0.5:
+        raise MMTuningError(f"--density {density} only applies to ties, dare_linear and dare_ties; with --method linear "
+                            f"every entry is kept. Drop --density or choose one of those methods.")
+    if not method.startswith("dare") and seed != 0:
+        raise MMTuningError(f"--seed {seed} only applies to dare_linear and dare_ties (their random drop); drop it or "
+                            f"choose one of those methods.")
     adapters = [read_adapter(Path(d)) for d in adapter_dirs]
     names = {a.base_name for a in adapters}
     if len(names) > 1 and base is None:

@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MMTuningError
-from .adapter import Adapter, Factors, read_adapter, safe_output
+from .placement import safe_output
+from .adapter import Adapter, Factors, read_adapter
 from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, CHECKPOINT_SPELLINGS, spell
 from .stream import DTYPES as STORED_DTYPES, read_header, read_tensor, write_streaming
@@ -36,6 +37,67 @@ class FourBit:
     blocksize: int = 64
     double_quant: bool = True
     skip: tuple[str, ...] = ("lm_head",)
+
+
+# bitsandbytes' quantize_4bit accepts these block sizes (0.50; other values raise "invalid blocksize").
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_four_bit(four_bit: FourBit) -> None:
+    if four_bit.quant_type not in QUANT_TYPES:
+        raise MMTuningError(f"--dequantize-4bit {four_bit.quant_type!r}: write nf4 or fp4 (bnb_4bit_quant_type).")
+    if four_bit.blocksize not in BLOCKSIZES:
+        raise MMTuningError(f"--blocksize {four_bit.blocksize}: bitsandbytes quantizes 4-bit weights in blocks of "
+                            f"{', '.join(map(str, BLOCKSIZES))}; write the one used in training (default 64).")
+
+
+def check_device(name: str) -> torch.device:
+    """`--device` up front: a torch device string of a device this machine has (cpu, or a visible CUDA GPU)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise MMTuningError(f"--device {name!r} is not a device name; write cpu, cuda or cuda:N (e.g. --device cuda:0).") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise MMTuningError(f"--device {name}: merge runs its additions on cpu or cuda; write --device cpu or --device cuda.")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MMTuningError(f"--device {name}: torch sees no CUDA GPU on this machine (torch {torch.__version__}); "
+                            f"use --device cpu (the default).")
+    if device.index is not None and device.index >= count:
+        raise MMTuningError(f"--device {name}: this machine has {count} CUDA GPU(s), numbered 0-{count - 1}; "
+                            f"write --device cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}.")
+    return device
+
+
+def check_model_dir(path: Path, option: str) -> None:
+    """A base model directory given as `option`: a directory holding config.json (its weights are read later)."""
+    if path.is_file():
+        raise MMTuningError(f"{option} {path} is a file; pass the model directory that holds it ({path.parent}).")
+    if not path.is_dir():
+        raise MMTuningError(f"{option} {path}: no such directory; pass the base model's directory (with config.json "
+                            f"and its safetensors weights).")
+    if not (path / "config.json").is_file():
+        raise MMTuningError(f"{option} {path} is not a model directory with config.json; it needs the base model's "
+                            f"config.json and weights on disk (a directory written by save_pretrained).")
+
+
+def check_shapes(model_dir: Path, headers: dict[str, dict], by_key: dict[str, str], base: BaseModel) -> None:
+    """Every checkpoint tensor has the shape the base's config.json describes (else the two belong to different
+    models, and the merged directory would not load). `by_key`: checkpoint key -> 5.x parameter name."""
+    wrong = []
+    for shard, header in headers.items():
+        for key, entry in header.items():
+            name = by_key.get(key)
+            expected = base.parameters.get(name) if name else None
+            if expected is not None and list(expected) != list(entry["shape"]):
+                wrong.append(f"{key} is {tuple(entry['shape'])} in {shard}, config.json implies {tuple(expected)}")
+    if wrong:
+        raise MMTuningError(f"{model_dir}: its weights do not match its config.json ({'; '.join(wrong[:3])}"
+                            f"{f'; and {len(wrong) - 3} more' if len(wrong) > 3 else ''}): the two come from different "
+                            f"models or sizes. Restore the model's own config.json (or weights) and run again.")
 
 
 def parse_dtype(name: str) -> Optional[torch.dtype]:
@@ -99,6 +161,8 @@ def merge_into(model_dir: Path, out: Path, base: BaseModel, adapter: Adapter, dt
     combo = key_spelling(list(deltas) + list(replaced), set(weight_map), family, model_dir)
     by_key = {spell(n, family, combo): n for n in list(deltas) + list(replaced) + quantized}
     shards = sorted(set(weight_map.values()))
+    headers = {shard: read_header(model_dir / shard)[0] for shard in shards}
+    check_shapes(model_dir, headers, {spell(n, family, combo): n for n in base.parameters}, base)
     counts = {"merged": 0, "roundtripped": 0}
 
     def produce(handle, entry, data_start, name):
@@ -170,11 +234,12 @@ def adapter_for_base(adapter_dir: Path, model_dir: Optional[str], source: Option
 def merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str = "auto", four_bit: Optional[FourBit] = None,
           force: bool = False, source: Optional[str] = None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise MMTuningError(f"--base {base_dir} is not a model directory with config.json; merge needs the base "
-                            f"model's weights on disk.")
-    adapter, base = adapter_for_base(adapter_dir, str(base_dir), source)
     torch_dtype = parse_dtype(dtype)
+    device = str(check_device(device))
+    if four_bit is not None:
+        check_four_bit(four_bit)
+    check_model_dir(base_dir, "--base")
+    adapter, base = adapter_for_base(adapter_dir, str(base_dir), source)
     with safe_output(Path(out), force, (Path(adapter_dir), base_dir)) as temp:
         report = merge_into(base_dir, temp, base, adapter, torch_dtype, four_bit, progress, device)
     return {"command": "merge", "adapter": str(adapter_dir), "base": str(base_dir), "out": str(out),

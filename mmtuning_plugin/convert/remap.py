@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .adapter import Adapter, rank_alpha, read_adapter, safe_output, write_adapter
+from .placement import safe_output
+from .adapter import Adapter, rank_alpha, read_adapter, write_adapter
 from .base import BaseModel, detect_layout, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, check_layout, rename
 from ..errors import MMTuningError

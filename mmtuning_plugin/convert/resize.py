@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MMTuningError
-from .adapter import Adapter, Factors, explicit_config, lowrank_svd, read_adapter, safe_output, write_adapter
+from .placement import safe_output
+from .adapter import Adapter, Factors, explicit_config, lowrank_svd, read_adapter, write_adapter
 from .modality import Located, parse_ranks
 
 

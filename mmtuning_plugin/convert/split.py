@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import MMTuningError
-from .adapter import Adapter, read_adapter, safe_output, write_adapter
+from .placement import safe_output
+from .adapter import Adapter, read_adapter, write_adapter
 from .base import renamed_adapter
 from .layouts import CURRENT
-from .merge import merge_into
+from .merge import check_model_dir, merge_into
 from .modality import Located, parse_modalities
 
 MERGED_BASE_DIR = "merged_base"
@@ -19,6 +20,8 @@ MERGED_BASE_DIR = "merged_base"
 def split(adapter_dir: Path, out: Path, keep: str, merge_rest_into: Optional[Path] = None, base: Optional[str] = None,
           source: Optional[str] = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     kept_modalities = parse_modalities(keep, "--keep")
+    if merge_rest_into is not None:
+        check_model_dir(Path(merge_rest_into), "--merge-rest-into")
     base_name = str(merge_rest_into) if merge_rest_into else base
     located = Located(read_adapter(Path(adapter_dir)), base_name, source)
     adapter = located.adapter

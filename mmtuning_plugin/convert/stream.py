@@ -35,7 +35,13 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
             header = json.loads(handle.read(length))
     except (OSError, struct.error, ValueError) as error:
         raise MMTuningError(f"{path} is truncated or corrupt ({error}); re-download the model.") from None
+    if not isinstance(header, dict):
+        raise MMTuningError(f"{path} is corrupt (its header is a JSON {type(header).__name__}); re-download the model.")
     metadata = header.pop("__metadata__", {}) or {}
+    broken = [name for name, entry in header.items() if not _valid_entry(entry)]
+    if broken:
+        raise MMTuningError(f"{path} is corrupt: the header entries of {', '.join(broken[:3])} lack a dtype, shape or "
+                            f"data offsets; re-download the model.")
     end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + length + end > size:
         raise MMTuningError(f"{path} is truncated ({size} bytes, its header needs {8 + length + end}); re-download the model.")
@@ -43,6 +49,12 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
         if entry["dtype"] not in DTYPES:
             raise MMTuningError(f"{path}: tensor {name} has dtype {entry['dtype']}, which mmtune convert cannot stream.")
     return header, metadata, 8 + length
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and all(isinstance(n, int) for n in entry["data_offsets"]))
 
 
 def read_tensor(handle, entry: dict[str, Any], data_start: int) -> torch.Tensor:

@@ -95,6 +95,9 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RESULTS).is_file())):
         raise MMTuningError(f"--out {out}: exists and is not an earlier demo's output (no {RESULTS} in it); "
                             f"pass a new or empty directory.")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise MMTuningError(f"--out {out}: {blocking} is a file, not a directory; choose an --out inside a directory.")
 
 
 @dataclass

@@ -111,16 +111,10 @@ class Job:
 
 def read_config(path: Path, overrides: list[str]) -> dict[str, Any]:
     """The YAML as a dict with `key=value` overrides applied (`mmtuning.vision.r=8` edits the block)."""
-    import yaml
-
     from ..cli import apply_set
+    from ..files import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise MMTuningError(f"{path}: no such file; pass a LLaMA-Factory training YAML.") from None
-    except yaml.YAMLError as error:
-        raise MMTuningError(f"{path} is not valid YAML: {error}") from None
+    data = read_yaml(Path(path), str(path), "a LLaMA-Factory training YAML")
     if not isinstance(data, dict):
         raise MMTuningError(f"{path}: expected a mapping of LLaMA-Factory settings, got {type(data).__name__}.")
     for item in overrides:

@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from ..errors import MMTuningError
+from ..errors import MMTuningError, unknown_key
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, StepFeatures
 
@@ -72,7 +72,7 @@ def validate_losses(value: Any) -> dict[str, LossOptions]:
                 key = ".".join(str(p) for p in (name, *item["loc"]))
                 message = item["msg"].removeprefix("Value error, ")
                 if item["type"] == "extra_forbidden":
-                    message = f"unknown option; valid options: {', '.join(loss_class.Options.model_fields)}"
+                    message = unknown_key(item["loc"][-1], loss_class.Options.model_fields, noun="option")
                 problems.append(f"{key}: {message}")
             raise ValueError("; ".join(problems)) from None
     return result
