@@ -30,6 +30,7 @@ from torch import nn
 
 from .arch import MODALITIES, ModelLayout, owner_modality, resolve_layout, unwrap
 from .errors import MMTuningError
+from .model_config import get_dotted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MMTuningConfig
@@ -257,7 +258,7 @@ def _keep_rules(model: nn.Module, layout: ModelLayout, policy: QuantPolicy) -> l
             last = blocks[layout.usable_layers.get("vision", len(blocks)) - 1]
             rules += [(blocks[0], "first vision block"), (last, "last vision block the projector reads")]
     if policy.keep_cross_attention and mmap.cross_attention_layers:
-        indices = _config_value(model.config, mmap.cross_attention_layers) or []
+        indices = get_dotted(model.config, mmap.cross_attention_layers) or []
         blocks = _numbered_blocks(model, mmap.language_layers)
         rules += [(blocks[i], f"cross-attention layer {i}") for i in indices if 0 <= i < len(blocks)]
     return rules
@@ -271,12 +272,6 @@ def _numbered_blocks(model: nn.Module, stacks: tuple[str, ...]) -> list[str]:
         except AttributeError:
             continue
     return names
-
-
-def _config_value(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part, None)
-    return config
 
 
 def _skip_list(kept: dict[str, str], quantized: list[str], output_name: str) -> list[str]:

@@ -16,7 +16,7 @@ from mmtuning_plugin.convert.adapter import read_adapter
 from mmtuning_plugin.convert.merge import FourBit, merge
 from mmtuning_plugin.convert.remap import remap
 from mmtuning_plugin.errors import MMTuningError
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 # The documented old names (FACTS.md section 7), written independently of convert/layouts.py:
 # 5.x module name -> 4.52-4.57 name -> <=4.51 name.
@@ -398,7 +398,7 @@ def test_layout_tables_round_trip_every_module_of_every_family():
     from mmtuning_plugin.arch import registered_maps
     from mmtuning_plugin.convert.layouts import LAYOUT_FAMILIES, LAYOUTS, rename
     from mmtuning_plugin.loading import build_skeleton
-    from mmtuning_plugin.tiny import TINY_MODEL_TYPES, tiny_config
+    from mmtuning_plugin.testing.tiny import TINY_MODEL_TYPES, tiny_config
 
     maps = registered_maps()
     for family in LAYOUT_FAMILIES:

@@ -13,7 +13,7 @@ import pytest
 from mmtuning_plugin import plugins
 from mmtuning_plugin.arch import lookup_map, registered_maps
 from mmtuning_plugin.targets import apply_plan, plan_targets
-from mmtuning_plugin.tiny import tiny_model
+from mmtuning_plugin.testing.tiny import tiny_model
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -13,7 +13,7 @@ from mmtuning_plugin.loading import build_skeleton, load_model_config
 from mmtuning_plugin.quant import (QuantMismatchError, allocated_weight_bytes, bnb_config_kwargs, memory_estimate,
                                    plan_quantization, policy_of, prepare_kbit_training, verify_quantized)
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -17,7 +17,7 @@ from mmtuning_plugin.hookspecs import hookimpl
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
 from mmtuning_plugin.schedule import LayerScheduler, Stage, active_of, schedule_plan
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = "base_model.model.model.vision_tower.encoder.layers."

@@ -99,7 +99,7 @@ class LossSuite:
         if self.model is not None:
             self.detach()
         from ..arch import resolve_layout, unwrap
-        from ..tiny import image_token_id
+        from ..model_config import image_token_id
 
         layout = resolve_layout(model)
         known = registered_losses()
