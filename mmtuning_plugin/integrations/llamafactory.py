@@ -113,7 +113,7 @@ def read_config(path: Path, overrides: list[str]) -> dict[str, Any]:
     """The YAML as a dict with `key=value` overrides applied (`mmtuning.vision.r=8` edits the block)."""
     import yaml
 
-    from ..cli import apply_set
+    from ..spec_input import apply_set
 
     try:
         data = yaml.safe_load(Path(path).read_text())
