@@ -28,9 +28,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .arch import MODALITIES, ModelLayout, owner_modality, resolve_layout, unwrap
+from .arch import MODALITIES, ModelLayout, resolve_layout, unwrap
 from .errors import MMTuningError
 from .model_config import get_dotted
+from .names import is_adapter_child, is_adapter_parameter, modality_by_map, module_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MMTuningConfig
@@ -179,10 +180,9 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Full name -> Linear for every module bitsandbytes replaces (or already replaced), PEFT wrappers seen through."""
     found: dict[str, nn.Module] = {}
     for name, module in unwrap(model).named_modules():
-        if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                                    "modules_to_save", "base_layer", "lora_magnitude_vector")):
+        if is_adapter_child(name):
             continue
-        name = name.replace(".original_module", "")  # PEFT's ModulesToSaveWrapper keeps the original here
+        name = module_of(name)  # PEFT's ModulesToSaveWrapper keeps the original under `.original_module`
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Module):
             module = base
@@ -196,7 +196,6 @@ def plan_quantization(model: nn.Module, policy: QuantPolicy, layout: ModelLayout
     layout = layout or resolve_layout(model)
     mmap = layout.modality_map
     linears = quantizable_linears(model)
-    prefixes = {p: m for m in MODALITIES for p in mmap.prefixes(m)}
     rules = _keep_rules(unwrap(model), layout, policy)
     used_patterns: set[str] = set()
     modality_of: dict[str, str] = {}
@@ -204,7 +203,7 @@ def plan_quantization(model: nn.Module, policy: QuantPolicy, layout: ModelLayout
     kept: dict[str, str] = {}
     output_name = _output_embedding_name(model)
     for name in linears:
-        modality = owner_modality(name, prefixes) or "language"
+        modality = modality_by_map(name, mmap) or "language"
         modality_of[name] = modality
         reason = None
         if name == output_name:
@@ -353,10 +352,9 @@ def precision_of(module: nn.Module) -> str:
 def quantization_report(model: nn.Module) -> dict[str, dict[str, list[str]]]:
     """Per modality, which Linear modules of a loaded model are 4-bit, 8-bit and 16-bit."""
     layout = resolve_layout(model)
-    prefixes = {p: m for m in MODALITIES for p in layout.modality_map.prefixes(m)}
     report = {m: {"4bit": [], "8bit": [], "16bit": []} for m in MODALITIES}
     for name, module in quantizable_linears(model).items():
-        report[owner_modality(name, prefixes) or "language"][precision_of(module)].append(name)
+        report[modality_by_map(name, layout.modality_map) or "language"][precision_of(module)].append(name)
     return report
 
 
@@ -538,7 +536,6 @@ def memory_estimate(model: nn.Module, policy: QuantPolicy | None, plan: "TargetP
     layout = plan.layout if plan is not None else resolve_layout(base)
     qplan = plan_quantization(base, policy, layout)
     quantized = set(qplan.quantized)
-    prefixes = {p: m for m in MODALITIES for p in layout.modality_map.prefixes(m)}
     dtype_bytes = DTYPE_BYTES[dtype]
     rows = {m: {"weight_bytes": 0, "quantized_modules": 0, "kept_16bit_modules": 0} for m in MODALITIES}
     linears = quantizable_linears(base)
@@ -552,12 +549,12 @@ def memory_estimate(model: nn.Module, policy: QuantPolicy | None, plan: "TargetP
             row["weight_bytes"] += module.out_features * dtype_bytes
     seen = set(linear_weights)
     for name, param in base.named_parameters():
-        if id(param) in seen or any(p in name for p in (".lora_", "modules_to_save")):
+        if id(param) in seen or is_adapter_parameter(name):
             continue
         seen.add(id(param))
         if name.endswith(".bias") and name[: -len(".bias")] in linears:
             continue
-        owner = owner_modality(name, prefixes) or "language"
+        owner = modality_by_map(name, layout.modality_map) or "language"
         rows[owner]["weight_bytes"] += param.numel() * dtype_bytes
     total_trainable = 0
     for modality, row in rows.items():

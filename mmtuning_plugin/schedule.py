@@ -24,11 +24,11 @@ from torch import nn
 
 from .config import LayerSelection
 from .errors import MMTuningError
+from .names import is_adapter_parameter, module_of, modality_of_parameter
 
 logger = logging.getLogger("mmtuning.schedule")
 
 At = Union[int, float]  # an int is an optimizer step; a float in [0, 1] is a fraction of training
-ADAPTER_MARKERS = (".lora_", ".hada_", ".lokr_", ".ia3_", ".modules_to_save.", ".oft_", ".boft_", ".vera_")
 
 
 def resolve_at(at: At, total_steps: Optional[int]) -> int:
@@ -361,33 +361,15 @@ class Slot:
     layer: Optional[int]
 
 
-def is_adapter_parameter(name: str) -> bool:
-    return any(marker in name for marker in ADAPTER_MARKERS)
-
-
-def owner_module(parameter_name: str) -> str:
-    """`base_model.model.<module>.lora_A.default.weight` -> `<module>` (the planned module's name)."""
-    name = parameter_name
-    while name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    for marker in ADAPTER_MARKERS:
-        if marker in name:
-            name = name.split(marker)[0]
-            break
-    return name.replace(".base_layer", "")
-
-
 def parameter_slots(model: nn.Module, plan) -> dict[str, Slot]:
     """Every trainable (or adapter) parameter -> its modality and layer (None outside numbered layers)."""
-    from .session import modality_of_parameter
-
     layer_of = {m.name: m.leaf.layer for m in plan.modules}
     slots = {}
     for name, param in model.named_parameters():
         if not (param.requires_grad or is_adapter_parameter(name)):
             continue
         modality = modality_of_parameter(plan, name) or "other"
-        slots[name] = Slot(modality, layer_of.get(owner_module(name)))
+        slots[name] = Slot(modality, layer_of.get(module_of(name)))
     return slots
 
 

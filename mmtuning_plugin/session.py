@@ -105,23 +105,3 @@ class MMTuning:
         Call right after the model's forward on `inputs`: the terms read features its hooks captured."""
         return self.losses.compute(inputs)
 
-
-def modality_of_parameter(plan: TargetPlan, parameter_name: str) -> str | None:
-    """Modality of a trainable parameter name such as `base_model.model.<module>.lora_A.default.weight`."""
-    name = parameter_name
-    while name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    for marker in (".lora_", ".hada_", ".lokr_", ".ia3_", ".modules_to_save."):
-        if marker in name:
-            name = name.split(marker)[0]
-            break
-    name = name.replace(".base_layer", "")
-    found = plan.modality_of(name)
-    if found:
-        return found
-    for parameter in plan.parameters:  # a ParamWrapper sits at the bare parameter's module
-        if parameter.name.rsplit(".", 1)[0] == name:
-            return parameter.modality
-    if any(name == whole or name.startswith(whole + ".") for whole in plan.modules_to_save):
-        return "projector"
-    return None

@@ -393,6 +393,25 @@ def test_merge_replaces_modules_to_save_and_split_keeps_them_with_their_modality
     load_strict("llava", tmp_path / "lang")
 
 
+def test_split_keeps_qwen_merger_norm_with_the_projector(tmp_path):
+    """Qwen's projector `model.visual.merger` sits inside the vision tower `model.visual`: its LayerNorm `ln_q`
+    (trained whole through modules_to_save) is projector, so --keep projector,language keeps it (longest prefix)."""
+    from mmtuning_plugin.convert.split import split
+
+    setup = Setup(tmp_path, "qwen2_vl", targets=r".*(visual\.blocks.*(qkv|fc1)|language_model.*(q_proj|v_proj))",
+                  modules_to_save=["merger"])
+    saved = set(load_file(setup.dir / "adapter_model.safetensors"))
+    merger = sorted(k for k in saved if ".merger." in k)
+    assert any(".ln_q." in k for k in merger) and any(".mlp." in k for k in merger)
+    summary = split(setup.dir, tmp_path / "s", keep="projector,language")
+    assert summary["dropped_modalities"] == ["vision"] and summary["dropped_extra_tensors"] == 0
+    kept = set(load_file(tmp_path / "s" / "adapter_model.safetensors"))
+    assert set(merger) <= kept
+    assert not any(".visual.blocks." in k for k in kept)
+    assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["modules_to_save"] == ["merger"]
+    load_strict("qwen2_vl", tmp_path / "s")
+
+
 def test_layout_tables_round_trip_every_module_of_every_family():
     """5.x -> older -> 5.x gives back every module name, and older layouts really differ where FACTS says so."""
     from mmtuning_plugin.arch import registered_maps

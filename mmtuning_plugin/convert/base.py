@@ -43,14 +43,15 @@ class BaseModel:
         return resolve_layout(self.skeleton)
 
     def modality(self, module: str) -> str:
-        """vision / projector / language from the modality map (leaves first, then the map's prefixes)."""
+        """vision / projector / language from the modality map (leaves first, then the map's longest prefix)."""
+        from ..names import modality_by_map
+
         leaf = self._leaves.get(module)
         if leaf is not None:
             return leaf.modality
-        mmap = self.layout.modality_map
-        for modality in ("vision", "projector", "language"):
-            if any(module == p or module.startswith(p + ".") for p in mmap.prefixes(modality)):
-                return modality
+        modality = modality_by_map(module, self.layout.modality_map)
+        if modality is not None:
+            return modality
         raise MMTuningError(f"Module {module} of {self.model_type} belongs to no modality of its modality map.")
 
     @cached_property

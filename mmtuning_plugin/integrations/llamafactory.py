@@ -275,7 +275,7 @@ RUN_RECORD = "mmtuning_run.json"
 
 def run_record(session: MMTuning, model, optimizer) -> dict[str, Any]:
     """What this run trains: the plan, the optimizer's groups, and the class under each adapted module."""
-    from ..targets import PEFT_PREFIX
+    from ..names import PEFT_PREFIX
 
     modules = dict(model.named_modules())
     layer_types = {}

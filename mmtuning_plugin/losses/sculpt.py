@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import MMTuningError
+from ..names import modality_by_map, module_of
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, StepFeatures
 
@@ -137,12 +138,12 @@ class SculptLoss(AlignmentLoss):
     Options = SculptOptions
 
     def attach(self, model: nn.Module, capture: FeatureCapture) -> None:
-        projector = tuple(capture.layout.modality_map.projector)
+        modality_map = capture.layout.modality_map
         self._layers: list[tuple[str, nn.Module, str]] = []
         masks = []
         for name, layer in lora_layers(model):
-            plain = name.replace("base_model.model.", "", 1)
-            in_projector = self.options.projector and any(plain == p or plain.startswith(p + ".") for p in projector)
+            plain = module_of(name)
+            in_projector = self.options.projector and modality_by_map(plain, modality_map) == "projector"
             if not (in_projector or plain.rsplit(".", 1)[-1] in self.options.modules):
                 continue
             adapter = layer.active_adapters[0]
