@@ -1,17 +1,17 @@
 """The built-in layer schedules (`static`, `top_down`, `custom`), registered as a pluggy plugin.
 
 A third-party package adds a schedule the same way: implement `register_schedules(register)` and call
-`register(name, factory)`, where `factory(options: dict)` returns an object with
-`stages(targeted_layers, num_layers, where) -> list[schedule.Stage]` (see mmtuning_plugin/schedule.py).
+`register(name, schedule_class)` with a subclass of `mmtuning_plugin.config.LayerSchedule` (its fields are the
+YAML options; `stages(targeted_layers, num_layers, where)` returns the `Stage` list).
 """
 
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .schedule import BUILTIN_SCHEDULES
+from .config import BUILTIN_SCHEDULES
 
 
 @hookimpl
 def register_schedules(register):
-    for name, factory in BUILTIN_SCHEDULES.items():
-        register(name, factory)
+    for name, schedule_class in BUILTIN_SCHEDULES.items():
+        register(name, schedule_class)

@@ -9,12 +9,9 @@ tower `model.visual`, so `model.visual.merger.ln_q` is projector, not vision.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .arch import MODALITIES, ModalityMap, owner_modality
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .targets import TargetPlan
 
 PEFT_PREFIX = "base_model.model."
 # Where a PEFT parameter name leaves the adapted module's own name (`<module>.lora_A.default.weight`).
@@ -53,9 +50,9 @@ def modality_by_map(name: str, modality_map: ModalityMap) -> str | None:
     return owner_modality(name, {p: m for m in MODALITIES for p in modality_map.prefixes(m)})
 
 
-def modality_of_parameter(plan: "TargetPlan", parameter_name: str) -> str | None:
-    """Modality of a trainable parameter name such as `base_model.model.<module>.lora_A.default.weight`:
-    the planned module (or bare parameter) it adapts, or a module the plan trains whole (the projector)."""
+def modality_of_parameter(plan: Any, parameter_name: str) -> str | None:
+    """Modality of a trainable parameter name such as `base_model.model.<module>.lora_A.default.weight`
+    under a `targets.TargetPlan` (names sits below targets, so the plan is not imported): the planned module (or bare parameter) it adapts, or a module the plan trains whole (the projector)."""
     name = module_of(parameter_name)
     found = plan.modality_of(name)
     if found:

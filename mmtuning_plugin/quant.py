@@ -13,7 +13,7 @@ cross-attention layers). From it and the model's module tree this module derives
 - `prepare_kbit_training`: k-bit training preparation that leaves frozen 16-bit towers in 16-bit;
 - `memory_estimate`: weight bytes after quantization per modality, trainable and optimizer bytes.
 
-quant.py must not import config.py at module level (config.py imports `QuantPolicy` from here).
+The policy itself (`QuantPolicy`, presets) is schema and lives in config.py.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .arch import MODALITIES, ModelLayout, resolve_layout, unwrap
+from .config import FOUR_BIT, QuantPolicy, validation_lines
 from .errors import MMTuningError
 from .model_config import get_dotted
 from .names import is_adapter_child, is_adapter_parameter, modality_by_map, module_of
@@ -36,22 +36,6 @@ from .names import is_adapter_child, is_adapter_parameter, modality_by_map, modu
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MMTuningConfig
     from .targets import TargetPlan
-
-Precision = Literal["nf4", "fp4", "int8", "none"]
-FOUR_BIT = ("nf4", "fp4")
-
-# Presets: the values a `quant: <name>` line stands for. Any field can still be overridden next to `preset:`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "all-4bit": dict(vision="nf4", projector="nf4", language="nf4", keep_patch_embed=False,
-                     keep_vision_edge_blocks=False, keep_cross_attention=False),
-    "balanced": dict(vision="nf4", projector="none", language="nf4", keep_patch_embed=True,
-                     keep_vision_edge_blocks=True, keep_cross_attention=True),
-    "language-4bit": dict(vision="none", projector="none", language="nf4", keep_patch_embed=True,
-                          keep_vision_edge_blocks=True, keep_cross_attention=True),
-    "none": dict(vision="none", projector="none", language="none", keep_patch_embed=True,
-                 keep_vision_edge_blocks=True, keep_cross_attention=True),
-}
-DEFAULT_PRESET = "balanced"
 
 # bitsandbytes' 4-bit layout (0.50): blocks of 64 weights, one absmax per block (uint8 with double quant,
 # fp32 without), a 16-entry fp32 code; double quant adds an fp32 absmax per 256 blocks, a 256-entry fp32
@@ -63,75 +47,6 @@ BNB_NESTED_CODE_BYTES = 256 * 4 + 4
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 TRAINABLE_BYTES = 8  # the fp32 adapter weight and its fp32 gradient
-
-
-class QuantPolicy(BaseModel):
-    """Quantization per modality (`quant:`). Write a preset (`quant: balanced`) or a block:
-    `{preset: balanced, keep_16bit: [attn.proj], checkpoint_vision: true}`; without `preset:` a block starts
-    from `balanced`. `nf4`/`fp4` load 4-bit, `int8` 8-bit, `none` leaves the modality in 16-bit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Optional[Literal["all-4bit", "balanced", "language-4bit", "none"]] = Field(
-        default=None, description="The preset the other fields start from (`balanced` when omitted).")
-    vision: Precision = Field(default="nf4", description="Vision encoder precision.")
-    projector: Precision = Field(default="none", description="Projector precision (`none`: kept 16-bit).")
-    language: Precision = Field(default="nf4", description="Language model precision (`lm_head` is always 16-bit).")
-    keep_patch_embed: bool = Field(default=True, description="Keep the vision patch embedding 16-bit (if it is a Linear).")
-    keep_vision_edge_blocks: bool = Field(default=True, description="Keep the first and the last vision block 16-bit.")
-    keep_cross_attention: bool = Field(
-        default=True, description="Keep language layers with cross-attention to the image (Llama 3.2 Vision) 16-bit.")
-    keep_16bit: list[str] = Field(
-        default_factory=list,
-        description="Extra modules kept 16-bit: regexes matched against whole dotted segments of full names "
-        "(`attn.proj`, `blocks.7`, `model.visual.blocks.3.mlp.fc1`). Each must match a Linear module.")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="bnb_4bit_compute_dtype: the dtype 4-bit matmuls run in.")
-    double_quant: bool = Field(default=True, description="bnb_4bit_use_double_quant: quantize the quantization constants too.")
-    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
-        default="auto",
-        description="bnb_4bit_quant_storage. `auto` = compute_dtype, which FSDP and DeepSpeed ZeRO-3 need to shard "
-        "4-bit weights together with the 16-bit ones (same bytes as uint8).")
-    upcast_16bit: bool = Field(
-        default=False, description="k-bit preparation casts frozen 16-bit weights to fp32 (PEFT's behaviour; doubles their memory).")
-    fp32_norms: bool = Field(default=True, description="k-bit preparation runs normalization layers in fp32.")
-    checkpoint_vision: bool = Field(default=False, description="Gradient checkpointing in the vision encoder blocks.")
-    checkpoint_language: bool = Field(default=False, description="Gradient checkpointing in the language model layers.")
-    checkpoint_reentrant: bool = Field(
-        default=False, description="Use reentrant checkpointing (then input gradients are enabled for it).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _expand_preset(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = {"preset": value}
-        if not isinstance(value, dict):
-            return value
-        preset = value.get("preset") or DEFAULT_PRESET
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; write one of {', '.join(PRESETS)}")
-        return {**PRESETS[preset], **value}
-
-    @model_validator(mode="after")
-    def _one_bnb_config(self) -> "QuantPolicy":
-        kinds = {p for p in self.precisions().values() if p != "none"}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"one BitsAndBytesConfig loads every quantized module with one type, but this policy asks for "
-                f"{', '.join(f'{m}: {p}' for m, p in self.precisions().items())}; use the same type for every quantized "
-                f"modality, or `none` to keep one in 16-bit")
-        return self
-
-    def precisions(self) -> dict[str, str]:
-        return {m: getattr(self, m) for m in MODALITIES}
-
-    @property
-    def quant_type(self) -> str | None:
-        return next((p for p in self.precisions().values() if p != "none"), None)
-
-    @property
-    def storage_dtype(self) -> str:
-        return self.compute_dtype if self.quant_storage == "auto" else self.quant_storage
 
 
 def policy_of(config: Any) -> QuantPolicy | None:
@@ -149,10 +64,7 @@ def load_policy(value: Any, where: str = "mmtuning.quant") -> QuantPolicy:
     try:
         return QuantPolicy.model_validate(value)
     except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            path = ".".join(str(p) for p in (where, *item["loc"]))
-            lines.append(f"{path}: {item['msg'].removeprefix('Value error, ')}")
+        lines = validation_lines(error, where, valid=lambda loc: list(QuantPolicy.model_fields))
         raise MMTuningError("Invalid quantization settings:\n  " + "\n  ".join(lines)) from None
 
 

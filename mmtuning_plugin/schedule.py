@@ -17,18 +17,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from .config import LayerSelection
+from .config import At, Stage, layer_span, parse_schedule
 from .errors import MMTuningError
 from .names import is_adapter_parameter, module_of, modality_of_parameter
 
 logger = logging.getLogger("mmtuning.schedule")
-
-At = Union[int, float]  # an int is an optimizer step; a float in [0, 1] is a fraction of training
 
 
 def resolve_at(at: At, total_steps: Optional[int]) -> int:
@@ -47,214 +44,6 @@ def describe_at(at: At) -> str:
     return f"step {at}" if isinstance(at, int) else f"{at * 100:g}%"
 
 
-def _check_at(value: At, where: str = "") -> At:
-    prefix = f"{where}: " if where else ""
-    if isinstance(value, bool):
-        raise ValueError(f"{prefix}write a step number or a fraction of training, not {value!r}")
-    if isinstance(value, float) and not 0 <= value <= 1:
-        raise ValueError(f"{prefix}{value!r} is neither a step number (write an integer) nor a fraction in [0, 1]")
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"{prefix}step {value} is negative")
-    return value
-
-
-@dataclass(frozen=True)
-class Stage:
-    """From optimizer step `at` on (step or fraction), exactly these layers train; `extras`: the
-    modality's parameters outside numbered layers (projector, patch_embed, embed_tokens, lm_head)."""
-
-    at: At
-    layers: tuple[int, ...]
-    extras: bool
-
-
-# --- spec models (what the YAML `schedule:` key holds) ----------------------------------------------
-
-
-class StaticSchedule(BaseModel):
-    """Every targeted layer trains from step 0 (the default)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["static"] = "static"
-
-    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
-        return [Stage(0, tuple(targeted), True)]
-
-
-class TopDownSchedule(BaseModel):
-    """Start with the top `start` targeted layers; add `step_layers` more (downward) every `every`
-    steps (int) or fraction of training (float), until every targeted layer trains. Without `every`,
-    the stages are spread evenly so that all layers train from half-way through training."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["top_down"] = "top_down"
-    start: int = Field(default=1, ge=1, description="Targeted layers (counted from the top) that train from step 0.")
-    step_layers: int = Field(default=1, ge=1, description="Layers added at each stage change.")
-    every: Optional[At] = Field(default=None, description="Steps (int >= 1) or fraction of training (float) between stages.")
-
-    @field_validator("every")
-    @classmethod
-    def _every(cls, value):
-        if value is None:
-            return value
-        _check_at(value)
-        if value == 0:
-            raise ValueError("every: 0 would add every layer at once; write a step count >= 1 or a fraction > 0")
-        return value
-
-    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
-        count = len(targeted)
-        if self.start >= count:
-            raise MMTuningError(f"{where}: top_down start: {self.start} already covers all {count} targeted layers "
-                                f"({_span(targeted)}), so nothing would be added later; write start: {max(1, count - 1)} "
-                                f"or less, or use schedule: static.")
-        changes = math.ceil((count - self.start) / self.step_layers)
-        every: At = self.every if self.every is not None else 0.5 / changes
-        stages = []
-        for index in range(changes + 1):
-            on = min(count, self.start + index * self.step_layers)
-            at: At = index * every if index else 0
-            if isinstance(at, float) and at > 1:
-                raise MMTuningError(f"{where}: top_down every: {every:g} puts stage {index} at {at * 100:g}% of "
-                                    f"training, past the end; lower `every` or raise `step_layers`.")
-            stages.append(Stage(at, tuple(targeted[count - on:]), True))
-        return stages
-
-
-class CustomStage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    at: At = Field(description="Optimizer step (int) or fraction of training (float) where this stage starts.")
-    layers: LayerSelection = Field(description="Layers that train from `at` on (same forms as `layers:`).")
-
-    @field_validator("at")
-    @classmethod
-    def _at(cls, value):
-        return _check_at(value)
-
-
-class CustomSchedule(BaseModel):
-    """An explicit list of stages `{at: step-or-fraction, layers: ...}`; before the first stage, no layer trains."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["custom"] = "custom"
-    stages_: tuple[CustomStage, ...] = Field(alias="stages", min_length=1)
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        for kind in (int, float):
-            ats = [s.at for s in self.stages_ if isinstance(s.at, kind) and not isinstance(s.at, bool)]
-            if ats != sorted(ats) or len(set(ats)) != len(ats):
-                raise ValueError(f"stages: `at` values {ats} must strictly increase")
-        return self
-
-    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
-        out = [] if self.stages_[0].at == 0 else [Stage(0, (), False)]
-        for index, stage in enumerate(self.stages_):
-            layers = stage.layers.resolve(num_layers, f"{where}.stages[{index}].layers")
-            outside = sorted(set(layers) - set(targeted))
-            if outside:
-                raise MMTuningError(f"{where}.stages[{index}].layers: layers {outside} get no adapters (targeted: "
-                                    f"{_span(targeted)}); a schedule can only turn targeted layers on. Widen `layers:` "
-                                    f"or drop them from the stage.")
-            out.append(Stage(stage.at, tuple(layers), bool(layers)))
-        return out
-
-
-class ProjectorSchedule(BaseModel):
-    """The projector trains `always`, `{from: N}` (from step or fraction N on), `{until: N}`, or both."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    type: Literal["projector"] = "projector"
-    start: Optional[At] = Field(default=None, alias="from")
-    until: Optional[At] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _always(cls, value):
-        return {} if value in ("always", "static", None) else value
-
-    @model_validator(mode="after")
-    def _check(self):
-        for name, value in (("from", self.start), ("until", self.until)):
-            if value is not None:
-                _check_at(value, name)
-        if self.start is not None and self.until is not None and type(self.start) is type(self.until) \
-                and self.until <= self.start:
-            raise ValueError(f"until: {self.until} is not after from: {self.start}")
-        return self
-
-    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
-        out = [Stage(0, (), self.start in (None, 0))]
-        if self.start not in (None, 0):
-            out.append(Stage(self.start, (), True))
-        if self.until is not None:
-            out.append(Stage(self.until, (), False))
-        return out
-
-
-BUILTIN_SCHEDULES: dict[str, Callable[[dict], Any]] = {
-    "static": StaticSchedule.model_validate,
-    "top_down": TopDownSchedule.model_validate,
-    "custom": CustomSchedule.model_validate,
-}
-
-
-def registered_schedules() -> dict[str, Callable[[dict], Any]]:
-    """Schedule type name -> factory(options dict) (built-ins and plugins, via `register_schedules`)."""
-    from .plugins import collect
-
-    return dict(collect("register_schedules", lambda name, factory: (name, factory)))
-
-
-def parse_schedule(value: Any, modality: str, where: str | None = None) -> Any:
-    """The `schedule:` value of one modality as a schedule object (with a `stages(...)` method)."""
-    where = where or f"mmtuning.{modality}.schedule"
-    if hasattr(value, "stages") and callable(getattr(value, "stages")):
-        return value
-    if modality == "projector":
-        try:
-            return ProjectorSchedule.model_validate(value)
-        except ValidationError as error:
-            raise MMTuningError(_errors_text(error, where) + " (the projector takes `always`, `{from: N}`, `{until: N}`; "
-                                "N a step or a fraction of training)") from None
-    if value is None:
-        value = "static"
-    if isinstance(value, str):
-        value = {"type": value}
-    if not isinstance(value, dict):
-        raise MMTuningError(f"{where}: write `static`, `top_down`, or a mapping with `type:` (e.g. "
-                            f"{{type: top_down, start: 2, every: 100}}), not {value!r}.")
-    kind = value.get("type", "static")
-    factories = registered_schedules()
-    if kind not in factories:
-        raise MMTuningError(f"{where}.type: unknown schedule {kind!r}; known: {', '.join(sorted(factories))}.")
-    try:
-        return factories[kind](dict(value))
-    except ValidationError as error:
-        raise MMTuningError(_errors_text(error, where)) from None
-
-
-def _errors_text(error: ValidationError, where: str) -> str:
-    """pydantic errors of a schedule as `schedule.every: <why>` lines (the YAML key under the modality)."""
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(p) for p in (where, *item["loc"]) if not (isinstance(p, str) and "[" in p))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{path}: {message}")
-    return "; ".join(dict.fromkeys(lines))
-
-
-def _span(layers: Iterable[int]) -> str:
-    layers = list(layers)
-    if not layers:
-        return "none"
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-    return ",".join(map(str, layers))
-
-
 # --- resolved schedule of one run --------------------------------------------------------------------
 
 
@@ -268,7 +57,7 @@ class Active:
     def describe(self) -> str:
         if not self.layers:
             return "on" if self.extras else "off"
-        return _span(self.layers)
+        return layer_span(self.layers)
 
 
 @dataclass
@@ -344,7 +133,7 @@ def schedule_plan(plan) -> SchedulePlan:
         targeted = targeted_layers(plan, modality)
         schedule = parse_schedule(spec.schedule, modality)
         where = f"mmtuning.{modality}.schedule"
-        if not isinstance(schedule, (StaticSchedule, ProjectorSchedule)) and not targeted:
+        if schedule.needs_layers and not targeted:
             raise MMTuningError(f"{where}: a layer schedule needs numbered layers with adapters, but {modality} has "
                                 f"none targeted; remove `schedule:` or target some layers.")
         stages[modality] = list(schedule.stages(targeted, plan.layout.layer_counts.get(modality, 0), where))
