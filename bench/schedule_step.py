@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mmtuning_plugin.schedule import LayerScheduler
+from mmtuning_plugin.schedules import LayerScheduler
 from mmtuning_plugin.session import MMTuning
 from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 

@@ -419,14 +419,6 @@ class ProjectorSchedule(LayerSchedule):
         return out
 
 
-BUILTIN_SCHEDULES: dict[str, type[LayerSchedule]] = {
-    "static": StaticSchedule,
-    "top_down": TopDownSchedule,
-    "custom": CustomSchedule,
-    "projector": ProjectorSchedule,
-}
-
-
 def registered_schedules() -> dict[str, type[LayerSchedule]]:
     """Schedule type name -> LayerSchedule subclass (built-ins and plugins, via `register_schedules`)."""
     return registered("schedules")

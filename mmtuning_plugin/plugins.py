@@ -23,7 +23,7 @@ ENTRY_POINT_GROUP = "mmtuning"
 # entry points are recognised as already registered instead of being registered twice.
 BUILTIN_PLUGINS = {"builtin_architectures": "mmtuning_plugin.arch.builtin",
                    "builtin_losses": "mmtuning_plugin.losses.builtin",
-                   "builtin_schedules": "mmtuning_plugin.builtin_schedules"}
+                   "builtin_schedules": "mmtuning_plugin.schedules.builtin"}
 
 
 @dataclass(frozen=True)

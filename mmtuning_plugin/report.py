@@ -7,6 +7,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from .config import layer_span
 from .console import console, human, human_bytes
 
 KIND_LABELS = {"attention": "attn", "projector": "linear", "patch_embed": "patch", "embed_tokens": "embed", "lm_head": "head"}
@@ -17,17 +18,13 @@ def _layers_text(selected: Optional[list[int]], total: int) -> str:
         return "-"
     if selected is None:
         return f"0 of {total}"
-    if selected == list(range(selected[0], selected[-1] + 1)):
-        span = f"{selected[0]}-{selected[-1]}" if len(selected) > 1 else str(selected[0])
-    else:
-        span = ",".join(map(str, selected))
-    return f"{span} of {total}"
+    return f"{layer_span(selected)} of {total}"
 
 
 def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
     """The JSON report of `inspect-targets` (also what the table is drawn from)."""
     from .arch import MODALITIES
-    from .schedule import schedule_plan
+    from .schedules import schedule_plan
     from .targets import plan_targets
 
     plan = plan_targets(model, config)

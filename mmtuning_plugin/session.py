@@ -83,19 +83,19 @@ class MMTuning:
         """Parameter groups for the optimizer: every trainable or adapter parameter, once, in its modality's
         group (`vision`, `projector`, `language`, `other`; `vision.layer3` with lr_decay) at lr x the
         modality's `lr` multiplier. Adapters of later schedule stages are in from step 0."""
-        from .schedule import optimizer_groups
+        from .schedules import optimizer_groups
 
         return optimizer_groups(model, self.require_plan(), lr, weight_decay)
 
     def schedule(self):
         """The resolved layer schedule (`SchedulePlan`): which layers train at step N."""
-        from .schedule import schedule_plan
+        from .schedules import schedule_plan
 
         return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
         """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
-        from .schedule import schedule_callback
+        from .schedules import schedule_callback
 
         return [schedule_callback(self), *self.losses.callbacks()]
 

@@ -16,7 +16,7 @@ from mmtuning_plugin.config import LayerSchedule, load_config
 from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.hookspecs import hookimpl
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.schedule import LayerScheduler, Stage, active_of, schedule_plan
+from mmtuning_plugin.schedules import LayerScheduler, Stage, active_of, schedule_plan
 from mmtuning_plugin.session import MMTuning
 from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 

@@ -27,8 +27,6 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.targets": 5,
     "mmtuning_plugin.quant": 5,
     "mmtuning_plugin.schedules": 5,
-    "mmtuning_plugin.schedule": 5,
-    "mmtuning_plugin.builtin_schedules": 5,
     "mmtuning_plugin.losses": 5,
     "mmtuning_plugin.session": 6,
     "mmtuning_plugin.console": 7,

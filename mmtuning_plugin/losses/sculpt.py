@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import MMTuningError
 from ..names import modality_by_map, module_of
+from ..quant.bnb import float_weight, original_dtype
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, StepFeatures
 
@@ -55,21 +56,13 @@ def delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight of a LoRA layer as a float tensor (4-bit weights dequantized)."""
-    weight = frozen_parameter(layer)
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(torch.float32)
-    return weight.detach().to(torch.float32)
+    return float_weight(frozen_parameter(layer))
 
 
 def stored_dtype(layer: nn.Module) -> torch.dtype:
     """Masks are as big as the base weights: keep them in the base's 16-bit dtype (a 4-bit base's original
     dtype) rather than float32; a float32 base keeps float32 masks."""
-    weight = frozen_parameter(layer)
-    quant_state = getattr(weight, "quant_state", None)
-    dtype = quant_state.dtype if quant_state is not None else weight.dtype
+    dtype = original_dtype(frozen_parameter(layer))
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 

@@ -1,4 +1,4 @@
-"""The built-in layer schedules (`static`, `top_down`, `custom`), registered as a pluggy plugin.
+"""The built-in layer schedules (`static`, `top_down`, `custom`, the `projector` window), registered as a pluggy plugin.
 
 A third-party package adds a schedule the same way: implement `register_schedules(register)` and call
 `register(name, schedule_class)` with a subclass of `mmtuning_plugin.config.LayerSchedule` (its fields are the
@@ -7,8 +7,15 @@ YAML options; `stages(targeted_layers, num_layers, where)` returns the `Stage` l
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
-from .config import BUILTIN_SCHEDULES
+from ..config import CustomSchedule, LayerSchedule, ProjectorSchedule, StaticSchedule, TopDownSchedule
+from ..hookspecs import hookimpl
+
+BUILTIN_SCHEDULES: dict[str, type[LayerSchedule]] = {
+    "static": StaticSchedule,
+    "top_down": TopDownSchedule,
+    "custom": CustomSchedule,
+    "projector": ProjectorSchedule,
+}
 
 
 @hookimpl
