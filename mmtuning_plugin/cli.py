@@ -69,6 +69,36 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
     console.print(table)
 
 
+@app.command("plugins")
+def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the loaded plugins (built-ins included): their hooks, what each registered, and any name a later
+    plugin took over from an earlier one."""
+    from .plugins import REGISTRIES, overrides, plugins_report
+
+    try:
+        report = {"plugins": plugins_report(), "overrides": [o for kind in REGISTRIES for o in overrides(kind)],
+                  "hooks": [{"hook": r.hook, "kind": r.kind, "signature": r.signature} for r in REGISTRIES.values()]}
+    except MMTuningError as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table("plugin", "hook", "registered", title="mmtuning plugins (a later plugin wins a shared name)",
+                  title_justify="left")
+    table.columns[0].no_wrap = table.columns[1].no_wrap = True
+    kinds = {r.hook: r.kind for r in REGISTRIES.values()}
+    for plugin in report["plugins"]:
+        label = plugin["name"] + (" [dim](built-in)[/]" if plugin["builtin"] else f" [dim]({plugin['module']})[/]")
+        for index, hook in enumerate(plugin["hooks"] or ["-"]):
+            names = plugin["registered"].get(kinds.get(hook, ""), [])
+            table.add_row(label if index == 0 else "", hook, ", ".join(names) or "-")
+    console.print(table)
+    for item in report["overrides"]:
+        console.print(f"{item['kind']} '{item['name']}': {item['plugin']} overrides {item['overrode']}", highlight=False)
+    for hook in report["hooks"]:
+        console.print(f"{hook['hook']}: {hook['signature']}", highlight=False)
+
+
 @app.command("demo")
 def demo(
     steps: int = typer.Option(400, "--steps", min=1, help="Training steps per arm (tests use a short run)."),

@@ -32,7 +32,6 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.console": 7,
     "mmtuning_plugin.spec_input": 7,
     "mmtuning_plugin.report": 7,
-    "mmtuning_plugin.plugins_view": 7,
     "mmtuning_plugin.testing": 7,
     "mmtuning_plugin.docgen": 7,
     "mmtuning_plugin.convert": 7,
