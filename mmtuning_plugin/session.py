@@ -57,7 +57,7 @@ class MMTuning:
             raise MMTuningError("mmtuning has no target plan yet: call plan_for(model) or wrap(model) first.")
         return self.plan
 
-    # --- quantization (mmtuning_plugin/quant.py) ---------------------------------------------------
+    # --- quantization (mmtuning_plugin/quant/) ------------------------------------------------------
 
     def bnb_config_kwargs(self, model_config: Any) -> dict[str, Any] | None:
         """kwargs for transformers.BitsAndBytesConfig under `quant:`; None when no policy is set."""

@@ -18,7 +18,7 @@ from mmtuning_plugin.convert.remap import remap
 from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
-# The documented old names (FACTS.md section 7), written independently of convert/layouts.py:
+# The documented old names (docs/convert.md, "Layouts"), written independently of convert/layouts.py:
 # 5.x module name -> 4.52-4.57 name -> <=4.51 name.
 TO_457 = {"llava": [(r"^model\.vision_tower\.", "model.vision_tower.vision_model.")], "qwen2_vl": [], "idefics3": []}
 TO_451 = {
@@ -413,7 +413,7 @@ def test_split_keeps_qwen_merger_norm_with_the_projector(tmp_path):
 
 
 def test_layout_tables_round_trip_every_module_of_every_family():
-    """5.x -> older -> 5.x gives back every module name, and older layouts really differ where FACTS says so."""
+    """5.x -> older -> 5.x gives back every module name, and older layouts really differ where docs/convert.md says so."""
     from mmtuning_plugin.arch import registered_maps
     from mmtuning_plugin.convert.layouts import LAYOUT_FAMILIES, LAYOUTS, rename
     from mmtuning_plugin.loading import build_skeleton

@@ -93,7 +93,8 @@ def test_verify_fails_loudly_when_the_host_quantized_the_towers(saved):
 
 
 def test_skip_list_is_anchored_full_names_and_bare_names_would_not_skip(saved):
-    """FACTS §4 on the installed transformers: an unanchored `visual` entry does not keep the tower 16-bit."""
+    """transformers 5.20+ matches skip entries anchored or by suffix: an unanchored `visual` entry does not keep the
+    tower 16-bit."""
     path = saved("qwen2_vl")
     kwargs = bnb_config_kwargs(load_config({"quant": "language-4bit"}), load_model_config(str(path)))
     assert kwargs["llm_int8_skip_modules"] == ["lm_head", "model.visual"]

@@ -17,7 +17,9 @@ from .layouts import CURRENT, LAYOUTS, LayoutFamily, family_of, rename
 
 
 @dataclass
-class BaseModel:
+class BaseArchitecture:
+    """The base model an adapter belongs to, as a meta skeleton (named apart from pydantic's BaseModel)."""
+
     name: str
     skeleton: torch.nn.Module
 
@@ -93,7 +95,7 @@ def extra_param_name(key: str) -> str:
     return name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
-def load_base(adapter: Adapter, base: Optional[str]) -> BaseModel:
+def load_base(adapter: Adapter, base: Optional[str]) -> BaseArchitecture:
     """The meta skeleton of `--base` (a model dir, cached hub id or model type) or the adapter's base model."""
     from ..loading import build_skeleton, load_model_config
 
@@ -106,10 +108,10 @@ def load_base(adapter: Adapter, base: Optional[str]) -> BaseModel:
     except MMTuningError as error:
         raise MMTuningError(f"Cannot build the base architecture to verify against: {error} "
                             f"(pass --base with a local model directory or a model type).") from None
-    return BaseModel(name, build_skeleton(config))
+    return BaseArchitecture(name, build_skeleton(config))
 
 
-def verify(adapter: Adapter, base: BaseModel, what: str) -> None:
+def verify(adapter: Adapter, base: BaseArchitecture, what: str) -> None:
     """Every tensor lands on a real module with the right shape, else one paragraph listing the offenders."""
     problems = base.offenders(adapter)
     if problems:
@@ -127,7 +129,7 @@ def renamed_adapter(adapter: Adapter, family: LayoutFamily, source: str, target:
     return Adapter(adapter.path, adapter.config, modules, extra)
 
 
-def detect_layout(adapter: Adapter, base: BaseModel) -> str:
+def detect_layout(adapter: Adapter, base: BaseArchitecture) -> str:
     """The layout in which every tensor, renamed to 5.x, lands on the base; ambiguous or none is an error."""
     family = base.family
     fits: dict[str, int] = {}

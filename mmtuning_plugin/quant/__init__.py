@@ -1,7 +1,8 @@
 """Per-modality quantization: a policy says which parts of a VLM load in 4-bit (or 8-bit) and which stay 16-bit.
 
-Hosts quantize a VLM's vision tower and projector to NF4 by default, which hurts vision quality
-(FACTS.md section 4). A `QuantPolicy` (the `quant:` key of the `mmtuning:` block) names a precision per
+Hosts quantize a VLM's vision tower and projector to NF4 by default, which hurts vision quality (Qwen2-VL-2B
+misdescribed an image with every layer NF4 and described it right with ~10% of weights kept 16-bit; see
+docs/quantization.md). A `QuantPolicy` (the `quant:` key of the `mmtuning:` block) names a precision per
 modality plus the modules kept 16-bit on purpose (projector, patch embedding, first/last vision block,
 cross-attention layers). From it and the model's module tree this package derives (one module per concern):
 
