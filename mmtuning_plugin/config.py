@@ -2,6 +2,10 @@
 
 docs/config.md is generated from these models (`python -m mmtuning_plugin.docgen`), so field
 descriptions here are the user documentation.
+
+The schema is the bottom floor: every spec model lives here (layer selections, the quantization policy, the
+schedule specs and their `LayerSchedule` base, loss options), and this module imports no feature module.
+Plugin-registered schedules and losses are looked up through `plugins.registered`.
 """
 
 from __future__ import annotations
