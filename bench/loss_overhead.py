@@ -22,7 +22,7 @@ import time
 import torch
 
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 VARIANTS = {
     "task": {},

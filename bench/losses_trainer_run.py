@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from mmtuning_plugin.integrations.hf import MMTuningTrainer
 from mmtuning_plugin.losses import LossSuite, validate_losses
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 LOSSES = {
     "anchor": {"weight": 0.5, "warmup_steps": 5},

@@ -28,7 +28,7 @@ def build(root: Path, rank: int) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mmtuning_plugin.tiny import tiny_model
+    from mmtuning_plugin.testing.tiny import tiny_model
 
     model = tiny_model("llava", dtype=torch.bfloat16, **SIZES)
     base_dir, adapter_dir = root / "base", root / "adapter"

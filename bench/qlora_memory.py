@@ -62,11 +62,11 @@ ADAPTERS = {"vision": True, "projector": True, "language": True, "r": 16, "alpha
 def build_config(size: str):
     from transformers import AutoConfig
 
-    from mmtuning_plugin.tiny import _set_dotted
+    from mmtuning_plugin.model_config import set_dotted
 
     config = AutoConfig.for_model("qwen2_5_vl")
     for dotted, value in SIZES[size].items():
-        _set_dotted(config, dotted, value)
+        set_dotted(config, dotted, value)
     return config
 
 

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from mmtuning_plugin.schedule import LayerScheduler
+from mmtuning_plugin.schedules import LayerScheduler
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 # A mid-size llava: 12 language layers (hidden 512), 8 vision layers (hidden 256). Random weights.
 MODEL_OVERRIDES = {

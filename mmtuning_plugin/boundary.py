@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from .console import fail
 from .errors import user_message
 
 
@@ -38,6 +39,4 @@ class CommandBoundary(TyperGroup):
             message = user_message(error)
             if message is None:
                 raise
-            from .cli import fail  # the CLI's one way to print an error and exit 2
-
             fail(message)

@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from .boundary import CommandBoundary
+from .console import console, errors, fail
+from .convert.cli import convert_app
 from .errors import MMTuningError, user_message
+from .integrations.llamafactory_cli import app as llamafactory_app
+from .report import inspect_report, print_report
+from .spec_input import read_spec
 
 app = typer.Typer(
     name="mmtune",
@@ -22,192 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=CommandBoundary,
 )
-console = Console()
-errors = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """One paragraph on stderr, exit code 2: the contract for every user error."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def read_spec(spec: Optional[Path], sets: list[str]) -> dict[str, Any]:
-    """The `mmtuning:` block from a YAML file (the block itself or a host YAML holding it) plus --set edits."""
-    from .files import read_yaml
-
-    data: dict[str, Any] = {}
-    if spec is not None:
-        loaded = read_yaml(spec, f"--spec {spec}", "a YAML file with an `mmtuning:` block") or {}
-        if not isinstance(loaded, dict):
-            raise MMTuningError(f"--spec {spec}: expected a mapping (an `mmtuning:` block), got {type(loaded).__name__}.")
-        data = loaded.get("mmtuning", loaded) or {}
-    for item in sets:
-        apply_set(data, item)
-    return data
-
-
-def apply_set(data: dict[str, Any], item: str) -> None:
-    """`--set vision.layers=top:8` edits the block; the value is read as YAML (numbers, lists, true/false)."""
-    import yaml
-
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise MMTuningError(f"--set {item!r}: write KEY=VALUE, e.g. --set vision.modules=attention --set vision.r=8")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    *parents, leaf = key.strip().split(".")
-    target = data
-    for part in parents:
-        current = target.get(part)
-        if current is None or isinstance(current, bool):
-            current = {} if current is None or current else {"enabled": False}
-            target[part] = current
-        if not isinstance(current, dict):
-            raise MMTuningError(f"--set {item!r}: '{part}' is {current!r}, not a block of settings.")
-        target = current
-    if isinstance(target.get(leaf), dict) and isinstance(value, bool):  # `--set vision=false` after vision.* edits
-        value = {**target[leaf], "enabled": value}  # keeps them, so the schema can refuse the contradiction
-    target[leaf] = value
-
-
-KIND_LABELS = {"attention": "attn", "projector": "linear", "patch_embed": "patch", "embed_tokens": "embed", "lm_head": "head"}
-
-
-def human(value: Optional[int]) -> str:
-    """12345678 -> 12.3M: tables stay readable at 80 columns; --json keeps exact integers."""
-    if value is None:
-        return "n/a"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return str(value)
-
-
-def _layers_text(selected: Optional[list[int]], total: int) -> str:
-    if total == 0:
-        return "-"
-    if selected is None:
-        return f"0 of {total}"
-    if selected == list(range(selected[0], selected[-1] + 1)):
-        span = f"{selected[0]}-{selected[-1]}" if len(selected) > 1 else str(selected[0])
-    else:
-        span = ",".join(map(str, selected))
-    return f"{span} of {total}"
-
-
-def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
-    """The JSON report of `inspect-targets` (also what the table is drawn from)."""
-    from .arch import MODALITIES
-    from .schedule import schedule_plan
-    from .targets import plan_targets
-
-    plan = plan_targets(model, config)
-    layout = plan.layout
-    modalities = {}
-    for modality in MODALITIES:
-        planned = plan.modules_of(modality)
-        modalities[modality] = {
-            "layers": layout.layer_counts[modality],
-            "usable_layers": layout.usable_layers[modality],
-            "modules": [leaf.name for leaf in layout.leaves_of(modality) if leaf.kind in ("attention", "mlp", "other", "projector")],
-            "params": layout.params[modality],
-            "enabled": plan.config.spec(modality).enabled,
-            "selected_layers": plan.layers.get(modality),
-            "kinds": sorted({m.leaf.kind for m in planned}),
-            "targeted": [m.name for m in planned] + [p.name for p in plan.parameters_of(modality)],
-            "targeted_params": sum(m.leaf.params for m in planned),
-            "r": plan.config.rank(modality),
-            "alpha": plan.config.scale_alpha(modality),
-            "trainable_params": plan.trainable_params(modality),
-        }
-    report = {
-        "model": model_name,
-        "model_type": plan.model_type,
-        "map_source": layout.modality_map.source,
-        "modalities": modalities,
-        "plan": plan.summary(),
-        "schedule": schedule_plan(plan).report(steps),
-    }
-    if plan.config.quant is not None:
-        from .quant import memory_estimate
-
-        report["quant"] = memory_estimate(model, plan.config.quant, plan)
-    return report
-
-
-def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
-    out = out or console
-    table = Table(title=f"{report['model']} ({report['model_type']}, map: {report['map_source']})", title_justify="left")
-    for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", "trainable"):
-        table.add_column(column, justify="right" if column in ("modules", "params", "trainable") else "left")
-    for modality, row in report["modalities"].items():
-        on = row["enabled"]
-        table.add_row(
-            modality if on else f"[dim]{modality} (off)[/]",
-            _layers_text(row["selected_layers"], row["layers"]) if on else _layers_text(None, row["layers"]),
-            ",".join(KIND_LABELS.get(k, k) for k in row["kinds"]) or "-",
-            f"{len(row['targeted'])}/{max(len(row['modules']), len(row['targeted']))}",
-            human(row["params"]),
-            f"{row['r']}/{row['alpha']:g}" if on else "-",
-            human(row["trainable_params"]) if on else "0",
-        )
-    plan = report["plan"]
-    table.add_section()
-    table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
-                  human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
-    out.print(table)
-    if plan["target_parameters"]:
-        out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
-    if plan["modules_to_save"]:
-        out.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
-    if "quant" in report:
-        print_quant(report["quant"])
-    print_schedule(report["schedule"])
-
-
-
-def print_quant(quant: dict[str, Any]) -> None:
-    """Memory after quantization per modality (weights incl. 4-bit constants; adapters + AdamW state in fp32)."""
-    table = Table(title=f"memory under quant: {quant['policy']}", title_justify="left")
-    for column in ("modality", "precision", "4bit/16bit", "weights", "trainable", "optimizer", "total"):
-        table.add_column(column, justify="left" if column in ("modality", "precision") else "right")
-    for modality, row in quant["modalities"].items():
-        table.add_row(modality, quant["precisions"][modality], f"{row['quantized_modules']}/{row['kept_16bit_modules']}",
-                      human_bytes(row["weight_bytes"]), human(row["trainable_params"]),
-                      human_bytes(row["optimizer_state_bytes"]), human_bytes(row["total_bytes"]))
-    total = quant["total"]
-    table.add_section()
-    table.add_row("total", "", "", human_bytes(total["weight_bytes"]), human(total["trainable_params"]),
-                  human_bytes(total["optimizer_state_bytes"]), human_bytes(total["total_bytes"]))
-    console.print(table)
-    console.print(f"llm_int8_skip_modules: {', '.join(quant['skip_modules'])}")
-
-
-def human_bytes(value: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= size:
-            return f"{value / size:.3g} {unit}"
-    return f"{value} B"
-
-
-
-def print_schedule(schedule: dict[str, Any]) -> None:
-    """Which layers train from which step (only when some modality has a schedule)."""
-    if schedule["static"]:
-        return
-    if schedule["timeline"] is not None:
-        rows = schedule["timeline"]
-        modalities = [key for key in rows[0] if key != "step"] if rows else []
-        table = Table("from step", *modalities, title="schedule (layers training from that step on)", title_justify="left")
-        for row in rows:
-            table.add_row(str(row["step"]), *(row[m] for m in modalities))
-    else:
-        table = Table("modality", "from", "layers", title="schedule (pass --steps N to resolve fractions into steps)",
-                      title_justify="left")
-        for modality, stages in schedule["stages"].items():
-            for stage in stages:
-                table.add_row(modality, stage["at"], stage["layers"])
-    console.print(table)
 
 
 def quant_option(preset: str, spec_quant: Any) -> Any:
@@ -264,6 +82,36 @@ def architectures(as_json: bool = typer.Option(False, "--json", help="Print JSON
     console.print(table)
 
 
+@app.command("plugins")
+def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the loaded plugins (built-ins included): their hooks, what each registered, and any name a later
+    plugin took over from an earlier one."""
+    from .plugins import REGISTRIES, overrides, plugins_report
+
+    try:
+        report = {"plugins": plugins_report(), "overrides": [o for kind in REGISTRIES for o in overrides(kind)],
+                  "hooks": [{"hook": r.hook, "kind": r.kind, "signature": r.signature} for r in REGISTRIES.values()]}
+    except MMTuningError as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table("plugin", "hook", "registered", title="mmtuning plugins (a later plugin wins a shared name)",
+                  title_justify="left")
+    table.columns[0].no_wrap = table.columns[1].no_wrap = True
+    kinds = {r.hook: r.kind for r in REGISTRIES.values()}
+    for plugin in report["plugins"]:
+        label = plugin["name"] + (" [dim](built-in)[/]" if plugin["builtin"] else f" [dim]({plugin['module']})[/]")
+        for index, hook in enumerate(plugin["hooks"] or ["-"]):
+            names = plugin["registered"].get(kinds.get(hook, ""), [])
+            table.add_row(label if index == 0 else "", hook, ", ".join(names) or "-")
+    console.print(table)
+    for item in report["overrides"]:
+        console.print(f"{item['kind']} '{item['name']}': {item['plugin']} overrides {item['overrode']}", highlight=False)
+    for hook in report["hooks"]:
+        console.print(f"{hook['hook']}: {hook['signature']}", highlight=False)
+
+
 @app.command("demo")
 def demo(
     steps: int = typer.Option(400, "--steps", min=1, help="Training steps per arm (tests use a short run)."),
@@ -296,12 +144,8 @@ def demo(
         view.summary(report)
 
 
-from .convert.cli import convert_app  # noqa: E402  (after fail/console: the sub-app uses them)
-
 app.add_typer(convert_app, name="convert")
-from .integrations.llamafactory_cli import app as llamafactory_app  # noqa: E402  (imports no llamafactory)
-
-app.add_typer(llamafactory_app, name="llamafactory")
+app.add_typer(llamafactory_app, name="llamafactory")  # imports no llamafactory until a command runs
 
 
 def main() -> None:

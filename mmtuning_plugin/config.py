@@ -2,18 +2,146 @@
 
 docs/config.md is generated from these models (`python -m mmtuning_plugin.docgen`), so field
 descriptions here are the user documentation.
+
+The schema is the bottom floor: every spec model lives here (layer selections, the quantization policy, the
+schedule specs and their `LayerSchedule` base, loss options), and this module imports no feature module.
+Plugin-registered schedules and losses are looked up through `plugins.registered`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Optional, Union, get_args
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MMTuningError, unknown_key
-from .quant import QuantPolicy
+from .plugins import registered
+
+MODALITIES: tuple[str, ...] = ("vision", "projector", "language")
+
+
+def validation_lines(error: ValidationError, where: str, unknown: str = "key",
+                     valid: Callable[[tuple], list[str]] | None = None) -> list[str]:
+    """pydantic errors as `<where>.<yaml key>: <what to fix>` lines: the one formatter of every settings block
+    (mmtuning, quant, schedules, loss options). `valid(loc)` lists the keys allowed where an unknown one was."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in (where, *item["loc"]) if not _is_union_branch(p))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown {unknown}"
+            if valid is not None:
+                message = unknown_key(str(item["loc"][-1]), valid(item["loc"]), noun=unknown)
+        lines.append(f"{path}: {message}")
+    return list(dict.fromkeys(lines))
+
+
+def _is_union_branch(part: Any) -> bool:
+    """pydantic tags errors inside a Union with the branch type (`literal[...]`): not a YAML key."""
+    return isinstance(part, str) and "[" in part
+
+
+def layer_span(layers: Iterable[int]) -> str:
+    """Layer indices as text: `0-3` for a run, `0,2,5` otherwise, `none` when empty (the one layer-range
+    printer of reports, schedules and errors)."""
+    layers = list(layers)
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers))
+
+
+# --- quantization policy (`quant:`) ---------------------------------------------------------------------
+
+Precision = Literal["nf4", "fp4", "int8", "none"]
+FOUR_BIT = ("nf4", "fp4")
+
+# Presets: the values a `quant: <name>` line stands for. Any field can still be overridden next to `preset:`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "all-4bit": dict(vision="nf4", projector="nf4", language="nf4", keep_patch_embed=False,
+                     keep_vision_edge_blocks=False, keep_cross_attention=False),
+    "balanced": dict(vision="nf4", projector="none", language="nf4", keep_patch_embed=True,
+                     keep_vision_edge_blocks=True, keep_cross_attention=True),
+    "language-4bit": dict(vision="none", projector="none", language="nf4", keep_patch_embed=True,
+                          keep_vision_edge_blocks=True, keep_cross_attention=True),
+    "none": dict(vision="none", projector="none", language="none", keep_patch_embed=True,
+                 keep_vision_edge_blocks=True, keep_cross_attention=True),
+}
+DEFAULT_PRESET = "balanced"
+
+class QuantPolicy(BaseModel):
+    """Quantization per modality (`quant:`). Write a preset (`quant: balanced`) or a block:
+    `{preset: balanced, keep_16bit: [attn.proj], checkpoint_vision: true}`; without `preset:` a block starts
+    from `balanced`. `nf4`/`fp4` load 4-bit, `int8` 8-bit, `none` leaves the modality in 16-bit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Optional[Literal["all-4bit", "balanced", "language-4bit", "none"]] = Field(
+        default=None, description="The preset the other fields start from (`balanced` when omitted).")
+    vision: Precision = Field(default="nf4", description="Vision encoder precision.")
+    projector: Precision = Field(default="none", description="Projector precision (`none`: kept 16-bit).")
+    language: Precision = Field(default="nf4", description="Language model precision (`lm_head` is always 16-bit).")
+    keep_patch_embed: bool = Field(default=True, description="Keep the vision patch embedding 16-bit (if it is a Linear).")
+    keep_vision_edge_blocks: bool = Field(default=True, description="Keep the first and the last vision block 16-bit.")
+    keep_cross_attention: bool = Field(
+        default=True, description="Keep language layers with cross-attention to the image (Llama 3.2 Vision) 16-bit.")
+    keep_16bit: list[str] = Field(
+        default_factory=list,
+        description="Extra modules kept 16-bit: regexes matched against whole dotted segments of full names "
+        "(`attn.proj`, `blocks.7`, `model.visual.blocks.3.mlp.fc1`). Each must match a Linear module.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="bnb_4bit_compute_dtype: the dtype 4-bit matmuls run in.")
+    double_quant: bool = Field(default=True, description="bnb_4bit_use_double_quant: quantize the quantization constants too.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="bnb_4bit_quant_storage. `auto` = compute_dtype, which FSDP and DeepSpeed ZeRO-3 need to shard "
+        "4-bit weights together with the 16-bit ones (same bytes as uint8).")
+    upcast_16bit: bool = Field(
+        default=False, description="k-bit preparation casts frozen 16-bit weights to fp32 (PEFT's behaviour; doubles their memory).")
+    fp32_norms: bool = Field(default=True, description="k-bit preparation runs normalization layers in fp32.")
+    checkpoint_vision: bool = Field(default=False, description="Gradient checkpointing in the vision encoder blocks.")
+    checkpoint_language: bool = Field(default=False, description="Gradient checkpointing in the language model layers.")
+    checkpoint_reentrant: bool = Field(
+        default=False, description="Use reentrant checkpointing (then input gradients are enabled for it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"preset": value}
+        if not isinstance(value, dict):
+            return value
+        preset = value.get("preset") or DEFAULT_PRESET
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; write one of {', '.join(PRESETS)}")
+        return {**PRESETS[preset], **value}
+
+    @model_validator(mode="after")
+    def _one_bnb_config(self) -> "QuantPolicy":
+        kinds = {p for p in self.precisions().values() if p != "none"}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"one BitsAndBytesConfig loads every quantized module with one type, but this policy asks for "
+                f"{', '.join(f'{m}: {p}' for m, p in self.precisions().items())}; use the same type for every quantized "
+                f"modality, or `none` to keep one in 16-bit")
+        return self
+
+    def precisions(self) -> dict[str, str]:
+        return {m: getattr(self, m) for m in MODALITIES}
+
+    @property
+    def quant_type(self) -> str | None:
+        return next((p for p in self.precisions().values() if p != "none"), None)
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.compute_dtype if self.quant_storage == "auto" else self.quant_storage
+
+
 
 KINDS = ("attention", "mlp", "all-linear")
 EXTRAS_BY_MODALITY = {"vision": ("patch_embed",), "projector": (), "language": ("embed_tokens", "lm_head")}
@@ -139,6 +267,261 @@ def _parse_layer_dict(value: dict) -> dict:
     return {"mode": key, "count": number}
 
 
+# --- layer schedules (`schedule:`) ------------------------------------------------------------------------
+
+At = Union[int, float]  # an int is an optimizer step; a float in [0, 1] is a fraction of training
+
+
+def _check_at(value: At, where: str = "") -> At:
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool):
+        raise ValueError(f"{prefix}write a step number or a fraction of training, not {value!r}")
+    if isinstance(value, float) and not 0 <= value <= 1:
+        raise ValueError(f"{prefix}{value!r} is neither a step number (write an integer) nor a fraction in [0, 1]")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{prefix}step {value} is negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From optimizer step `at` on (step or fraction), exactly these layers train; `extras`: the
+    modality's parameters outside numbered layers (projector, patch_embed, embed_tokens, lm_head)."""
+
+    at: At
+    layers: tuple[int, ...]
+    extras: bool
+
+
+class LayerSchedule(BaseModel):
+    """Base class of a registered schedule (`register(name, schedule_class)`): its fields are the YAML options
+    next to `type:`, and `stages` turns them into the stages of one modality. Like a loss's options, a schedule
+    is validated by pydantic, so an unknown or wrong option names its key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    # Modalities this schedule applies to, and whether it needs numbered layers with adapters there.
+    modalities: ClassVar[tuple[str, ...]] = ("vision", "language")
+    needs_layers: ClassVar[bool] = True
+
+    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:  # pragma: no cover
+        """From the targeted layer indices (sorted) and the modality's layer count: the stages, first at 0."""
+        raise NotImplementedError
+
+
+class StaticSchedule(LayerSchedule):
+    """Every targeted layer trains from step 0 (the default)."""
+
+    type: Literal["static"] = "static"
+    needs_layers: ClassVar[bool] = False
+
+    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
+        return [Stage(0, tuple(targeted), True)]
+
+
+class TopDownSchedule(LayerSchedule):
+    """Start with the top `start` targeted layers; add `step_layers` more (downward) every `every`
+    steps (int) or fraction of training (float), until every targeted layer trains. Without `every`,
+    the stages are spread evenly so that all layers train from half-way through training."""
+
+    type: Literal["top_down"] = "top_down"
+    start: int = Field(default=1, ge=1, description="Targeted layers (counted from the top) that train from step 0.")
+    step_layers: int = Field(default=1, ge=1, description="Layers added at each stage change.")
+    every: Optional[At] = Field(default=None, description="Steps (int >= 1) or fraction of training (float) between stages.")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value):
+        if value is None:
+            return value
+        _check_at(value)
+        if value == 0:
+            raise ValueError("every: 0 would add every layer at once; write a step count >= 1 or a fraction > 0")
+        return value
+
+    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
+        count = len(targeted)
+        if self.start >= count:
+            raise MMTuningError(f"{where}: top_down start: {self.start} already covers all {count} targeted layers "
+                                f"({layer_span(targeted)}), so nothing would be added later; write start: {max(1, count - 1)} "
+                                f"or less, or use schedule: static.")
+        changes = math.ceil((count - self.start) / self.step_layers)
+        every: At = self.every if self.every is not None else 0.5 / changes
+        stages = []
+        for index in range(changes + 1):
+            on = min(count, self.start + index * self.step_layers)
+            at: At = index * every if index else 0
+            if isinstance(at, float) and at > 1:
+                raise MMTuningError(f"{where}: top_down every: {every:g} puts stage {index} at {at * 100:g}% of "
+                                    f"training, past the end; lower `every` or raise `step_layers`.")
+            stages.append(Stage(at, tuple(targeted[count - on:]), True))
+        return stages
+
+
+class CustomStage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: At = Field(description="Optimizer step (int) or fraction of training (float) where this stage starts.")
+    layers: LayerSelection = Field(description="Layers that train from `at` on (same forms as `layers:`).")
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, value):
+        return _check_at(value)
+
+
+class CustomSchedule(LayerSchedule):
+    """An explicit list of stages `{at: step-or-fraction, layers: ...}`; before the first stage, no layer trains."""
+
+    type: Literal["custom"] = "custom"
+    stages_: tuple[CustomStage, ...] = Field(alias="stages", min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        for kind in (int, float):
+            ats = [s.at for s in self.stages_ if isinstance(s.at, kind) and not isinstance(s.at, bool)]
+            if ats != sorted(ats) or len(set(ats)) != len(ats):
+                raise ValueError(f"stages: `at` values {ats} must strictly increase")
+        return self
+
+    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
+        out = [] if self.stages_[0].at == 0 else [Stage(0, (), False)]
+        for index, stage in enumerate(self.stages_):
+            layers = stage.layers.resolve(num_layers, f"{where}.stages[{index}].layers")
+            outside = sorted(set(layers) - set(targeted))
+            if outside:
+                raise MMTuningError(f"{where}.stages[{index}].layers: layers {outside} get no adapters (targeted: "
+                                    f"{layer_span(targeted)}); a schedule can only turn targeted layers on. Widen `layers:` "
+                                    f"or drop them from the stage.")
+            out.append(Stage(stage.at, tuple(layers), bool(layers)))
+        return out
+
+
+class ProjectorSchedule(LayerSchedule):
+    """The projector trains `always`, `{from: N}` (from step or fraction N on), `{until: N}`, or both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    type: Literal["projector"] = "projector"
+    modalities: ClassVar[tuple[str, ...]] = ("projector",)
+    needs_layers: ClassVar[bool] = False
+    start: Optional[At] = Field(default=None, alias="from")
+    until: Optional[At] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _always(cls, value):
+        return {"type": "projector"} if value in ("always", "static", None) else value
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name, value in (("from", self.start), ("until", self.until)):
+            if value is not None:
+                _check_at(value, name)
+        if self.start is not None and self.until is not None and type(self.start) is type(self.until) \
+                and self.until <= self.start:
+            raise ValueError(f"until: {self.until} is not after from: {self.start}")
+        return self
+
+    def stages(self, targeted: list[int], num_layers: int, where: str) -> list[Stage]:
+        out = [Stage(0, (), self.start in (None, 0))]
+        if self.start not in (None, 0):
+            out.append(Stage(self.start, (), True))
+        if self.until is not None:
+            out.append(Stage(self.until, (), False))
+        return out
+
+
+def registered_schedules() -> dict[str, type[LayerSchedule]]:
+    """Schedule type name -> LayerSchedule subclass (built-ins and plugins, via `register_schedules`)."""
+    return registered("schedules")
+
+
+def parse_schedule(value: Any, modality: str, where: str | None = None) -> LayerSchedule:
+    """The `schedule:` value of one modality as a schedule object (with a `stages(...)` method)."""
+    where = where or f"mmtuning.{modality}.schedule"
+    if isinstance(value, LayerSchedule):
+        return value
+    projector = modality == "projector"
+    if value is None or value == "static" or (projector and value == "always"):
+        value = "projector" if projector else "static"
+    if isinstance(value, str):
+        value = {"type": value}
+    if projector and isinstance(value, dict) and "type" not in value:
+        value = {"type": "projector", **value}
+    hint = (" (the projector takes `always`, `{from: N}`, `{until: N}`; N a step or a fraction of training)"
+            if projector else "")
+    if not isinstance(value, dict):
+        if projector:
+            raise MMTuningError(f"{where}: cannot read {value!r}{hint}")
+        raise MMTuningError(f"{where}: write `static`, `top_down`, or a mapping with `type:` (e.g. "
+                            f"{{type: top_down, start: 2, every: 100}}), not {value!r}.")
+    kind = value.get("type", "static")
+    classes = registered_schedules()
+    fitting = sorted(n for n, c in classes.items() if modality in c.modalities)
+    if kind not in fitting:
+        raise MMTuningError(f"{where}.type: unknown schedule {kind!r}; known: {', '.join(fitting)}.{hint}")
+    try:
+        return classes[kind].model_validate(dict(value))
+    except ValidationError as error:
+        raise MMTuningError("; ".join(validation_lines(error, where)) + hint) from None
+
+
+# --- loss options (`losses:`) -----------------------------------------------------------------------------
+
+
+class LossOptions(BaseModel):
+    """Options every loss has; a loss subclasses this to add its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(default=0.1, ge=0, description="Multiplier of this term in the total loss.")
+    warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0 over these optimizer steps.")
+
+    @model_validator(mode="after")
+    def _weight_does_something(self):
+        if self.weight == 0 and not self.acts_without_weight():
+            raise ValueError("weight: 0 turns this loss into a no-op; remove the loss or give it a positive weight")
+        return self
+
+    def acts_without_weight(self) -> bool:
+        """True when the loss changes training even at weight 0 (sculpt's sparsification)."""
+        return False
+
+    def factor(self, step: int) -> float:
+        """The weight at optimizer step `step` (linear warm-up, then constant)."""
+        if self.warmup_steps <= 0:
+            return self.weight
+        return self.weight * min(1.0, step / self.warmup_steps)
+
+
+def validate_losses(value: Any) -> dict[str, LossOptions]:
+    """The `losses:` mapping as validated option objects; unknown names list the registered ones.
+
+    Raises ValueError (pydantic turns it into `mmtuning.losses: ...`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"write a mapping of loss name -> options, e.g. {{anchor: {{weight: 0.1}}}}; got {value!r}")
+    known = registered("losses")
+    result: dict[str, LossOptions] = {}
+    for name, options in value.items():
+        if name not in known:
+            raise ValueError(f"unknown loss '{name}'; registered losses: {', '.join(sorted(known))}")
+        loss_class = known[name]
+        if isinstance(options, LossOptions):
+            result[name] = options
+            continue
+        if options is None or options is True:
+            options = {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{name}: write its options as a mapping (e.g. {{weight: 0.1}}), got {options!r}")
+        try:
+            result[name] = loss_class.Options.model_validate(options)
+        except ValidationError as error:
+            fields = list(loss_class.Options.model_fields)
+            raise ValueError("; ".join(validation_lines(error, name, "option", lambda loc: fields))) from None
+    return result
+
+
 class ModalitySpec(BaseModel):
     """Adapters for one modality (vision encoder, projector or language model)."""
 
@@ -228,8 +611,6 @@ class MMTuningConfig(BaseModel):
     @field_validator("losses", mode="before")
     @classmethod
     def _validate_losses(cls, value: Any) -> Any:
-        from .losses import validate_losses  # the loss registry loads plugins: import late
-
         return validate_losses(value)
 
     @model_validator(mode="before")
@@ -288,8 +669,6 @@ class MMTuningConfig(BaseModel):
 
 def _check_schedule_keys(modality: str, spec: ModalitySpec) -> None:
     """Parse `schedule:` into its object (registered schedule types) and refuse settings that would do nothing."""
-    from .schedule import parse_schedule
-
     if not spec.enabled:
         inert = sorted(spec.model_fields_set - {"enabled"})
         if inert or spec.schedule not in ("static", "always", None) or spec.lr != 1.0 or spec.lr_decay is not None:
@@ -319,19 +698,8 @@ def load_config(data: Any, where: str = "mmtuning") -> MMTuningConfig:
 
 
 def format_validation_error(error: ValidationError, where: str) -> str:
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(p) for p in (where, *item["loc"]) if not _is_union_branch(p))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = unknown_key(item["loc"][-1], _valid_keys(item["loc"]))
-        lines.append(f"{path}: {message}")
-    return "Invalid mmtuning settings:\n  " + "\n  ".join(dict.fromkeys(lines))
-
-
-def _is_union_branch(part: Any) -> bool:
-    """pydantic tags errors inside a Union with the branch type (`literal[...]`): not a YAML key."""
-    return isinstance(part, str) and "[" in part
+    lines = validation_lines(error, where, valid=_valid_keys)
+    return "Invalid mmtuning settings:\n  " + "\n  ".join(lines)
 
 
 def _valid_keys(loc: tuple) -> list[str]:

@@ -111,7 +111,7 @@ def config_markdown() -> str:
 
 def architectures_markdown() -> str:
     from .arch import registered_maps
-    from .tiny import TINY_MODEL_TYPES
+    from .testing.tiny import TINY_MODEL_TYPES
 
     maps = {t: m for t, m in registered_maps().items() if m.source == "builtin"}
 

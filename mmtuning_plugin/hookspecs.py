@@ -2,6 +2,7 @@
 
 A plugin module implements any of these with `@mmtuning_plugin.hookimpl`. The built-in architectures,
 losses and schedules register through the same hooks, so a third-party package is a first-class citizen.
+Each hook's `register(...)` signature and the type it checks are rows of `plugins.REGISTRIES`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ hookimpl = pluggy.HookimplMarker("mmtuning")
 
 @hookspec
 def register_architectures(register):
-    """Call `register(ModalityMap(...))` for each model type this plugin knows."""
+    """Call `register(modality_map: ModalityMap)` for each model type family this plugin knows."""
 
 
 @hookspec
 def register_losses(register):
-    """Call `register(name, loss_factory)` for each alignment or regularization loss."""
+    """Call `register(name: str, loss_class: type[AlignmentLoss])` for each alignment or regularization loss."""
 
 
 @hookspec
 def register_schedules(register):
-    """Call `register(name, schedule_factory)` for each layer schedule."""
+    """Call `register(name: str, schedule_class: type[LayerSchedule])` for each layer schedule."""

@@ -83,12 +83,12 @@ def _default_config(model_type: str):
     from transformers import AutoConfig
 
     from .arch import lookup_map
-    from .tiny import _set_dotted
+    from .model_config import set_dotted
 
     config = AutoConfig.for_model(model_type)
     known = lookup_map(model_type)
     for dotted, value in (known.default_config_fixes if known else {}).items():
-        _set_dotted(config, dotted, value)
+        set_dotted(config, dotted, value)
     return config
 
 

@@ -57,7 +57,7 @@ class MMTuning:
             raise MMTuningError("mmtuning has no target plan yet: call plan_for(model) or wrap(model) first.")
         return self.plan
 
-    # --- quantization (mmtuning_plugin/quant.py) ---------------------------------------------------
+    # --- quantization (mmtuning_plugin/quant/) ------------------------------------------------------
 
     def bnb_config_kwargs(self, model_config: Any) -> dict[str, Any] | None:
         """kwargs for transformers.BitsAndBytesConfig under `quant:`; None when no policy is set."""
@@ -83,19 +83,19 @@ class MMTuning:
         """Parameter groups for the optimizer: every trainable or adapter parameter, once, in its modality's
         group (`vision`, `projector`, `language`, `other`; `vision.layer3` with lr_decay) at lr x the
         modality's `lr` multiplier. Adapters of later schedule stages are in from step 0."""
-        from .schedule import optimizer_groups
+        from .schedules import optimizer_groups
 
         return optimizer_groups(model, self.require_plan(), lr, weight_decay)
 
     def schedule(self):
         """The resolved layer schedule (`SchedulePlan`): which layers train at step N."""
-        from .schedule import schedule_plan
+        from .schedules import schedule_plan
 
         return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
         """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
-        from .schedule import schedule_callback
+        from .schedules import schedule_callback
 
         return [schedule_callback(self), *self.losses.callbacks()]
 
@@ -105,23 +105,3 @@ class MMTuning:
         Call right after the model's forward on `inputs`: the terms read features its hooks captured."""
         return self.losses.compute(inputs)
 
-
-def modality_of_parameter(plan: TargetPlan, parameter_name: str) -> str | None:
-    """Modality of a trainable parameter name such as `base_model.model.<module>.lora_A.default.weight`."""
-    name = parameter_name
-    while name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    for marker in (".lora_", ".hada_", ".lokr_", ".ia3_", ".modules_to_save."):
-        if marker in name:
-            name = name.split(marker)[0]
-            break
-    name = name.replace(".base_layer", "")
-    found = plan.modality_of(name)
-    if found:
-        return found
-    for parameter in plan.parameters:  # a ParamWrapper sits at the bare parameter's module
-        if parameter.name.rsplit(".", 1)[0] == name:
-            return parameter.modality
-    if any(name == whole or name.startswith(whole + ".") for whole in plan.modules_to_save):
-        return "projector"
-    return None

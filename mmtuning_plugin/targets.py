@@ -18,8 +18,8 @@ from torch import nn
 from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, unwrap
 from .config import KINDS, MMTuningConfig, load_config
 from .errors import MMTuningError, PlanMismatchError
+from .names import module_of
 
-PEFT_PREFIX = "base_model.model."
 DEFAULT_DROPOUT = 0.05
 # Module kinds each method can adapt (PEFT 0.21): IA3/LoHa/LoKr have no Embedding layer.
 METHOD_LEAF_TYPES = {
@@ -323,7 +323,7 @@ def wrapped_set(model: nn.Module, adapter_name: str = "default") -> WrappedSet:
 
     found = WrappedSet()
     for name, module in model.named_modules():
-        relative = _relative(name)
+        relative = module_of(name)
         if isinstance(module, ModulesToSaveWrapper):
             found.modules_to_save.add(relative)
         if not isinstance(module, BaseTunerLayer):
@@ -335,12 +335,6 @@ def wrapped_set(model: nn.Module, adapter_name: str = "default") -> WrappedSet:
         else:
             found.modules[relative] = rank
     return found
-
-
-def _relative(name: str) -> str:
-    while name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
-    return re.sub(r"\.base_layer(?=\.|$)", "", name)
 
 
 def _rank_of(module: nn.Module, adapter_name: str) -> int | None:

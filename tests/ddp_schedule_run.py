@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 
 def run(out_dir: str, find_unused: str) -> None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from mmtuning_plugin.arch import ModalityMap, detect_map, lookup_map, resolve_layout
 from mmtuning_plugin.errors import MMTuningError
-from mmtuning_plugin.tiny import TINY_MODEL_TYPES, tiny_model
+from mmtuning_plugin.testing.tiny import TINY_MODEL_TYPES, tiny_model
 
 # Written independently of arch/builtin.py: (vision prefix, projector prefix(es), language prefix,
 # Linear modules per vision layer, projector Linear count, vision layers).

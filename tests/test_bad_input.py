@@ -21,10 +21,7 @@ from typer.testing import CliRunner
 from mmtuning_plugin.cli import app
 from mmtuning_plugin.errors import MMTuningError
 
-try:  # the tiny builders move to mmtuning_plugin.testing (issue 14)
-    from mmtuning_plugin.testing.tiny import tiny_config, tiny_model
-except ImportError:
-    from mmtuning_plugin.tiny import tiny_config, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_config, tiny_model
 
 runner = CliRunner()
 BINARY = bytes(range(256)) * 8

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmtuning_plugin.cli import app
-from mmtuning_plugin.tiny import tiny_config
+from mmtuning_plugin.testing.tiny import tiny_config
 
 runner = CliRunner()
 

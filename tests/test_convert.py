@@ -16,9 +16,9 @@ from mmtuning_plugin.convert.adapter import read_adapter
 from mmtuning_plugin.convert.merge import FourBit, merge
 from mmtuning_plugin.convert.remap import remap
 from mmtuning_plugin.errors import MMTuningError
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
-# The documented old names (FACTS.md section 7), written independently of convert/layouts.py:
+# The documented old names (docs/convert.md, "Layouts"), written independently of convert/layouts.py:
 # 5.x module name -> 4.52-4.57 name -> <=4.51 name.
 TO_457 = {"llava": [(r"^model\.vision_tower\.", "model.vision_tower.vision_model.")], "qwen2_vl": [], "idefics3": []}
 TO_451 = {
@@ -393,12 +393,31 @@ def test_merge_replaces_modules_to_save_and_split_keeps_them_with_their_modality
     load_strict("llava", tmp_path / "lang")
 
 
+def test_split_keeps_qwen_merger_norm_with_the_projector(tmp_path):
+    """Qwen's projector `model.visual.merger` sits inside the vision tower `model.visual`: its LayerNorm `ln_q`
+    (trained whole through modules_to_save) is projector, so --keep projector,language keeps it (longest prefix)."""
+    from mmtuning_plugin.convert.split import split
+
+    setup = Setup(tmp_path, "qwen2_vl", targets=r".*(visual\.blocks.*(qkv|fc1)|language_model.*(q_proj|v_proj))",
+                  modules_to_save=["merger"])
+    saved = set(load_file(setup.dir / "adapter_model.safetensors"))
+    merger = sorted(k for k in saved if ".merger." in k)
+    assert any(".ln_q." in k for k in merger) and any(".mlp." in k for k in merger)
+    summary = split(setup.dir, tmp_path / "s", keep="projector,language")
+    assert summary["dropped_modalities"] == ["vision"] and summary["dropped_extra_tensors"] == 0
+    kept = set(load_file(tmp_path / "s" / "adapter_model.safetensors"))
+    assert set(merger) <= kept
+    assert not any(".visual.blocks." in k for k in kept)
+    assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["modules_to_save"] == ["merger"]
+    load_strict("qwen2_vl", tmp_path / "s")
+
+
 def test_layout_tables_round_trip_every_module_of_every_family():
-    """5.x -> older -> 5.x gives back every module name, and older layouts really differ where FACTS says so."""
+    """5.x -> older -> 5.x gives back every module name, and older layouts really differ where docs/convert.md says so."""
     from mmtuning_plugin.arch import registered_maps
     from mmtuning_plugin.convert.layouts import LAYOUT_FAMILIES, LAYOUTS, rename
     from mmtuning_plugin.loading import build_skeleton
-    from mmtuning_plugin.tiny import TINY_MODEL_TYPES, tiny_config
+    from mmtuning_plugin.testing.tiny import TINY_MODEL_TYPES, tiny_config
 
     maps = registered_maps()
     for family in LAYOUT_FAMILIES:

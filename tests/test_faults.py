@@ -22,10 +22,7 @@ from mmtuning_plugin.convert.merge import merge
 from mmtuning_plugin.convert.placement import safe_output
 from mmtuning_plugin.errors import MMTuningError
 
-try:  # the tiny builders move to mmtuning_plugin.testing (issue 14)
-    from mmtuning_plugin.testing.tiny import tiny_model
-except ImportError:
-    from mmtuning_plugin.tiny import tiny_model
+from mmtuning_plugin.testing.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = r".*(multi_modal_projector\.linear_1|language_model.*(q_proj|v_proj))"

@@ -4,7 +4,7 @@ import torch
 from transformers import TrainingArguments
 
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 
 def test_trainer_trains_only_adapters_with_one_group_per_modality(tmp_path):

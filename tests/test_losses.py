@@ -13,7 +13,7 @@ from mmtuning_plugin.losses import LossSuite, registered_losses, validate_losses
 from mmtuning_plugin.losses.capture import FeatureCapture
 from mmtuning_plugin.session import MMTuning
 from helpers import perturb_lora_b
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 ARCHS = ("llava", "qwen2_vl", "idefics3")
 LOSSES = {

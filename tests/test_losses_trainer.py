@@ -17,7 +17,7 @@ from mmtuning_plugin.integrations.hf import MMTuningTrainer
 from mmtuning_plugin.losses.sculpt import conflict_mask
 from mmtuning_plugin.session import MMTuning
 from helpers import perturb_lora_b
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 HERE = Path(__file__).parent
 

@@ -13,7 +13,7 @@ import pytest
 from mmtuning_plugin import plugins
 from mmtuning_plugin.arch import lookup_map, registered_maps
 from mmtuning_plugin.targets import apply_plan, plan_targets
-from mmtuning_plugin.tiny import tiny_model
+from mmtuning_plugin.testing.tiny import tiny_model
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -90,3 +90,73 @@ def test_a_plugin_registering_a_wrong_object_gets_a_clear_error():
             registered_maps()
     finally:
         plugins.unregister_plugin(Broken)
+
+
+def test_mmtune_plugins_lists_hooks_registrations_and_overrides():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+    from mmtuning_plugin.losses import registered_losses
+
+    sys.path.insert(0, str(HERE / "example_plugin"))
+    builtin_llava = lookup_map("llava")
+
+    class LlavaOverride:  # a later plugin re-registering a built-in model type wins it
+        @staticmethod
+        @plugins.hookspecs.hookimpl
+        def register_architectures(register):
+            register(dataclasses.replace(builtin_llava, source="override-test"))
+
+    try:
+        import mmtuning_hidden_norm
+        import mmtuning_ovis2
+
+        plugins.register_plugin(mmtuning_ovis2, name="ovis2-test")
+        plugins.register_plugin(mmtuning_hidden_norm, name="hidden-norm-test")
+        plugins.register_plugin(LlavaOverride, name="llava-override")
+        result = CliRunner().invoke(app, ["plugins", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        by_name = {p["name"]: p for p in report["plugins"]}
+        assert by_name["builtin_losses"]["builtin"] and by_name["builtin_losses"]["hooks"] == ["register_losses"]
+        assert "top_down" in by_name["builtin_schedules"]["registered"]["schedules"]
+        assert by_name["ovis2-test"]["registered"] == {"architectures": ["ovis2"]}
+        assert by_name["hidden-norm-test"] == {"name": "hidden-norm-test", "module": "mmtuning_hidden_norm",
+                                               "builtin": False, "hooks": ["register_losses"],
+                                               "registered": {"losses": ["hidden_norm"]}}
+        assert {"kind": "architectures", "name": "llava", "plugin": "llava-override",
+                "overrode": "builtin_architectures"} in report["overrides"]
+        assert {(o["plugin"], o["overrode"]) for o in report["overrides"]} == {("llava-override", "builtin_architectures")}
+        assert lookup_map("llava").source == "override-test" and "hidden_norm" in registered_losses()
+        assert {h["hook"]: h["signature"] for h in report["hooks"]}["register_losses"] == \
+            "register(name: str, loss_class: type[AlignmentLoss])"
+        table = CliRunner().invoke(app, ["plugins"], terminal_width=160)
+        assert table.exit_code == 0
+        assert "architectures 'llava': llava-override overrides builtin_architectures" in table.output
+    finally:
+        for name in ("ovis2-test", "hidden-norm-test", "llava-override"):
+            plugin = plugins.plugin_manager().get_plugin(name)
+            if plugin is not None:
+                plugins.unregister_plugin(plugin)
+        sys.path.remove(str(HERE / "example_plugin"))
+    assert lookup_map("llava").source == "builtin"
+
+
+@pytest.mark.parametrize("hook, call, message", [
+    ("register_losses", lambda register: register("bad", object), "register(name: str, loss_class: type[AlignmentLoss])"),
+    ("register_losses", lambda register: register(3, dict), "subclass of mmtuning_plugin.losses.base.AlignmentLoss"),
+    ("register_schedules", lambda register: register("bad"), "register(name: str, schedule_class: type[LayerSchedule])"),
+])
+def test_every_registry_checks_its_register_calls_the_same_way(hook, call, message):
+    from mmtuning_plugin.errors import MMTuningError
+
+    plugin = type("Bad", (), {hook: staticmethod(plugins.hookspecs.hookimpl(call))})
+    plugins.register_plugin(plugin, name="bad-plugin")
+    try:
+        with pytest.raises(MMTuningError, match="Plugin 'bad-plugin'") as error:
+            plugins.registered(hook.removeprefix("register_"))
+        assert message in str(error.value)
+    finally:
+        plugins.unregister_plugin(plugin)

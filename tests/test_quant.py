@@ -13,7 +13,7 @@ from mmtuning_plugin.loading import build_skeleton, load_model_config
 from mmtuning_plugin.quant import (QuantMismatchError, allocated_weight_bytes, bnb_config_kwargs, memory_estimate,
                                    plan_quantization, policy_of, prepare_kbit_training, verify_quantized)
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -93,7 +93,8 @@ def test_verify_fails_loudly_when_the_host_quantized_the_towers(saved):
 
 
 def test_skip_list_is_anchored_full_names_and_bare_names_would_not_skip(saved):
-    """FACTS §4 on the installed transformers: an unanchored `visual` entry does not keep the tower 16-bit."""
+    """transformers 5.20+ matches skip entries anchored or by suffix: an unanchored `visual` entry does not keep the
+    tower 16-bit."""
     path = saved("qwen2_vl")
     kwargs = bnb_config_kwargs(load_config({"quant": "language-4bit"}), load_model_config(str(path)))
     assert kwargs["llm_int8_skip_modules"] == ["lm_head", "model.visual"]

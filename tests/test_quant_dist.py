@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtuning_plugin.tiny import tiny_model
+from mmtuning_plugin.testing.tiny import tiny_model
 
 pytest.importorskip("bitsandbytes")
 RANK_SCRIPT = Path(__file__).parent / "dist" / "qlora_ranks.py"

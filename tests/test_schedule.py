@@ -5,19 +5,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 from transformers import TrainingArguments
 
 from mmtuning_plugin import plugins
-from mmtuning_plugin.config import load_config
+from mmtuning_plugin.config import LayerSchedule, load_config
 from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.hookspecs import hookimpl
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
-from mmtuning_plugin.schedule import LayerScheduler, Stage, active_of, schedule_plan
+from mmtuning_plugin.schedules import LayerScheduler, Stage, active_of, schedule_plan
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = "base_model.model.model.vision_tower.encoder.layers."
@@ -108,9 +109,9 @@ def test_a_fraction_without_a_step_count_is_an_error():
 
 
 def test_a_third_party_schedule_registers_through_the_hook():
-    class BottomUp:
-        def __init__(self, options):
-            self.every = options.get("every", 5)
+    class BottomUp(LayerSchedule):
+        type: Literal["bottom_up"] = "bottom_up"
+        every: int = 5
 
         def stages(self, targeted, num_layers, where):
             return [Stage(i * self.every, tuple(targeted[: i + 1]), True) for i in range(len(targeted))]
@@ -299,3 +300,22 @@ def test_inspect_targets_shows_the_schedule_as_a_table_and_in_json(tmp_path):
     assert "schedule" not in plain.stdout  # static runs: the output is unchanged
     bad = runner.invoke(app, ["inspect-targets", "llava", "--spec", str(spec), "--set", "vision.schedule.start=3"])
     assert bad.exit_code == 2 and "already covers all 3 targeted layers" in bad.stderr
+
+
+def test_a_schedule_plugin_must_register_a_layer_schedule_class():
+    class Plain:  # the old factory shape: no options schema, so typos in its YAML would go unnoticed
+        def __init__(self, options):
+            pass
+
+    class Plugin:
+        @hookimpl
+        def register_schedules(self, register):
+            register("plain", Plain)
+
+    plugin = Plugin()
+    plugins.register_plugin(plugin, name="test_plain")
+    try:
+        with pytest.raises(MMTuningError, match=r"Plugin 'test_plain'.*subclass of mmtuning_plugin.config.LayerSchedule"):
+            plan_of({"language": {"schedule": "plain"}})
+    finally:
+        plugins.unregister_plugin(plugin)

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from mmtuning_plugin.errors import MMTuningError, PlanMismatchError
 from mmtuning_plugin.targets import apply_plan, plan_targets, verify_wrapped, wrapped_set
-from mmtuning_plugin.tiny import TINY_MODEL_TYPES, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import TINY_MODEL_TYPES, tiny_batch, tiny_model
 
 SPEC = {
     "vision": {"modules": "attention", "layers": {"top": 2}, "r": 4},

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mmtuning_plugin.tiny_processing import VOCAB_SIZE, save_tiny_checkpoint, tiny_tokenizer
+from mmtuning_plugin.testing.tiny_processing import VOCAB_SIZE, save_tiny_checkpoint, tiny_tokenizer
 
 
 def test_tokenizer_has_fixed_special_ids_and_full_vocab():

@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from ..config import MODALITIES
 from ..errors import MMTuningError
 
-MODALITIES: tuple[str, ...] = ("vision", "projector", "language")
 
 # Path segments that say which sub-block of a layer a leaf belongs to.
 ATTENTION_SEGMENTS = frozenset({"self_attn", "attn", "attention", "cross_attn", "encoder_attn", "self_attention"})
@@ -252,18 +252,9 @@ def _check_map_matches(model: nn.Module, mmap: ModalityMap, model_type: str) -> 
 
 def registered_maps() -> dict[str, ModalityMap]:
     """model_type -> ModalityMap from every plugin (built-ins included); a later plugin overrides."""
-    from ..plugins import collect
+    from ..plugins import registered
 
-    maps: dict[str, ModalityMap] = {}
-    for mmap in collect("register_architectures", lambda m: m):
-        if not isinstance(mmap, ModalityMap):
-            raise MMTuningError(
-                f"A plugin's register_architectures passed {type(mmap).__name__}; pass a "
-                f"mmtuning_plugin.arch.ModalityMap instead."
-            )
-        for model_type in mmap.model_types:
-            maps[model_type] = mmap
-    return maps
+    return registered("architectures")
 
 
 def lookup_map(model_type: str) -> ModalityMap | None:

@@ -1,6 +1,6 @@
 """The built-in modality maps (transformers 5.x module names), registered as a pluggy plugin.
 
-Each entry is a fact checked against transformers 5.23 (see FACTS.md section 2). To support a new
+Each entry is a fact checked against transformers 5.23 (docs/architectures.md lists them; tests/test_arch.py builds each). To support a new
 model type, add an entry here or, from another package, register one through the same hook.
 """
 

@@ -17,7 +17,9 @@ from .layouts import CURRENT, LAYOUTS, LayoutFamily, family_of, rename
 
 
 @dataclass
-class BaseModel:
+class BaseArchitecture:
+    """The base model an adapter belongs to, as a meta skeleton (named apart from pydantic's BaseModel)."""
+
     name: str
     skeleton: torch.nn.Module
 
@@ -43,14 +45,15 @@ class BaseModel:
         return resolve_layout(self.skeleton)
 
     def modality(self, module: str) -> str:
-        """vision / projector / language from the modality map (leaves first, then the map's prefixes)."""
+        """vision / projector / language from the modality map (leaves first, then the map's longest prefix)."""
+        from ..names import modality_by_map
+
         leaf = self._leaves.get(module)
         if leaf is not None:
             return leaf.modality
-        mmap = self.layout.modality_map
-        for modality in ("vision", "projector", "language"):
-            if any(module == p or module.startswith(p + ".") for p in mmap.prefixes(modality)):
-                return modality
+        modality = modality_by_map(module, self.layout.modality_map)
+        if modality is not None:
+            return modality
         raise MMTuningError(f"Module {module} of {self.model_type} belongs to no modality of its modality map.")
 
     @cached_property
@@ -92,7 +95,7 @@ def extra_param_name(key: str) -> str:
     return name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
-def load_base(adapter: Adapter, base: Optional[str]) -> BaseModel:
+def load_base(adapter: Adapter, base: Optional[str]) -> BaseArchitecture:
     """The meta skeleton of `--base` (a model dir, cached hub id or model type) or the adapter's base model."""
     from ..loading import build_skeleton, load_model_config
 
@@ -105,10 +108,10 @@ def load_base(adapter: Adapter, base: Optional[str]) -> BaseModel:
     except MMTuningError as error:
         raise MMTuningError(f"Cannot build the base architecture to verify against: {error} "
                             f"(pass --base with a local model directory or a model type).") from None
-    return BaseModel(name, build_skeleton(config))
+    return BaseArchitecture(name, build_skeleton(config))
 
 
-def verify(adapter: Adapter, base: BaseModel, what: str) -> None:
+def verify(adapter: Adapter, base: BaseArchitecture, what: str) -> None:
     """Every tensor lands on a real module with the right shape, else one paragraph listing the offenders."""
     problems = base.offenders(adapter)
     if problems:
@@ -126,7 +129,7 @@ def renamed_adapter(adapter: Adapter, family: LayoutFamily, source: str, target:
     return Adapter(adapter.path, adapter.config, modules, extra)
 
 
-def detect_layout(adapter: Adapter, base: BaseModel) -> str:
+def detect_layout(adapter: Adapter, base: BaseArchitecture) -> str:
     """The layout in which every tensor, renamed to 5.x, lands on the base; ambiguous or none is an error."""
     family = base.family
     fits: dict[str, int] = {}

@@ -23,7 +23,7 @@ BASE = typer.Option(None, "--base", help="Base model (directory, cached hub id o
 
 
 def _run(action: Callable[[], dict[str, Any]], as_json: bool, show: Callable[[dict[str, Any]], None]) -> None:
-    from ..cli import fail
+    from ..console import fail
     from ..errors import MMTuningError
 
     try:
@@ -37,7 +37,7 @@ def _run(action: Callable[[], dict[str, Any]], as_json: bool, show: Callable[[di
 
 
 def _say(text: str) -> None:
-    from ..cli import console
+    from ..console import console
     console.print(text, highlight=False, soft_wrap=True)
 
 
@@ -58,7 +58,7 @@ def _show_merge(s: dict[str, Any]) -> None:
 def _show_errors(s: dict[str, Any], key: str, error_key: str, title: str) -> None:
     from rich.table import Table
 
-    from ..cli import console
+    from ..console import console
 
     table = Table(title=title, title_justify="left")
     for column in ("module", "rank", "relative error"):

@@ -2,7 +2,7 @@
 
 Each family lists, per version step, ordered regex renames forward (old -> new) and backward (new -> old).
 The facts come from transformers' own `_checkpoint_conversion_mapping` (4.52-4.57) and the v5 removal of
-CLIP/SigLIP's inner `vision_model.` level (FACTS.md section 7). Names here are module names without
+CLIP/SigLIP's inner `vision_model.` level (docs/convert.md, "Layouts"). Names here are module names without
 PEFT's `base_model.model.` prefix.
 """
 

@@ -22,7 +22,7 @@ import torch
 from ..errors import MMTuningError
 from .placement import safe_output
 from .adapter import Adapter, Factors, read_adapter
-from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
+from .base import BaseArchitecture, detect_layout, extra_param_name, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, CHECKPOINT_SPELLINGS, spell
 from .stream import DTYPES as STORED_DTYPES, read_header, read_tensor, write_streaming
 
@@ -84,7 +84,7 @@ def check_model_dir(path: Path, option: str) -> None:
                             f"config.json and weights on disk (a directory written by save_pretrained).")
 
 
-def check_shapes(model_dir: Path, headers: dict[str, dict], by_key: dict[str, str], base: BaseModel) -> None:
+def check_shapes(model_dir: Path, headers: dict[str, dict], by_key: dict[str, str], base: BaseArchitecture) -> None:
     """Every checkpoint tensor has the shape the base's config.json describes (else the two belong to different
     models, and the merged directory would not load). `by_key`: checkpoint key -> 5.x parameter name."""
     wrong = []
@@ -140,13 +140,13 @@ def quantize_roundtrip(weight: torch.Tensor, four_bit: FourBit) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
 
 
-def _quantized_weights(base: BaseModel, four_bit: FourBit) -> list[str]:
+def _quantized_weights(base: BaseArchitecture, four_bit: FourBit) -> list[str]:
     return [f"{name}.weight" for name, module in base.modules.items()
             if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) or name.startswith(s + ".")
                                                              for s in four_bit.skip)]
 
 
-def merge_into(model_dir: Path, out: Path, base: BaseModel, adapter: Adapter, dtype: Optional[torch.dtype],
+def merge_into(model_dir: Path, out: Path, base: BaseArchitecture, adapter: Adapter, dtype: Optional[torch.dtype],
                four_bit: Optional[FourBit] = None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Stream the checkpoint in `model_dir` into `out` with the 5.x-named `adapter` merged in.
 
@@ -219,7 +219,7 @@ def _copy_side_files(model_dir: Path, out: Path, index: Optional[dict[str, Any]]
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def adapter_for_base(adapter_dir: Path, model_dir: Optional[str], source: Optional[str]) -> tuple[Adapter, BaseModel]:
+def adapter_for_base(adapter_dir: Path, model_dir: Optional[str], source: Optional[str]) -> tuple[Adapter, BaseArchitecture]:
     """The adapter renamed into the 5.x layout and verified against its base."""
     from .layouts import check_layout
 

@@ -7,7 +7,7 @@ from typing import Optional
 from ..arch import MODALITIES
 from ..errors import MMTuningError
 from .adapter import Adapter
-from .base import BaseModel, detect_layout, extra_param_name, load_base, renamed_adapter, verify
+from .base import BaseArchitecture, detect_layout, extra_param_name, load_base, renamed_adapter, verify
 from .layouts import CURRENT, check_layout, rename
 
 
@@ -36,7 +36,7 @@ class Located:
 
     def __init__(self, adapter: Adapter, base_name: Optional[str], source: Optional[str]):
         self.adapter = adapter
-        self.base: BaseModel = load_base(adapter, base_name)
+        self.base: BaseArchitecture = load_base(adapter, base_name)
         self.layout = check_layout(source, "--from") if source else detect_layout(adapter, self.base)
         self.current = renamed_adapter(adapter, self.base.family, self.layout, CURRENT)
         verify(self.current, self.base, f"{adapter.path} (layout {self.layout})")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from .placement import safe_output
 from .adapter import Adapter, rank_alpha, read_adapter, write_adapter
-from .base import BaseModel, detect_layout, load_base, renamed_adapter, verify
+from .base import BaseArchitecture, detect_layout, load_base, renamed_adapter, verify
 from .layouts import CURRENT, LayoutFamily, check_layout, rename
 from ..errors import MMTuningError
 
@@ -28,7 +28,7 @@ def _exact_regex(modules: list[str]) -> str:
 
 
 def remap_config(config: dict[str, Any], old: Adapter, family: LayoutFamily, source: str, target: str,
-                 base: BaseModel) -> tuple[dict[str, Any], list[str]]:
+                 base: BaseArchitecture) -> tuple[dict[str, Any], list[str]]:
     """The config in the target layout, and notes on what had to be made explicit."""
     notes: list[str] = []
     new = dict(config)

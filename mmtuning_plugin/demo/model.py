@@ -1,7 +1,7 @@
 """The demo's tiny LLaVA: its config, its processor, encoding of synthetic items, and accuracy measured
 by greedy generation.
 
-Sizes are a little larger than `mmtuning_plugin.tiny` so the model can actually learn colours, shapes and
+Sizes are a little larger than `mmtuning_plugin.testing.tiny` so the model can actually learn colours, shapes and
 positions from 24x24 images, yet small enough that pre-training and both demo arms run in minutes on 2 CPU
 cores. Every Linear input width is a multiple of 64: bitsandbytes' CPU 4-bit inference path packs weights
 in blocks of 64 along the input dimension and fails on other widths.
@@ -40,7 +40,7 @@ DEMO_SIZES: dict[str, Any] = {
 
 
 def demo_config():
-    from ..tiny import tiny_config
+    from ..testing.tiny import tiny_config
 
     return tiny_config("llava", **DEMO_SIZES)
 
@@ -49,7 +49,7 @@ def build_random_model(seed: int):
     """The untrained demo model (pre-training starts here)."""
     from transformers import AutoModelForImageTextToText
 
-    from ..tiny import _randomize_zero_matrices
+    from ..testing.tiny import _randomize_zero_matrices
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(demo_config(), dtype=torch.float32)
@@ -58,7 +58,7 @@ def build_random_model(seed: int):
 
 
 def build_processor(config):
-    from ..tiny_processing import tiny_processor
+    from ..testing.tiny_processing import tiny_processor
 
     processor = tiny_processor(config)
     processor.tokenizer.padding_side = "left"

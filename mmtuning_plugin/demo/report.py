@@ -19,7 +19,7 @@ class DemoConsole:
         self.task = None
 
     def intro(self) -> None:
-        from ..cli import inspect_report, print_report
+        from ..report import inspect_report, print_report
         from ..loading import load_skeleton
 
         s = self.settings
@@ -55,7 +55,7 @@ class DemoConsole:
     _acc = ""
 
     def summary(self, report: dict[str, Any]) -> None:
-        from ..cli import human
+        from ..console import human
 
         table = Table(title=f"E/F/O on held-out items (seed {report['seed']})", title_justify="left")
         for column in ("arm", "trainable", "target %", "general %", "E", "F", "O"):

@@ -31,7 +31,8 @@ from transformers import TrainerCallback
 
 from ..config import load_config
 from ..errors import MMTuningError
-from ..session import MMTuning, modality_of_parameter
+from ..names import modality_of_parameter, module_of
+from ..session import MMTuning
 from ..targets import TargetPlan
 from .hf import MMTuningTrainerMixin
 
@@ -289,11 +290,9 @@ def axolotl_trainer_cls(cfg: Any):
 
 def check_trainable(model: Any, plan: TargetPlan) -> None:
     """Every trainable parameter belongs to a planned adapter, and every planned adapter trains."""
-    from ..targets import _relative
-
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     outside = [name for name in trainable if modality_of_parameter(plan, name) is None]
-    adapted = {_relative(n.split(".lora_")[0]) for n in trainable if ".lora_" in n}
+    adapted = {module_of(n) for n in trainable if ".lora_" in n}
     frozen = [m.name for m in plan.modules if m.name not in adapted]
     frozen += [p.name for p in plan.parameters if p.name.rsplit(".", 1)[0] not in adapted and p.name not in adapted]
     problems = []

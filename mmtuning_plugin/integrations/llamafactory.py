@@ -111,8 +111,8 @@ class Job:
 
 def read_config(path: Path, overrides: list[str]) -> dict[str, Any]:
     """The YAML as a dict with `key=value` overrides applied (`mmtuning.vision.r=8` edits the block)."""
-    from ..cli import apply_set
     from ..files import read_yaml
+    from ..spec_input import apply_set
 
     data = read_yaml(Path(path), str(path), "a LLaMA-Factory training YAML")
     if not isinstance(data, dict):
@@ -269,7 +269,7 @@ RUN_RECORD = "mmtuning_run.json"
 
 def run_record(session: MMTuning, model, optimizer) -> dict[str, Any]:
     """What this run trains: the plan, the optimizer's groups, and the class under each adapted module."""
-    from ..targets import PEFT_PREFIX
+    from ..names import PEFT_PREFIX
 
     modules = dict(model.named_modules())
     layer_types = {}

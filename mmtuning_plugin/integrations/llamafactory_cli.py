@@ -22,7 +22,7 @@ def train(
     """Run LLaMA-Factory's run_exp with mmtuning's targets, quantization skip list, optimizer groups and losses.
 
     With more than one device (or FORCE_TORCHRUN=1) it launches one process per device with torchrun."""
-    from ..cli import fail
+    from ..console import fail
     from .llamafactory import train as run_train
 
     try:

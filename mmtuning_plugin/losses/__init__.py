@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from ..errors import MMTuningError, unknown_key
+from ..config import validate_losses
+from ..errors import MMTuningError
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, StepFeatures
 
@@ -32,50 +32,9 @@ __all__ = ["AlignmentLoss", "LossOptions", "LossSuite", "registered_losses", "va
 
 def registered_losses() -> dict[str, type[AlignmentLoss]]:
     """name -> loss class from every plugin (built-ins included); a later plugin overrides a name."""
-    from ..plugins import collect
+    from ..plugins import registered
 
-    found: dict[str, type[AlignmentLoss]] = {}
-    for name, loss_class in collect("register_losses", lambda name, factory: (name, factory)):
-        if not (isinstance(loss_class, type) and issubclass(loss_class, AlignmentLoss)):
-            raise MMTuningError(f"A plugin's register_losses registered '{name}' as {loss_class!r}; register a "
-                                f"subclass of mmtuning_plugin.losses.AlignmentLoss instead.")
-        found[name] = loss_class
-    return found
-
-
-def validate_losses(value: Any) -> dict[str, LossOptions]:
-    """The `losses:` mapping as validated option objects; unknown names list the registered ones.
-
-    Raises ValueError (pydantic turns it into `mmtuning.losses: ...`)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"write a mapping of loss name -> options, e.g. {{anchor: {{weight: 0.1}}}}; got {value!r}")
-    known = registered_losses()
-    result: dict[str, LossOptions] = {}
-    for name, options in value.items():
-        if name not in known:
-            raise ValueError(f"unknown loss '{name}'; registered losses: {', '.join(sorted(known))}")
-        loss_class = known[name]
-        if isinstance(options, LossOptions):
-            result[name] = options
-            continue
-        if options is None or options is True:
-            options = {}
-        if not isinstance(options, dict):
-            raise ValueError(f"{name}: write its options as a mapping (e.g. {{weight: 0.1}}), got {options!r}")
-        try:
-            result[name] = loss_class.Options.model_validate(options)
-        except ValidationError as error:
-            problems = []
-            for item in error.errors():
-                key = ".".join(str(p) for p in (name, *item["loc"]))
-                message = item["msg"].removeprefix("Value error, ")
-                if item["type"] == "extra_forbidden":
-                    message = unknown_key(item["loc"][-1], loss_class.Options.model_fields, noun="option")
-                problems.append(f"{key}: {message}")
-            raise ValueError("; ".join(problems)) from None
-    return result
+    return registered("losses")
 
 
 class LossSuite:
@@ -99,7 +58,7 @@ class LossSuite:
         if self.model is not None:
             self.detach()
         from ..arch import resolve_layout, unwrap
-        from ..tiny import image_token_id
+        from ..model_config import image_token_id
 
         layout = resolve_layout(model)
         known = registered_losses()

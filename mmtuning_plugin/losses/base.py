@@ -6,36 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from ..config import LossOptions
 
 if TYPE_CHECKING:
     from .capture import FeatureCapture, StepFeatures
-
-
-class LossOptions(BaseModel):
-    """Options every loss has; a loss subclasses this to add its own."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    weight: float = Field(default=0.1, ge=0, description="Multiplier of this term in the total loss.")
-    warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0 over these optimizer steps.")
-
-    @model_validator(mode="after")
-    def _weight_does_something(self):
-        if self.weight == 0 and not self.acts_without_weight():
-            raise ValueError("weight: 0 turns this loss into a no-op; remove the loss or give it a positive weight")
-        return self
-
-    def acts_without_weight(self) -> bool:
-        """True when the loss changes training even at weight 0 (sculpt's sparsification)."""
-        return False
-
-    def factor(self, step: int) -> float:
-        """The weight at optimizer step `step` (linear warm-up, then constant)."""
-        if self.warmup_steps <= 0:
-            return self.weight
-        return self.weight * min(1.0, step / self.warmup_steps)
 
 
 class AlignmentLoss(nn.Module):

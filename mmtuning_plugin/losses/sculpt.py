@@ -18,6 +18,8 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import MMTuningError
+from ..names import modality_by_map, module_of
+from ..quant.bnb import float_weight, original_dtype
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, StepFeatures
 
@@ -54,21 +56,13 @@ def delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight of a LoRA layer as a float tensor (4-bit weights dequantized)."""
-    weight = frozen_parameter(layer)
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(torch.float32)
-    return weight.detach().to(torch.float32)
+    return float_weight(frozen_parameter(layer))
 
 
 def stored_dtype(layer: nn.Module) -> torch.dtype:
     """Masks are as big as the base weights: keep them in the base's 16-bit dtype (a 4-bit base's original
     dtype) rather than float32; a float32 base keeps float32 masks."""
-    weight = frozen_parameter(layer)
-    quant_state = getattr(weight, "quant_state", None)
-    dtype = quant_state.dtype if quant_state is not None else weight.dtype
+    dtype = original_dtype(frozen_parameter(layer))
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -137,12 +131,12 @@ class SculptLoss(AlignmentLoss):
     Options = SculptOptions
 
     def attach(self, model: nn.Module, capture: FeatureCapture) -> None:
-        projector = tuple(capture.layout.modality_map.projector)
+        modality_map = capture.layout.modality_map
         self._layers: list[tuple[str, nn.Module, str]] = []
         masks = []
         for name, layer in lora_layers(model):
-            plain = name.replace("base_model.model.", "", 1)
-            in_projector = self.options.projector and any(plain == p or plain.startswith(p + ".") for p in projector)
+            plain = module_of(name)
+            in_projector = self.options.projector and modality_by_map(plain, modality_map) == "projector"
             if not (in_projector or plain.rsplit(".", 1)[-1] in self.options.modules):
                 continue
             adapter = layer.active_adapters[0]

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from mmtuning_plugin.loading import load_model_config
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.tiny import tiny_batch
+from mmtuning_plugin.testing.tiny import tiny_batch
 
 
 def main(model_dir: str, out_dir: str, steps: int = 3) -> None:

@@ -119,7 +119,7 @@ def train_without_plugins(config: str) -> None:
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "setup":
-        from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+        from mmtuning_plugin.testing.tiny_processing import save_tiny_checkpoint
 
         import importlib.util
 

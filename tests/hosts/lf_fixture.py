@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+from mmtuning_plugin.testing.tiny_processing import save_tiny_checkpoint
 
 ROWS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 DATASET_INFO = {"tiny": {

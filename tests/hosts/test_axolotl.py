@@ -67,7 +67,7 @@ def base_yaml(root: Path, model_type: str, name: str) -> dict:
         "num_epochs": 1, "learning_rate": 0.01, "lr_scheduler": "constant", "optimizer": "adamw_torch",
         "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no", "seed": 42, "val_set_size": 0,
         "bf16": False, "fp16": False, "tf32": False, "gradient_checkpointing": False, "dataloader_num_workers": 0,
-        # Axolotl auto-enables fused LoRA kernels, which fail on LLaVA (FACTS.md 5); the bare runs need it too.
+        # Axolotl auto-enables fused LoRA kernels, which fail on LLaVA ("could not import attention class"); the bare runs need it too.
         "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_embedding_kernel": False,
         "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "output_dir": str(root / f"out_{name}"), "dataset_prepared_path": str(root / f"prepared_{name}"),

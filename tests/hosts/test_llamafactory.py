@@ -304,7 +304,7 @@ def test_recipes_pass_llamafactorys_own_parser_with_its_documented_templates(tmp
 
 
 def test_plan_errors_surface_from_the_config_before_weights_load(tmp_path):
-    from mmtuning_plugin.tiny_processing import save_tiny_checkpoint
+    from mmtuning_plugin.testing.tiny_processing import save_tiny_checkpoint
 
     save_tiny_checkpoint("llava", tmp_path / "model")
     job = lf.split_config({"model_name_or_path": str(tmp_path / "model"), "mmtuning": {"vision": {"layers": {"top": 9}}}})

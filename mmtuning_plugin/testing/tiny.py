@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..model_config import image_token_id, set_dotted
+
 # Size fields shrunk in every sub-config that has them. Tiny but structurally faithful: at least
 # 4 layers so layer selections (top/bottom/ranges) mean something.
 TEXT_SIZES: dict[str, Any] = {
@@ -83,14 +85,6 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def _set_dotted(config: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    target = config
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, leaf, value)
-
-
 def _shrink(sub_config: Any, sizes: dict[str, Any]) -> None:
     present = sub_config.to_dict()
     for key, value in sizes.items():
@@ -108,7 +102,7 @@ def tiny_config(model_type: str, **overrides: Any):
     if getattr(config.text_config, "layer_types", None) is not None:
         config.text_config.layer_types = None  # re-derived from num_hidden_layers below
     for dotted, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
-        _set_dotted(config, dotted, value)
+        set_dotted(config, dotted, value)
     text = config.text_config
     if hasattr(text, "layer_types") and text.layer_types is None and "layer_types" in type(text)().to_dict():
         text.layer_types = ["full_attention"] * text.num_hidden_layers
@@ -141,14 +135,6 @@ class TinyBatch:
     inputs: dict[str, torch.Tensor]
     image_token_id: int
     num_image_tokens: int
-
-
-def image_token_id(config: Any) -> int:
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} names no image token id")
 
 
 def _text_around(image_tokens: torch.Tensor, image_id: int, vocab: int, text_len: int, batch: int) -> torch.Tensor:

@@ -95,7 +95,7 @@ def _qwen2_vl_processor(config: Any, tokenizer):
 
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
 
-    from .errors import MMTuningError
+    from ..errors import MMTuningError
 
     if importlib.util.find_spec("torchvision") is None:  # its video processor is torchvision-only
         raise MMTuningError("A Qwen2-VL processor needs torchvision (for its video processor); install torchvision "
@@ -120,7 +120,7 @@ def _qwen2_vl_processor(config: Any, tokenizer):
 
 def tiny_processor(config: Any):
     """A real processor (tokenizer + image processor + chat template) matching a tiny config."""
-    from .errors import MMTuningError
+    from ..errors import MMTuningError
 
     facts = PROCESSOR_FACTS.get(config.model_type)
     if facts is None:
