@@ -52,14 +52,10 @@ def load_model_config(model: str):
 def _default_config(model_type: str):
     from transformers import AutoConfig
 
-    from .arch import lookup_map
-    from .tiny import _set_dotted
+    from .arch import apply_config_fixes, registered_maps
 
-    config = AutoConfig.for_model(model_type)
-    known = lookup_map(model_type)
-    for dotted, value in (known.default_config_fixes if known else {}).items():
-        _set_dotted(config, dotted, value)
-    return config
+    known = registered_maps().get(model_type)
+    return apply_config_fixes(AutoConfig.for_model(model_type), known.default_config_fixes if known else {})
 
 
 def _vlm_types() -> list[str]:

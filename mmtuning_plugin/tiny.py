@@ -144,11 +144,9 @@ class TinyBatch:
 
 
 def image_token_id(config: Any) -> int:
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} names no image token id")
+    from .arch import image_token_id as from_map  # the attribute name is part of the modality map
+
+    return from_map(config)
 
 
 def _text_around(image_tokens: torch.Tensor, image_id: int, vocab: int, text_len: int, batch: int) -> torch.Tensor:
