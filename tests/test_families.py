@@ -40,3 +40,38 @@ def test_t5_language_layers_are_encoder_then_decoder_and_top_n_is_the_decoder_to
     kinds = {m.leaf.local: m.leaf.kind for m in plan.modules}
     assert kinds["layer.0.SelfAttention.q"] == "attention" and kinds["layer.1.EncDecAttention.k"] == "attention"
     assert kinds["layer.2.DenseReluDense.wi"] == "mlp"
+
+
+def test_blip2_fine_tunes_through_the_trainer_with_quant_balanced(tmp_path):
+    """BLIP-2 (OPT) loaded with the `balanced` policy's bitsandbytes config (4-bit language model and middle
+    vision layers, 16-bit Q-Former bridge and vision edges) trains through MMTuningTrainer: loss goes down,
+    one optimizer group per modality, and the quantized layout is the one the policy planned."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TrainingArguments
+
+    from mmtuning_plugin.config import load_config
+    from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
+    from mmtuning_plugin.loading import load_model_config
+    from mmtuning_plugin.quant import bnb_config_kwargs
+    from mmtuning_plugin.tiny import RepeatedBatch, stack_rows
+
+    tiny_family_model("blip-2", "opt", dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
+    settings = {"quant": "balanced", "vision": {"layers": {"top": 2}}, "projector": {"layers": {"top": 2}}}
+    kwargs = bnb_config_kwargs(load_config(settings), load_model_config(str(tmp_path / "base")))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(**kwargs),
+                                                        dtype=torch.bfloat16)
+    assert isinstance(model.language_model.model.decoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert type(model.qformer.encoder.layer[0].attention.attention.query) is torch.nn.Linear
+    assert type(model.language_projection) is torch.nn.Linear
+    batch = tiny_family_batch(model)
+    model, session = prepare_model(model, settings)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=12,
+                             learning_rate=5e-3, logging_steps=4, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False)
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 8),
+                              data_collator=stack_rows, mmtuning=session)
+    trainer.train()
+    assert sorted(group["name"] for group in trainer.optimizer.param_groups) == ["language", "projector", "vision"]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]

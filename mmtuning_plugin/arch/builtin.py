@@ -233,6 +233,13 @@ ISSUE16_MAPS: tuple[ModalityMap | Refusal, ...] = (
                 excluded={"model.dit": "action expert (robot actions, not text)",
                           "embed_action_time": "action/state embedding of the action expert",
                           "action_out_proj": "action head of the action expert"}),
+    # new in transformers 5.24
+    ModalityMap(("hy_v4_vl",), vision=("model.vision_tower",), projector=(), language=("model.language_model",),
+                vision_layers=("model.vision_tower.layers",), language_layers=("model.language_model.layers",),
+                vision_feature_layer=None),
+    Refusal(("apertus1p5",), "early fusion: a VQ image tokenizer turns images into discrete tokens of the language "
+                             "model's vocabulary, so there is no vision encoder or projector to adapt (train it as "
+                             "a language model)"),
     Refusal(("udop",), "early fusion: image patches and text tokens go through one shared T5 encoder stack, so "
                        "there is no separable vision encoder to adapt (train it as a language model)"),
     Refusal(("vision-encoder-decoder",), "a generic wrapper: its encoder and decoder can be any transformers models, "
