@@ -114,6 +114,9 @@ def architectures_markdown() -> str:
 
     from .arch.coverage import image_text_types, survey
     from .tiny import TINY_MODEL_TYPES
+    from .tiny_families import FAMILY_CASES
+
+    tested = set(TINY_MODEL_TYPES) | {model_type for model_type, _ in FAMILY_CASES}
 
     def names(values) -> str:
         return "<br>".join(f"`{v}`" for v in values) or "-"
@@ -147,7 +150,7 @@ def architectures_markdown() -> str:
         lines.append(
             f"| `{result.model_type}` | {result.status} | {result.source} | {names(mmap.vision)} | "
             f"{names(mmap.projector)} | {names(mmap.language)} | {names(stacks)} | {_map_notes(mmap) or '-'} | "
-            f"{'yes' if result.model_type in TINY_MODEL_TYPES else '-'} |")
+            f"{'yes' if result.model_type in tested else '-'} |")
     lines.append("")
     return "\n".join(lines)
 

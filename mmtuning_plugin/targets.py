@@ -171,6 +171,8 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
             chosen, params, whole = _plan_projector(base, layout, config, where)
             parameters += [PlannedParameter(n, modality, s, r, alpha) for n, s in params]
             modules_to_save += whole
+            if layout.layer_counts.get("projector"):  # the Q-Former's selected layers, for reports and schedules
+                layers[modality] = sorted({leaf.layer for leaf in chosen if leaf.layer is not None})
         else:
             layers[modality] = spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers",
                                                    total=layout.layer_counts[modality])

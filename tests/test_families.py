@@ -1,24 +1,26 @@
-"""The bridged families train: tiny BLIP-2 / InstructBLIP with OPT and Flan-T5 language models run forward and
-backward with adapters on vision, the Q-Former bridge and the language model, and only adapters move."""
+"""The bridged families train: tiny BLIP-2 / InstructBLIP with OPT and Flan-T5 language models, Llama 4 (MoE,
+pixel-shuffle adapter), Kosmos-2 and Florence-2 (DaViT + BART) run forward and backward with adapters on vision,
+the bridge and the language model, and only adapters move."""
 
 import pytest
 
 from mmtuning_plugin.arch import resolve_layout
 from mmtuning_plugin.targets import apply_plan, plan_targets
-from mmtuning_plugin.tiny_families import FAMILY_CASES, tiny_family_batch, tiny_family_model
+from mmtuning_plugin.tiny_families import FAMILY_CASES, QFORMER_TYPES, tiny_family_batch, tiny_family_model
 
-SPEC = {"vision": {"layers": {"top": 2}}, "projector": {"layers": {"top": 2}}, "language": {"modules": "all-linear"}}
+SPEC = {"vision": {"layers": {"top": 2}}, "projector": {}, "language": {"modules": "all-linear"}}
+QFORMER_SPEC = {**SPEC, "projector": {"layers": {"top": 2}}}
 
 
 @pytest.mark.parametrize(("model_type", "text"), FAMILY_CASES)
 def test_adapters_on_every_modality_get_gradients(model_type, text):
     model = tiny_family_model(model_type, text)
-    plan = plan_targets(model, SPEC)
+    plan = plan_targets(model, QFORMER_SPEC if model_type in QFORMER_TYPES else SPEC)
     assert {m.modality for m in plan.modules} == {"vision", "projector", "language"}
-    # Q-Former layers 2-3 of 4 plus language_projection, never the lower Q-Former layers
-    bridge = plan.modules_of("projector")
-    assert "language_projection" in {m.name for m in bridge}
-    assert {m.leaf.layer for m in bridge} == {2, 3, None}
+    if model_type in QFORMER_TYPES:  # Q-Former layers 2-3 of 4 plus language_projection, never the lower ones
+        bridge = plan.modules_of("projector")
+        assert "language_projection" in {m.name for m in bridge}
+        assert {m.leaf.layer for m in bridge} == {2, 3, None} and plan.layers["projector"] == [2, 3]
     peft_model = apply_plan(model, plan)
     peft_model.train()
     peft_model(**tiny_family_batch(model).inputs).loss.backward()
@@ -75,3 +77,56 @@ def test_blip2_fine_tunes_through_the_trainer_with_quant_balanced(tmp_path):
     assert sorted(group["name"] for group in trainer.optimizer.param_groups) == ["language", "projector", "vision"]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+# Published geometries (Salesforce/blip2-opt-2.7b, meta-llama/Llama-4-Scout-17B-16E config.json), written out
+# so the test needs no download; the expected counts below are counted by hand from the module trees.
+BLIP2_OPT_27B = {
+    "model_type": "blip-2", "num_query_tokens": 32,
+    "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
+                      "image_size": 224, "patch_size": 14, "qkv_bias": True},
+    "qformer_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                       "cross_attention_frequency": 2, "encoder_hidden_size": 1408, "vocab_size": 30522},
+    "text_config": {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "word_embed_proj_dim": 2560, "vocab_size": 50272,
+                    "max_position_embeddings": 2048},
+}
+LLAMA4_SCOUT = {
+    "model_type": "llama4",
+    "vision_config": {"hidden_size": 1408, "intermediate_size": 5632, "num_hidden_layers": 34, "num_attention_heads": 16,
+                      "image_size": 336, "patch_size": 14, "vision_output_dim": 4096, "projector_input_dim": 4096,
+                      "projector_output_dim": 4096, "pixel_shuffle_ratio": 0.5},
+    "text_config": {"hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+                    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                    "num_local_experts": 16, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+                    "vocab_size": 202048},
+}
+# (vision layers, vision Linear, projector layers, projector Linear, language layers, language Linear)
+FULL_SIZE_COUNTS = {
+    # ViT-g: 39 x (qkv, projection, fc1, fc2); Q-Former: 12 x (query/key/value/output.dense, intermediate_query,
+    # output_query) + cross-attention (4) on the 6 even layers, + language_projection; OPT-2.7B: 32 x (q, k, v,
+    # out_proj, fc1, fc2)
+    "blip2-opt-2.7b": (BLIP2_OPT_27B, (39, 39 * 4, 12, 12 * 6 + 6 * 4 + 1, 32, 32 * 6)),
+    # vision: 34 x (q, k, v, o, fc1, fc2); bridge: vision_adapter fc1/fc2 + multi_modal_projector.linear_1;
+    # text: 48 MoE layers x (q, k, v, o, shared_expert gate/up/down); the 16 experts are fused 3-D weights and
+    # the router is listed as kind `router`, never adapted
+    "llama-4-scout": (LLAMA4_SCOUT, (34, 34 * 6, 0, 3, 48, 48 * 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE_COUNTS))
+def test_full_size_layouts_through_the_cli(tmp_path, name):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    config, expected = FULL_SIZE_COUNTS[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["inspect-targets", str(tmp_path), "--json", "--set", "vision=true"])
+    assert result.exit_code == 0, result.output
+    modalities = json.loads(result.stdout)["modalities"]
+    got = tuple(x for m in ("vision", "projector", "language")
+                for x in (modalities[m]["layers"], len(modalities[m]["modules"])))
+    assert got == expected

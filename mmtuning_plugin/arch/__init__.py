@@ -143,7 +143,7 @@ class Leaf:
     name: str
     modality: str
     layer: int | None
-    kind: str  # attention | mlp | projector | other | patch_embed | embed_tokens | lm_head
+    kind: str  # attention | mlp | projector | other | router | patch_embed | embed_tokens | lm_head
     module_type: str
     shape: tuple[int, ...]  # weight shape
     params: int  # base parameters (weight + bias)
@@ -176,7 +176,14 @@ def owner_modality(name: str, prefixes: dict[str, str]) -> str | None:
     return best
 
 
+# MoE routers (Llama 4's `feed_forward.router` is an nn.Linear subclass returning a tuple): listed as leaves of
+# kind `router` so coverage sees them, but no kind selection (`all-linear` included) ever adapts them.
+ROUTER_NAMES = frozenset({"router"})
+
+
 def _kind(path_inside_layer: str) -> str:
+    if path_inside_layer.rsplit(".", 1)[-1] in ROUTER_NAMES:
+        return "router"
     segments = set(path_inside_layer.split("."))
     if segments & ATTENTION_SEGMENTS:
         return "attention"
