@@ -1,5 +1,5 @@
 """Tiny random models of the bridged families (BLIP-2, InstructBLIP with OPT or Flan-T5; Llama 4; Kosmos-2;
-Florence-2) and matching batches, for forward/backward tests with adapters on every modality.
+Florence-2; Gemma 4 with its vision tower) and matching batches, for forward/backward tests with adapters on every modality.
 
 Separate from tiny.py because these configs nest three sub-configs (vision, Q-Former, any language model) that
 the generic shrink does not reach: each is written out here, sizes as facts.
@@ -53,12 +53,25 @@ _CONFIGS: dict[str, dict[str, Any]] = {
                          encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=320,
                          max_position_embeddings=512),
         image_token_id=IMAGE_TOKEN),
+    # Gemma 4: pre-patched pixels (patch 4 -> 48 values) pooled 3x3 into soft tokens; no per-layer head_dim overrides
+    "gemma4": dict(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=4, head_dim=8, patch_size=4, position_embedding_size=64,
+                           pooling_kernel_size=3),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=320, vocab_size_per_layer_input=320,
+                         hidden_size_per_layer_input=16, per_layer_config={}, sliding_window=64,
+                         layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=512,
+                         pad_token_id=0),
+        image_token_id=IMAGE_TOKEN, boi_token_id=301, eoi_token_id=302, video_token_id=303, audio_token_id=304,
+        boa_token_id=305, eoa_token_index=306),
 }
 _IMAGE_SIZE = {"florence2": 64}
+GEMMA4_GRID = 6  # 6x6 patches, pooled 3x3 -> 4 image tokens
 # (model type, language model) pairs the test suite trains end to end
 FAMILY_CASES: tuple[tuple[str, str | None], ...] = (
     ("blip-2", "opt"), ("blip-2", "t5"), ("instructblip", "opt"), ("instructblip", "t5"),
-    ("llama4", None), ("kosmos-2", None), ("florence2", None),
+    ("llama4", None), ("kosmos-2", None), ("florence2", None), ("gemma4", None),
 )
 
 
@@ -87,6 +100,8 @@ def _image_tokens(model, pixels: torch.Tensor) -> int:
         return QUERY_TOKENS
     if config.model_type == "kosmos-2":
         return config.latent_query_num
+    if config.model_type == "gemma4":
+        return GEMMA4_GRID**2 // config.vision_config.pooling_kernel_size**2
     inner = getattr(model, "model", model) if hasattr(getattr(model, "model", None), "get_image_features") else model
     with torch.no_grad():
         features = inner.get_image_features(pixel_values=pixels[:1])
@@ -101,14 +116,21 @@ def tiny_family_batch(model, batch: int = 2, text_len: int = 8, with_labels: boo
     generator = torch.Generator().manual_seed(1)
     config = model.config
     size = _IMAGE_SIZE.get(config.model_type, getattr(config.vision_config, "image_size", 32))
-    pixels = torch.randn(batch, 3, size, size, generator=generator)
+    extra: dict[str, torch.Tensor] = {}
+    if config.model_type == "gemma4":  # patches in [0, 1] with their (x, y) grid positions
+        pixels = torch.rand(batch, GEMMA4_GRID**2, 3 * config.vision_config.patch_size**2, generator=generator)
+        grid = torch.arange(GEMMA4_GRID)
+        positions = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)
+        extra["image_position_ids"] = positions.unsqueeze(0).repeat(batch, 1, 1)
+    else:
+        pixels = torch.randn(batch, 3, size, size, generator=generator)
     count = _image_tokens(model, pixels)
     image = 5 if config.model_type == "kosmos-2" else IMAGE_TOKEN  # Kosmos-2 marks positions with a mask instead
     ids = torch.cat([torch.full((batch, 2), 2), torch.full((batch, count), image),
                      torch.randint(6, 290, (batch, text_len), generator=generator)], dim=1)
     image_positions = torch.zeros_like(ids)
     image_positions[:, 2:2 + count] = 1
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, **extra}
     if config.model_type == "instructblip":
         inputs["qformer_input_ids"] = torch.randint(5, 290, (batch, 6), generator=generator)
         inputs["qformer_attention_mask"] = torch.ones(batch, 6, dtype=torch.long)

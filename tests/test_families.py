@@ -1,5 +1,5 @@
 """The bridged families train: tiny BLIP-2 / InstructBLIP with OPT and Flan-T5 language models, Llama 4 (MoE,
-pixel-shuffle adapter), Kosmos-2 and Florence-2 (DaViT + BART) run forward and backward with adapters on vision,
+pixel-shuffle adapter), Kosmos-2, Florence-2 (DaViT + BART) and Gemma 4 run forward and backward with adapters on vision,
 the bridge and the language model, and only adapters move."""
 
 import pytest
