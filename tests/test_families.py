@@ -130,3 +130,19 @@ def test_full_size_layouts_through_the_cli(tmp_path, name):
     got = tuple(x for m in ("vision", "projector", "language")
                 for x in (modalities[m]["layers"], len(modalities[m]["modules"])))
     assert got == expected
+
+
+def test_a_blip2_adapter_splits_by_modality_through_convert(tmp_path):
+    """One registration serves convert: the BLIP-2 map (its 5.x-only history included) tells `split` which
+    adapter modules are vision, Q-Former bridge or language."""
+    from mmtuning_plugin.convert.adapter import read_adapter
+    from mmtuning_plugin.convert.split import split
+
+    model = tiny_family_model("blip-2", "opt")
+    model.config.save_pretrained(tmp_path / "base")
+    peft_model = apply_plan(model, plan_targets(model, QFORMER_SPEC))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    summary = split(tmp_path / "adapter", tmp_path / "lang", keep="language", base=str(tmp_path / "base"), progress=False)
+    assert summary["dropped_modalities"] == ["projector", "vision"]
+    kept = read_adapter(tmp_path / "lang").modules
+    assert kept and all(m.startswith("language_model.model.decoder.layers.") for m in kept)
