@@ -73,22 +73,30 @@ class ModalityMap:
     # Language layer stacks per `text_config.model_type`, for types built around any language model (BLIP-2
     # with OPT or Flan-T5): the matching entry replaces `language_layers` when the map meets a model.
     language_layers_by_text_model: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    # The same for the vision encoder, keyed by `vision_config` (or `encoder`) model_type.
+    vision_layers_by_vision_model: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     source: str = "builtin"
 
     def for_config(self, config: Any) -> "ModalityMap":
-        """This map with the language layers of `config`'s language model chosen (see language_layers_by_text_model)."""
-        if not self.language_layers_by_text_model:
-            return self
-        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-        stacks = self.language_layers_by_text_model.get(text_type)
-        if stacks is None:
-            raise MMTuningError(
-                f"The modality map for '{self.model_types[0]}' ({self.source}) knows its language layers for the "
-                f"language models {', '.join(sorted(self.language_layers_by_text_model))}, not '{text_type}'; "
-                f"register a map for this combination (docs/architecture.md).")
+        """This map with the layer stacks of `config`'s own sub-models chosen (BLIP-2's language model, a
+        vision-encoder-decoder pair's encoder and decoder)."""
         from dataclasses import replace
 
-        return replace(self, language_layers=stacks)
+        chosen = {}
+        for field_name, table, sub_configs in (
+                ("language_layers", self.language_layers_by_text_model, ("text_config", "decoder")),
+                ("vision_layers", self.vision_layers_by_vision_model, ("vision_config", "encoder"))):
+            if not table:
+                continue
+            sub = next((getattr(config, n) for n in sub_configs if getattr(config, n, None) is not None), None)
+            sub_type = getattr(sub, "model_type", None)
+            if sub_type not in table:
+                raise MMTuningError(
+                    f"The modality map for '{self.model_types[0]}' ({self.source}) knows its {field_name.replace('_', ' ')} "
+                    f"for {', '.join(sorted(table))}, not '{sub_type}'; register a map for this combination "
+                    f"(docs/architecture.md).")
+            chosen[field_name] = table[sub_type]
+        return replace(self, **chosen) if chosen else self
 
     def prefixes(self, modality: str) -> tuple[str, ...]:
         return getattr(self, modality)
@@ -229,7 +237,7 @@ _GUESS_EXTRA = {
     "patch_embed": r"(patch_embed|patch_embedding|patch_embedder|patch_conv|patch_embeddings\.projection|"
                    r"(video_)?patch_projection)(\.proj|\.linear|\.input_proj)?$",
     "embed_tokens": r"(^|\.)embed_tokens$",
-    "lm_head": r"(^|\.)lm_head$",
+    "lm_head": r"(^|\.)(lm_head|output_projection)$",  # output_projection: TrOCR's (fairseq-style) head
 }
 
 

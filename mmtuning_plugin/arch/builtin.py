@@ -242,8 +242,18 @@ ISSUE16_MAPS: tuple[ModalityMap | Refusal, ...] = (
                              "a language model)"),
     Refusal(("udop",), "early fusion: image patches and text tokens go through one shared T5 encoder stack, so "
                        "there is no separable vision encoder to adapt (train it as a language model)"),
-    Refusal(("vision-encoder-decoder",), "a generic wrapper: its encoder and decoder can be any transformers models, "
-                                         "so their layer stacks depend on the checkpoint; register a map for your pair"),
+    # The generic encoder-decoder wrapper (TrOCR-style): stacks chosen by the encoder's and decoder's model types.
+    # Pairs outside these tables are refused by name (register a map for yours); the decoder's cross-attention
+    # reads the encoder, so there is no projector unless the widths differ (`enc_to_dec_proj`, not adapted).
+    ModalityMap(("vision-encoder-decoder",), vision=("encoder",), projector=(), language=("decoder",),
+                vision_layers=("encoder.layers",), language_layers=("decoder.bert.encoder.layer",),
+                vision_layers_by_vision_model={"vit": ("encoder.layers",)},
+                language_layers_by_text_model={"bert": ("decoder.bert.encoder.layer",),
+                                               "trocr": ("decoder.model.decoder.layers",)},
+                language_extra={"lm_head": "decoder.cls.predictions.decoder"}, vision_feature_layer=None,
+                excluded={"encoder.pooler": "the ViT pooler: its output never reaches the decoder",
+                          "decoder.cls.predictions.transform": "BERT's MLM prediction transform before the output "
+                          "projection", "enc_to_dec_proj": "width adapter between encoder and decoder"}),
     Refusal(("mistral4",), "transformers builds it without any vision part (its config has no vision_config): "
                            "nothing to split"),
 )
