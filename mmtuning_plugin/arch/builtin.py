@@ -7,7 +7,7 @@ model type, add an entry here or, from another package, register one through the
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import ModalityMap
+from . import AUDIO_TOWER, SUB_CONFIG_DEFAULT, UNUSED_POOLING_HEAD, ModalityMap, Refusal
 from .history import CLIP_INNER_LEVEL, QWEN2_VL_TO_452, STABLE, UNCHANGED, History, submodels_under_model
 
 # LLaVA-style layout: model.vision_tower / model.multi_modal_projector / model.language_model.
@@ -36,15 +36,13 @@ _IDEFICS_STYLE = dict(
     language_layers=("model.text_model.layers",),
 )
 
-BUILTIN_MAPS: tuple[ModalityMap, ...] = (
+_LLAVA_QWEN_IDEFICS_MLLAMA_MAPS: tuple[ModalityMap, ...] = (
     ModalityMap(("llava", "llava_next", "llava_onevision", "llava_next_video", "vipllava", "paligemma"),
                 vision_layers=_CLIP_LAYERS, **_LLAVA_STYLE, history=_CLIP_HISTORY),
     ModalityMap(("aya_vision",), vision_layers=_CLIP_LAYERS, **_LLAVA_STYLE, history=_CLIP_HISTORY,
                 # transformers' default AyaVisionConfig pairs 1152 hidden with 14 heads and cannot be built;
                 # Aya Vision 8B's SigLIP tower has 16.
                 default_config_fixes={"vision_config.num_attention_heads": 16}),
-    ModalityMap(("gemma3",), vision_layers=_CLIP_LAYERS, **_LLAVA_STYLE, history=_CLIP_HISTORY,
-                projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",)),
     # Pixtral tower: no inner vision_model level
     ModalityMap(("mistral3",), vision_layers=("model.vision_tower.transformer.layers",), **_LLAVA_STYLE,
                 history=History((submodels_under_model("vision_tower"), UNCHANGED))),
@@ -72,15 +70,8 @@ BUILTIN_MAPS: tuple[ModalityMap, ...] = (
 )
 
 
-@hookimpl
-def register_architectures(register):
-    for modality_map in BUILTIN_MAPS:
-        register(modality_map)
-
-
-# --- the families added for issue 16 (module trees read from transformers 5.23, meta device) ----------------
-
-from . import AUDIO_TOWER, SUB_CONFIG_DEFAULT, UNUSED_POOLING_HEAD, Refusal  # noqa: E402
+# --- every other family of the image-text-to-text mapping (module trees read from transformers 5.23/5.24 on
+# the meta device; tests/test_coverage.py checks each against transformers' own composition) --------------------
 
 _SIGLIP_HEAD = {"model.vision_tower.head": UNUSED_POOLING_HEAD}
 
@@ -108,7 +99,7 @@ _QFORMER_STYLE = dict(
 )
 _QWEN3_VL_PROJECTOR = ("model.visual.merger", "model.visual.deepstack_merger_list")
 
-ISSUE16_MAPS: tuple[ModalityMap | Refusal, ...] = (
+_BRIDGED_AND_OTHER_MAPS: tuple[ModalityMap | Refusal, ...] = (
     ModalityMap(("blip-2", "instructblip", "instructblipvideo"), **_QFORMER_STYLE),
     # BLIP (v1): the BERT text decoder reads the image through its own cross-attention; no separate bridge.
     ModalityMap(("blip",), vision=("vision_model",), projector=(), language=("text_decoder",),
@@ -257,4 +248,10 @@ ISSUE16_MAPS: tuple[ModalityMap | Refusal, ...] = (
     Refusal(("mistral4",), "transformers builds it without any vision part (its config has no vision_config): "
                            "nothing to split"),
 )
-BUILTIN_MAPS = tuple(m for m in BUILTIN_MAPS if m.model_types != ("gemma3",)) + ISSUE16_MAPS
+BUILTIN_MAPS: tuple[ModalityMap | Refusal, ...] = _LLAVA_QWEN_IDEFICS_MLLAMA_MAPS + _BRIDGED_AND_OTHER_MAPS
+
+
+@hookimpl
+def register_architectures(register):
+    for modality_map in BUILTIN_MAPS:
+        register(modality_map)
