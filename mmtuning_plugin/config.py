@@ -536,7 +536,7 @@ class ModalitySpec(BaseModel):
     layers: LayerSelection = Field(
         default_factory=LayerSelection,
         description="Which layers: `all`, `{top: N}`, `{bottom: N}`, `{fraction: F}` (top share) or indices/ranges "
-        "like `[0, \"4-7\", -1]`. Ignored for the projector, which has no layers.",
+        "like `[0, \"4-7\", -1]`. For the projector only where it has layers of its own (BLIP-2's Q-Former); an error elsewhere.",
     )
     include: list[Literal["patch_embed", "embed_tokens", "lm_head"]] = Field(
         default_factory=list,

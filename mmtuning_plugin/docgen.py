@@ -4,7 +4,7 @@
     python -m mmtuning_plugin.docgen --check    # exit 1 if the committed files differ
 
 docs/config.md comes from the `MMTuningConfig` pydantic schema (field types, defaults, descriptions);
-docs/architectures.md from the built-in modality maps (`registered_maps()`, source `builtin`).
+docs/architectures.md from the coverage survey of every image-text-to-text type (`arch/coverage.py`).
 """
 
 from __future__ import annotations
@@ -110,36 +110,67 @@ def config_markdown() -> str:
 
 
 def architectures_markdown() -> str:
-    from .arch import registered_maps
-    from .testing.tiny import TINY_MODEL_TYPES
+    import transformers
 
-    maps = {t: m for t, m in registered_maps().items() if m.source == "builtin"}
+    from .arch.coverage import image_text_types, survey
+    from .testing.tiny import TINY_MODEL_TYPES
+    from .testing.tiny_families import FAMILY_CASES
+
+    tested = set(TINY_MODEL_TYPES) | {model_type for model_type, _ in FAMILY_CASES}
 
     def names(values) -> str:
         return "<br>".join(f"`{v}`" for v in values) or "-"
 
+    results = [survey(t) for t in image_text_types()]
+    counts = {s: sum(r.status == s for r in results) for s in ("resolved", "refused", "incomplete", "unbuildable")}
     lines = [HEADER, "# Supported architectures", "",
-             "The built-in modality maps: where each model type's vision encoder, projector and language model "
-             "live in transformers 5.x, and their layer stacks. \"tested\" means a tiny random model of that type "
-             "runs forward and backward with adapters in the test suite. Other image-text-to-text models fall "
-             "back to detection (`mmtune inspect-targets` says which map it used); a plugin can add a map "
-             "(docs/extending.md).", "",
-             "| model type | vision | projector | language | vision layers | language layers | notes | tested |",
-             "|---|---|---|---|---|---|---|---|"]
-    for model_type, mmap in sorted(maps.items()):
-        notes = []
-        if mmap.projector_parameters:
-            notes.append("projector via target_parameters: " + ", ".join(f"`{p}`" for p in mmap.projector_parameters))
-        if mmap.cross_attention_layers:
-            notes.append(f"cross-attention layers from `{mmap.cross_attention_layers}`")
-        if mmap.default_config_fixes:
-            notes.append("default config repaired: " + ", ".join(f"`{k}`" for k in mmap.default_config_fixes))
+             f"Every model type of the image-text-to-text auto mapping of transformers {transformers.__version__} "
+             f"({len(results)} types), built on the meta device from its default config and checked by "
+             "`tests/test_coverage.py` against transformers' own composition (a sub-model built from `vision_config` "
+             "is vision, from `text_config` language; every Linear module covered, none in the wrong modality). "
+             "Run it yourself: `python -m mmtuning_plugin.arch.coverage [TYPE ...]`.", "",
+             f"**{counts['resolved']} resolved, {counts['refused']} refused with their reason, "
+             f"{counts['incomplete']} incomplete, {counts['unbuildable']} not buildable from their default config** "
+             "(CI also runs the coverage test on the newest transformers release).", "",
+             "Status: `resolved` (a built-in map, `builtin`, or detection, `detected`), `refused` (on purpose, with "
+             "the reason), `unbuildable` (transformers cannot build the default config here). \"tested\" means a tiny "
+             "random model of that type runs forward and backward with adapters on every modality in the test suite. "
+             "Layer stacks run in the order listed (vision, then projector, then language), so for encoder-decoder "
+             "language models (Flan-T5, BART) `{top: N}` is the last N decoder layers. A plugin can add or override "
+             "a map (docs/architecture.md).", "",
+             "| model type | status | map | vision | projector | language | layer stacks | notes | tested |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        mmap = result.modality_map
+        if mmap is None:
+            lines.append(f"| `{result.model_type}` | {result.status} | {result.source or '-'} | - | - | - | - | "
+                         f"{result.reason.replace('|', '/')} | - |")
+            continue
+        stacks = [*mmap.vision_layers, *mmap.projector_layers, *mmap.language_layers]
         lines.append(
-            f"| `{model_type}` | {names(mmap.vision)} | {names(mmap.projector)} | {names(mmap.language)} | "
-            f"{names(mmap.vision_layers)} | {names(mmap.language_layers)} | {'; '.join(notes) or '-'} | "
-            f"{'yes' if model_type in TINY_MODEL_TYPES else '-'} |")
+            f"| `{result.model_type}` | {result.status} | {result.source} | {names(mmap.vision)} | "
+            f"{names(mmap.projector)} | {names(mmap.language)} | {names(stacks)} | {_map_notes(mmap) or '-'} | "
+            f"{'yes' if result.model_type in tested else '-'} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _map_notes(mmap) -> str:
+    notes = []
+    if mmap.projector_layers:
+        notes.append("projector layers: " + ", ".join(f"`{p}`" for p in mmap.projector_layers))
+    if mmap.language_layers_by_text_model:
+        notes.append("language layers per language model: " + ", ".join(
+            f"{t}: " + " + ".join(f"`{s}`" for s in stacks) for t, stacks in mmap.language_layers_by_text_model.items()))
+    if mmap.projector_parameters:
+        notes.append("projector via target_parameters: " + ", ".join(f"`{p}`" for p in mmap.projector_parameters))
+    if mmap.cross_attention_layers:
+        notes.append(f"cross-attention layers from `{mmap.cross_attention_layers}`")
+    if mmap.default_config_fixes:
+        notes.append("default config repaired: " + ", ".join(f"`{k}`" for k in mmap.default_config_fixes))
+    for prefix, why in mmap.excluded.items():
+        notes.append(f"not adapted: `{prefix}` ({why})")
+    return "; ".join(notes)
 
 
 GENERATED = {"config.md": config_markdown, "architectures.md": architectures_markdown}

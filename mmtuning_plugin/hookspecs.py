@@ -15,7 +15,8 @@ hookimpl = pluggy.HookimplMarker("mmtuning")
 
 @hookspec
 def register_architectures(register):
-    """Call `register(modality_map: ModalityMap)` for each model type family this plugin knows."""
+    """Call `register(modality_map: ModalityMap)` for each model type family this plugin knows (or
+    `register(Refusal(model_types, reason))` for a type it refuses on purpose, with the reason)."""
 
 
 @hookspec

@@ -82,14 +82,10 @@ def _local_config(path: Path):
 def _default_config(model_type: str):
     from transformers import AutoConfig
 
-    from .arch import lookup_map
-    from .model_config import set_dotted
+    from .arch import apply_config_fixes, registered_maps
 
-    config = AutoConfig.for_model(model_type)
-    known = lookup_map(model_type)
-    for dotted, value in (known.default_config_fixes if known else {}).items():
-        set_dotted(config, dotted, value)
-    return config
+    known = registered_maps().get(model_type)
+    return apply_config_fixes(AutoConfig.for_model(model_type), known.default_config_fixes if known else {})
 
 
 def _vlm_types() -> list[str]:

@@ -1,7 +1,7 @@
 """Reading and editing a transformers model config by dotted path (`text_config.pad_token_id`).
 
 Architecture facts name config entries this way (a map's `default_config_fixes`, `cross_attention_layers`);
-loading, quantization, losses and the tiny test builders all read them through these helpers.
+loading, quantization and the tiny test builders read them through these helpers.
 """
 
 from __future__ import annotations
@@ -24,11 +24,3 @@ def get_dotted(config: Any, dotted: str) -> Any:
         config = getattr(config, part, None)
     return config
 
-
-def image_token_id(config: Any) -> int:
-    """The id of the image placeholder token (`image_token_id` or, in older configs, `image_token_index`)."""
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} names no image token id")

@@ -28,7 +28,7 @@ BUILTIN_PLUGINS = {"builtin_architectures": "mmtuning_plugin.arch.builtin",
 
 @dataclass(frozen=True)
 class Registry:
-    """One kind of registered object. `expects` names the class (`module:Class`, imported only when checking,
+    """One kind of registered object. `expects` names the class (`module:Class`, or `module:A|B` for either, imported only when checking,
     so this module stays below the features); `names_of` gives the names one registration claims."""
 
     kind: str
@@ -38,9 +38,10 @@ class Registry:
     subclass: bool  # register a class (losses, schedules) rather than an instance (modality maps)
     names_of: Callable[[tuple], tuple[str, ...]]
 
-    def expected(self) -> type:
-        module, _, name = self.expects.partition(":")
-        return getattr(importlib.import_module(module), name)
+    def expected(self) -> tuple[type, ...]:
+        module, _, names = self.expects.partition(":")
+        loaded = importlib.import_module(module)
+        return tuple(getattr(loaded, name) for name in names.split("|"))
 
     def check(self, plugin: str, args: tuple, kwargs: dict) -> tuple[tuple[str, ...], Any]:
         """The names and the object of one `register(...)` call, or an error naming the plugin and the signature."""
@@ -54,8 +55,8 @@ class Registry:
             fits = False
         if not fits:
             shown = ", ".join([*map(_short, args), *(f"{k}={_short(v)}" for k, v in kwargs.items())])
-            what = f"a subclass of {wanted.__module__}.{wanted.__name__}" if self.subclass else \
-                f"a {wanted.__module__}.{wanted.__name__}"
+            classes = " or ".join(f"{cls.__module__}.{cls.__name__}" for cls in wanted)
+            what = f"a subclass of {classes}" if self.subclass else f"a {classes}"
             raise MMTuningError(f"Plugin '{plugin}': its {self.hook} called register({shown}); call "
                                 f"{self.signature}, i.e. pass {what} instead.")
         return self.names_of(values), obj
@@ -67,8 +68,8 @@ def _short(value: Any) -> str:
 
 
 REGISTRIES: dict[str, Registry] = {r.kind: r for r in (
-    Registry("architectures", "register_architectures", "register(modality_map: ModalityMap)",
-             "mmtuning_plugin.arch:ModalityMap", False, lambda values: tuple(values[0].model_types)),
+    Registry("architectures", "register_architectures", "register(modality_map: ModalityMap | Refusal)",
+             "mmtuning_plugin.arch:ModalityMap|Refusal", False, lambda values: tuple(values[0].model_types)),
     Registry("losses", "register_losses", "register(name: str, loss_class: type[AlignmentLoss])",
              "mmtuning_plugin.losses.base:AlignmentLoss", True, lambda values: (values[0],)),
     Registry("schedules", "register_schedules", "register(name: str, schedule_class: type[LayerSchedule])",

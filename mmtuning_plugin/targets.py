@@ -171,6 +171,8 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
             chosen, params, whole = _plan_projector(base, layout, config, where)
             parameters += [PlannedParameter(n, modality, s, r, alpha) for n, s in params]
             modules_to_save += whole
+            if layout.layer_counts.get("projector"):  # the Q-Former's selected layers, for reports and schedules
+                layers[modality] = sorted({leaf.layer for leaf in chosen if leaf.layer is not None})
         else:
             layers[modality] = spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers",
                                                    total=layout.layer_counts[modality])
@@ -187,9 +189,13 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
 
 def _plan_projector(model, layout: ModelLayout, config: MMTuningConfig, where: str):
     spec = config.projector
-    if spec.layers.mode != "all":
-        raise MMTuningError(f"{where}.layers: the projector has no numbered layers; remove `layers` from it.")
     leaves = layout.leaves_of("projector")
+    if layout.layer_counts.get("projector"):  # a bridge with its own layers (Q-Former): `layers` selects among them
+        chosen_layers = spec.layers.resolve(layout.usable_layers["projector"], f"{where}.layers",
+                                            total=layout.layer_counts["projector"])
+        leaves = [leaf for leaf in leaves if leaf.layer is None or leaf.layer in chosen_layers]
+    elif spec.layers.mode != "all":
+        raise MMTuningError(f"{where}.layers: the projector has no numbered layers; remove `layers` from it.")
     bare = [(n, tuple(model.get_parameter(n).shape)) for n in layout.modality_map.projector_parameters]
     if spec.full:
         return [], [], list(layout.modality_map.projector)

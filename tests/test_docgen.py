@@ -29,7 +29,10 @@ def test_check_mode_reports_a_stale_file(tmp_path):
 
 def test_architectures_doc_has_a_row_per_builtin_model_type():
     text = docgen.architectures_markdown()
-    builtin = [t for t, m in registered_maps().items() if m.source == "builtin"]
-    assert builtin
+    from mmtuning_plugin.arch.coverage import image_text_types
+
+    # maps for types of newer transformers releases (hy_v4_vl: 5.24) have no row on an older one
+    builtin = [t for t, m in registered_maps().items() if m.source == "builtin" and t in image_text_types()]
+    assert len(builtin) > 50
     for model_type in builtin:
         assert f"| `{model_type}` |" in text

@@ -47,8 +47,8 @@ def test_builtin_maps_come_through_the_same_hook_and_entry_point_names():
 
 
 def test_an_installed_plugin_adds_an_architecture_to_inspect_targets(tmp_path):
-    without = run_cli("inspect-targets", "ovis2", "--json")
-    assert without.returncode == 2 and "no modality map for model type 'ovis2'" in " ".join(without.stderr.split())
+    without = run_cli("inspect-targets", "ovis2", "--json")  # ovis2 has a built-in map; the plugin's overrides it
+    assert without.returncode == 0 and json.loads(without.stdout)["map_source"] == "builtin"
 
     install_example_plugin(tmp_path)
     with_plugin = run_cli("inspect-targets", "ovis2", "--json", "--set", "vision=true", site=tmp_path)
@@ -66,7 +66,10 @@ def test_a_plugin_registered_at_runtime_drives_planning_and_wrapping():
         import mmtuning_ovis2
 
         plugins.register_plugin(mmtuning_ovis2, name="ovis2-test")
-        assert "ovis2" in registered_maps()
+        assert registered_maps()["ovis2"].source == "mmtuning-ovis2 (example plugin)"
+        # one registration serves convert too: the layout history comes from the plugin's map
+        from mmtuning_plugin.convert.layouts import family_of
+        assert family_of("ovis2").steps == mmtuning_ovis2.OVIS2.history.steps
         model = tiny_model("ovis2")
         plan = plan_targets(model, {"vision": {"layers": {"top": 1}}})
         assert [m.name for m in plan.modules_of("projector")] == ["model.vision_tower.head_linear"]
@@ -74,7 +77,7 @@ def test_a_plugin_registered_at_runtime_drives_planning_and_wrapping():
     finally:
         plugins.unregister_plugin(mmtuning_ovis2)
         sys.path.remove(str(HERE / "example_plugin"))
-    assert "ovis2" not in registered_maps()
+    assert registered_maps()["ovis2"].source == "builtin"
 
 
 def test_a_plugin_registering_a_wrong_object_gets_a_clear_error():
@@ -128,7 +131,9 @@ def test_mmtune_plugins_lists_hooks_registrations_and_overrides():
                                                "registered": {"losses": ["hidden_norm"]}}
         assert {"kind": "architectures", "name": "llava", "plugin": "llava-override",
                 "overrode": "builtin_architectures"} in report["overrides"]
-        assert {(o["plugin"], o["overrode"]) for o in report["overrides"]} == {("llava-override", "builtin_architectures")}
+        # ovis2 has a built-in map too now, so the example plugin's map takes it over as well
+        assert {(o["plugin"], o["overrode"]) for o in report["overrides"]} == {
+            ("llava-override", "builtin_architectures"), ("ovis2-test", "builtin_architectures")}
         assert lookup_map("llava").source == "override-test" and "hidden_norm" in registered_losses()
         assert {h["hook"]: h["signature"] for h in report["hooks"]}["register_losses"] == \
             "register(name: str, loss_class: type[AlignmentLoss])"

@@ -16,16 +16,22 @@ from torch import nn
 
 from ..config import MODALITIES
 from ..errors import MMTuningError
+from .history import ONLY_CURRENT, History
 
 
 # Path segments that say which sub-block of a layer a leaf belongs to.
-ATTENTION_SEGMENTS = frozenset({"self_attn", "attn", "attention", "cross_attn", "encoder_attn", "self_attention"})
-MLP_SEGMENTS = frozenset({"mlp", "feed_forward", "ffn", "feedforward"})
+# T5 (`SelfAttention`, `EncDecAttention`, `DenseReluDense`), OPT/BART (`fc1`/`fc2` directly in the layer) and
+# BERT-style Q-Former layers (`crossattention`, `intermediate_query`/`output_query`) spell them their own way.
+ATTENTION_SEGMENTS = frozenset({"self_attn", "attn", "attention", "cross_attn", "encoder_attn", "self_attention",
+                                "SelfAttention", "EncDecAttention", "crossattention", "x_attn", "cross_attention"})
+MLP_SEGMENTS = frozenset({"mlp", "feed_forward", "ffn", "feedforward", "fc1", "fc2", "DenseReluDense", "intermediate",
+                          "output", "intermediate_query", "output_query"})
 
 # Opt-in leaves outside the layer stacks, per modality (never targeted unless asked for by name).
 EXTRA_LEAVES: dict[str, dict[str, tuple[type, ...]]] = {
     "vision": {"patch_embed": (nn.Conv2d, nn.Conv3d, nn.Linear)},
     "language": {"embed_tokens": (nn.Embedding,), "lm_head": (nn.Linear,)},
+    "projector": {},
 }
 
 # Module classes PEFT's LoRA can wrap in layers (bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear).
@@ -49,17 +55,93 @@ class ModalityMap:
     vision_feature_layer: str | None = "vision_feature_layer"
     # Dotted config path to the list of language layers with cross-attention (kept 16-bit by quant presets).
     cross_attention_layers: str | None = None
-    # Dotted config keys that repair a transformers default config that cannot be built as is.
+    # Dotted config keys that repair a transformers default config that cannot be built as is
+    # (`SUB_CONFIG_DEFAULT` as a value: that sub-config's class default, for a default with no vision part).
     default_config_fixes: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     vision_extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     language_extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # A bridge with its own layers (BLIP-2's Q-Former): `projector.layers` selects among them; projector
+    # Linear modules outside these stacks (`language_projection`) are always part of a projector selection.
+    projector_layers: tuple[str, ...] = ()
+    # Modules no modality owns and mmtuning never adapts, with why: audio towers of omni models (never vision
+    # or language), image-generation heads, action experts. The coverage test accepts exactly these.
+    excluded: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # Config attributes holding the image placeholder token id, first one set wins (losses need the mask).
+    image_token: tuple[str, ...] = ("image_token_id", "image_token_index")
+    # The module names in older transformers layouts (`mmtune convert` reads this; see arch/history.py).
+    history: History = ONLY_CURRENT
+    # Language layer stacks per `text_config.model_type`, for types built around any language model (BLIP-2
+    # with OPT or Flan-T5): the matching entry replaces `language_layers` when the map meets a model.
+    language_layers_by_text_model: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    # The same for the vision encoder, keyed by `vision_config` (or `encoder`) model_type.
+    vision_layers_by_vision_model: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     source: str = "builtin"
+
+    def for_config(self, config: Any) -> "ModalityMap":
+        """This map with the layer stacks of `config`'s own sub-models chosen (BLIP-2's language model, a
+        vision-encoder-decoder pair's encoder and decoder)."""
+        from dataclasses import replace
+
+        chosen = {}
+        for field_name, table, sub_configs in (
+                ("language_layers", self.language_layers_by_text_model, ("text_config", "decoder")),
+                ("vision_layers", self.vision_layers_by_vision_model, ("vision_config", "encoder"))):
+            if not table:
+                continue
+            sub = next((getattr(config, n) for n in sub_configs if getattr(config, n, None) is not None), None)
+            sub_type = getattr(sub, "model_type", None)
+            if sub_type not in table:
+                raise MMTuningError(
+                    f"The modality map for '{self.model_types[0]}' ({self.source}) knows its {field_name.replace('_', ' ')} "
+                    f"for {', '.join(sorted(table))}, not '{sub_type}'; register a map for this combination "
+                    f"(docs/architecture.md).")
+            chosen[field_name] = table[sub_type]
+        return replace(self, **chosen) if chosen else self
 
     def prefixes(self, modality: str) -> tuple[str, ...]:
         return getattr(self, modality)
 
     def layer_stacks(self, modality: str) -> tuple[str, ...]:
-        return {"vision": self.vision_layers, "language": self.language_layers}.get(modality, ())
+        return {"vision": self.vision_layers, "language": self.language_layers,
+                "projector": self.projector_layers}.get(modality, ())
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A model type mmtuning deliberately does not split, with the true reason (registered like a map; a
+    plugin that registers a map for the type later overrides it)."""
+
+    model_types: tuple[str, ...]
+    reason: str
+    source: str = "builtin"
+
+
+# `default_config_fixes` value: fill that sub-config with its class default (Gemma 4's default has no vision).
+SUB_CONFIG_DEFAULT = "<sub-config class default>"
+
+
+def apply_config_fixes(config: Any, fixes: dict[str, Any]) -> Any:
+    """Apply a map's `default_config_fixes` to a transformers config (in place; returned for chaining)."""
+    for dotted, value in fixes.items():
+        *parents, leaf = dotted.split(".")
+        target = config
+        for part in parents:
+            target = getattr(target, part)
+        if value == SUB_CONFIG_DEFAULT:
+            value = target.sub_configs[leaf]()
+        setattr(target, leaf, value)
+    return config
+
+
+def image_token_id(config: Any) -> int:
+    """The image placeholder token id of a model config, from its map's `image_token` attributes."""
+    known = registered_maps().get(getattr(config, "model_type", ""))
+    attrs = known.image_token if isinstance(known, ModalityMap) else ModalityMap.image_token
+    for attr in attrs:
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} names no image token id (looked at {', '.join(attrs)})")
 
 
 @dataclass(frozen=True)
@@ -69,7 +151,7 @@ class Leaf:
     name: str
     modality: str
     layer: int | None
-    kind: str  # attention | mlp | projector | other | patch_embed | embed_tokens | lm_head
+    kind: str  # attention | mlp | projector | other | router | patch_embed | embed_tokens | lm_head
     module_type: str
     shape: tuple[int, ...]  # weight shape
     params: int  # base parameters (weight + bias)
@@ -102,7 +184,14 @@ def owner_modality(name: str, prefixes: dict[str, str]) -> str | None:
     return best
 
 
+# MoE routers (Llama 4's `feed_forward.router` is an nn.Linear subclass returning a tuple): listed as leaves of
+# kind `router` so coverage sees them, but no kind selection (`all-linear` included) ever adapts them.
+ROUTER_NAMES = frozenset({"router"})
+
+
 def _kind(path_inside_layer: str) -> str:
+    if path_inside_layer.rsplit(".", 1)[-1] in ROUTER_NAMES:
+        return "router"
     segments = set(path_inside_layer.split("."))
     if segments & ATTENTION_SEGMENTS:
         return "attention"
@@ -145,9 +234,10 @@ def _extra_kind(name: str, module: nn.Module, modality: str, mmap: ModalityMap) 
 
 # Name shapes of the opt-in extras when a map does not spell them out.
 _GUESS_EXTRA = {
-    "patch_embed": r"(patch_embed|patch_embedding|patch_conv|patch_embeddings\.projection)(\.proj)?$",
+    "patch_embed": r"(patch_embed|patch_embedding|patch_embedder|patch_conv|patch_embeddings\.projection|"
+                   r"(video_)?patch_projection)(\.proj|\.linear|\.input_proj)?$",
     "embed_tokens": r"(^|\.)embed_tokens$",
-    "lm_head": r"^lm_head$",
+    "lm_head": r"(^|\.)(lm_head|output_projection)$",  # output_projection: TrOCR's (fairseq-style) head
 }
 
 
@@ -166,14 +256,16 @@ def resolve_layout(model: nn.Module, modality_map: ModalityMap | None = None) ->
         modality_map = lookup_map(model_type)
         if modality_map is None:
             modality_map, detected = detect_map(model), True
+    modality_map = modality_map.for_config(model.config)
     _check_map_matches(model, modality_map, model_type)
     prefixes = {p: m for m in MODALITIES for p in modality_map.prefixes(m)}
-    offsets = {m: _stack_offsets(model, modality_map.layer_stacks(m)) for m in ("vision", "language")}
+    prefixes.update(dict.fromkeys(modality_map.excluded, EXCLUDED))
+    offsets = {m: _stack_offsets(model, modality_map.layer_stacks(m)) for m in MODALITIES}
     leaves: list[Leaf] = []
     params = dict.fromkeys(MODALITIES, 0)
     for name, module in model.named_modules():
         modality = owner_modality(name, prefixes) if name != "lm_head" else "language"
-        if modality is None:
+        if modality is None or modality == EXCLUDED:
             continue
         params[modality] += sum(p.numel() for p in module.parameters(recurse=False))
         leaf = _leaf(name, module, modality, modality_map, offsets)
@@ -195,9 +287,17 @@ def _usable_vision_layers(config: Any, mmap: ModalityMap, count: int) -> int:
     return max(1, min(count, deepest))
 
 
+# owner_modality's answer for a module under a map's `excluded` prefixes
+EXCLUDED = "excluded"
+
+
 def _leaf(name, module, modality, mmap, offsets) -> Leaf | None:
     shape, count, type_name = _weight_shape(module), _param_count(module), type(module).__name__
     if modality == "projector":
+        located = _layer_index(name, mmap.projector_layers, offsets["projector"])
+        if located is not None and isinstance(module, LAYER_LEAF_TYPES):
+            layer, inside = located
+            return Leaf(name, modality, layer, _kind(inside), type_name, shape, count, inside)
         if isinstance(module, LAYER_LEAF_TYPES):
             local = next((name[len(p) + 1:] for p in mmap.projector if name.startswith(p + ".")),
                          name.rsplit(".", 1)[-1])
@@ -237,7 +337,7 @@ def _stack_offsets(model: nn.Module, stacks: tuple[str, ...]) -> list[int]:
 def _check_map_matches(model: nn.Module, mmap: ModalityMap, model_type: str) -> None:
     """A map whose prefixes are missing from the model is stale (a transformers rename): say so."""
     missing = [p for m in MODALITIES for p in mmap.prefixes(m) if _get(model, p) is None]
-    missing += [s for m in ("vision", "language") for s in mmap.layer_stacks(m) if _get(model, s) is None]
+    missing += [s for m in MODALITIES for s in mmap.layer_stacks(m) if _get(model, s) is None]
     if missing:
         tops = ", ".join(n for n, _ in unwrap(model).named_children())
         raise MMTuningError(
@@ -250,15 +350,26 @@ def _check_map_matches(model: nn.Module, mmap: ModalityMap, model_type: str) -> 
 # --- registry -------------------------------------------------------------------------------------
 
 
+def registered() -> dict[str, ModalityMap | Refusal]:
+    """model_type -> ModalityMap or Refusal from every plugin (built-ins included); a later plugin overrides."""
+    from ..plugins import registered as registered_of_kind
+
+    return registered_of_kind("architectures")
+
+
 def registered_maps() -> dict[str, ModalityMap]:
     """model_type -> ModalityMap from every plugin (built-ins included); a later plugin overrides."""
-    from ..plugins import registered
-
-    return registered("architectures")
+    return {t: e for t, e in registered().items() if isinstance(e, ModalityMap)}
 
 
 def lookup_map(model_type: str) -> ModalityMap | None:
-    return registered_maps().get(model_type)
+    """The registered map of `model_type`; None when nobody registered one; an error naming the reason when
+    the type is refused on purpose."""
+    entry = registered().get(model_type)
+    if isinstance(entry, Refusal):
+        raise MMTuningError(f"mmtuning does not split model type '{model_type}' into modalities: {entry.reason}. "
+                            f"A plugin can register a ModalityMap for it (docs/architecture.md).")
+    return entry
 
 
 # --- detection fallback ---------------------------------------------------------------------------
@@ -268,6 +379,12 @@ DETECT_NAMES: dict[str, tuple[str, ...]] = {
     "projector": ("multi_modal_projector", "mm_projector", "connector", "merger", "projector", "aligner"),
     "language": ("language_model", "text_model", "llm", "decoder"),
 }
+
+
+# Why a module is in a map's `excluded` (shared by the built-in maps and detection).
+AUDIO_TOWER = "audio tower: neither vision nor language, and mmtuning has no audio modality yet (never adapted)"
+UNUSED_POOLING_HEAD = "attention-pooling head of the vision tower: its output never reaches the language model"
+AUDIO_NAMES = ("audio_tower", "audio_model", "audio_encoder")
 
 
 def _named_candidates(root: nn.Module, base: str) -> Iterable[tuple[str, nn.Module]]:
@@ -300,6 +417,10 @@ def detect_map(model: nn.Module) -> ModalityMap:
             f"docs/architecture.md), or pass one to plan_targets(..., modality_map=...)."
         )
     stacks = {m: (_largest_stack(model, found[m][0]),) for m in ("vision", "language")}
+    excluded = {path: AUDIO_TOWER for path, _ in _named_candidates(root, inner) if path.rsplit(".", 1)[-1] in AUDIO_NAMES}
+    head = _get(model, found["vision"][0] + ".head")
+    if head is not None and type(head).__name__.endswith("PoolingHead"):
+        excluded[found["vision"][0] + ".head"] = UNUSED_POOLING_HEAD
     return ModalityMap(
         model_types=(model_type,),
         vision=tuple(found["vision"]),
@@ -307,6 +428,7 @@ def detect_map(model: nn.Module) -> ModalityMap:
         language=tuple(found["language"]),
         vision_layers=stacks["vision"],
         language_layers=stacks["language"],
+        excluded=excluded,
         source="detected",
     )
 

@@ -57,8 +57,7 @@ class LossSuite:
             return
         if self.model is not None:
             self.detach()
-        from ..arch import resolve_layout, unwrap
-        from ..model_config import image_token_id
+        from ..arch import image_token_id, resolve_layout, unwrap
 
         layout = resolve_layout(model)
         known = registered_losses()

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..model_config import image_token_id, set_dotted
+from ..arch import image_token_id
+from ..model_config import set_dotted
 
 # Size fields shrunk in every sub-config that has them. Tiny but structurally faithful: at least
 # 4 layers so layer selections (top/bottom/ranges) mean something.
