@@ -293,6 +293,9 @@ app.add_typer(convert_app, name="convert")
 from .integrations.llamafactory_cli import app as llamafactory_app  # noqa: E402  (imports no llamafactory)
 
 app.add_typer(llamafactory_app, name="llamafactory")
+from .eval_cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:
