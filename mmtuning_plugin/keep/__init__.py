@@ -108,12 +108,14 @@ class Keep:
         spec, sources = self.spec, self.sources
         rows: list[KeepRow] = []
         if sources.prompts and sources.images == "none":
-            rows += [processed_row(user_messages(p, 0), [], self.processor, self.render) for p in sources.prompts]
+            rows += [self._asked(processed_row(user_messages(p, 0), [], self.processor, self.render), p)
+                     for p in sources.prompts]
         elif sources.prompts and sources.images == "files":
             for index in range(min(spec.pool, len(sources.prompts) * len(sources.image_files))):
                 image = sources.image_files[index // len(sources.prompts)]
                 prompt = sources.prompts[index % len(sources.prompts)]
-                rows.append(processed_row(user_messages(prompt, 1), [open_image(image)], self.processor, self.render))
+                rows.append(self._asked(processed_row(user_messages(prompt, 1), [open_image(image)], self.processor,
+                                                      self.render), prompt))
         elif sources.uses_train_images and spec.target == "answers":
             self.pool_has_train = True
             images = self._collect_training_images(batches, -(-spec.pool // len(sources.prompts)))
@@ -123,8 +125,8 @@ class Keep:
         rows = rows[: spec.pool]
         for conversation in sources.conversations[: spec.pool]:
             pictures = [open_image(p) for p in conversation.images]
-            rows.append(processed_row(conversation_messages(conversation.text, len(pictures)), pictures,
-                                      self.processor, self.render))
+            rows.append(self._asked(processed_row(conversation_messages(conversation.text, len(pictures)), pictures,
+                                                  self.processor, self.render), conversation.text))
         return rows
 
     def _collect_training_images(self, batches, count: int) -> list[tuple[dict[str, torch.Tensor], int]]:
@@ -192,7 +194,7 @@ class Keep:
             "batch_size": self.spec.batch_size,
             "every": self.spec.every,
             "templates": list(dict.fromkeys(row.text for row in shown))[:SHOWN_EXAMPLES],
-            "examples": [{"prompt": row.text, "base_answer": tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()}
+            "examples": [{"prompt": row.question, "base_answer": tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()}
                          for row in shown],
         }
 
@@ -255,7 +257,12 @@ class Keep:
         if prompt not in self._tokens:
             self._tokens[prompt] = prompt_tokens(prompt, 1, self.processor, self.render)
         text, ids = self._tokens[prompt]
-        return splice(text, ids, [image], self.image_id)
+        return self._asked(splice(text, ids, [image], self.image_id), prompt)
+
+    @staticmethod
+    def _asked(row: KeepRow, question: str) -> KeepRow:
+        row.question = question
+        return row
 
     def _kl(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
         batch = to_model(prompt_batch(rows, self.pad_id), model)

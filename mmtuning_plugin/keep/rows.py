@@ -25,6 +25,7 @@ class KeepRow:
     images: list[dict[str, torch.Tensor]]  # per-image processor tensors (pixel_values, image_grid_thw, ...)
     text: str  # the rendered prompt, for the log
     answer_ids: list[int] = field(default_factory=list)  # the base's greedy answer (target `answers`)
+    question: str = ""  # the keep prompt or user turn itself, for the log
 
 
 def user_messages(prompt: str, images: int) -> list[dict[str, Any]]:
