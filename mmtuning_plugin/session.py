@@ -125,11 +125,13 @@ class MMTuning:
 
     # --- keep (mmtuning_plugin/keep) ---------------------------------------------------------------
 
-    def use_keep_template(self, processor: Any = None, chat_template: str | None = None, render: Any = None) -> None:
+    def use_keep_template(self, processor: Any = None, chat_template: str | None = None, render: Any = None,
+                          log: Any = None) -> None:
         """A host hands over what writes its prompts: its processor (tokenizer + image processor), and its chat
-        template (a jinja string) or `render(messages) -> text` when its templating is its own."""
+        template (a jinja string) or `render(messages) -> text` when its templating is its own; `log(line)` shows
+        the keep report where the host's own log lines go."""
         self.keep_template = {k: v for k, v in (("processor", processor), ("chat_template", chat_template),
-                                                ("render", render)) if v is not None}
+                                                ("render", render), ("log", log)) if v is not None}
 
     def prepare_keep(self, model: nn.Module, processor: Any = None, *, training_batches: Any = None,
                      total_steps: int | None = None, log: Any = None, **template: Any) -> dict[str, Any] | None:
@@ -141,6 +143,8 @@ class MMTuning:
         given = {**self.keep_template, **{k: v for k, v in template.items() if v is not None}}
         processor = processor if processor is not None else given.pop("processor", None)
         given.pop("processor", None)
+        log = log or given.pop("log", None)
+        given.pop("log", None)
         if processor is None:
             raise MMTuningError(f"{self.keep.where}: keep rows need the run's processor (tokenizer, image processor, "
                                 f"chat template); hand it over with MMTuning.use_keep_template(processor).")
