@@ -167,6 +167,9 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     if stage not in TRAINER_BY_STAGE:
         raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "
                             f"stages: {', '.join(TRAINER_BY_STAGE)}.")
+    if session.keep is not None and stage != "sft":
+        raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
+                            f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
     return Job(args, session, stage)
 
 

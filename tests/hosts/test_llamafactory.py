@@ -308,6 +308,8 @@ def test_unsupported_stage_and_finetuning_type_are_refused():
         lf.split_config({"finetuning_type": "full", "mmtuning": {}})
     with pytest.raises(MMTuningError, match="no `mmtuning:` block"):
         lf.split_config({"stage": "sft"})
+    with pytest.raises(MMTuningError, match="mmtuning.keep needs stage: sft"):
+        lf.split_config({"stage": "pt", "mmtuning": {"keep": {"prompts": ["what shape is it?"]}}})
 
 
 def test_torchrun_launch_rule_and_command():
