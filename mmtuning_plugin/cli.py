@@ -14,6 +14,7 @@ from .boundary import CommandBoundary
 from .console import console, errors, fail
 from .convert.cli import convert_app
 from .errors import MMTuningError, user_message
+from .eval_cli import eval_command
 from .integrations.llamafactory_cli import app as llamafactory_app
 from .report import inspect_report, print_report
 from .spec_input import read_spec
@@ -146,6 +147,7 @@ def demo(
 
 app.add_typer(convert_app, name="convert")
 app.add_typer(llamafactory_app, name="llamafactory")  # imports no llamafactory until a command runs
+app.command("eval")(eval_command)
 
 
 def main() -> None:

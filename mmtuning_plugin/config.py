@@ -576,6 +576,119 @@ class ModalitySpec(BaseModel):
         return kinds, [i for i in items if i not in KINDS]
 
 
+class KeepSpec(BaseModel):
+    """`keep:`, learn the new task without forgetting (docs/keep.md). Next to the task loss, the model answers
+    unlabelled keep prompts (the old skills' questions about the fine-tuning images, or your own keep data)
+    the way its own base does: the base is the same model with its adapters switched off, so there is no
+    second copy. No labels are needed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: Union[list[str], str, None] = Field(
+        default=None,
+        description="Questions of every skill to keep (a skill with no question is not kept), as a list or a text "
+        "file with one prompt per line. Asked about `images`.",
+    )
+    images: Union[str, list[str]] = Field(
+        default="train",
+        description="Images the prompts are asked about: `train` (the training batches' own images), `none` "
+        "(text-only prompts), a folder of images, or a list of image files.",
+    )
+    data: Optional[str] = Field(
+        default=None,
+        description="A JSON/JSONL file of unlabelled conversations (`messages` with role/content, or sharegpt "
+        "`conversations` with from/value; optional `images`); only the user turns are read.",
+    )
+    target: Literal["kl", "answers"] = Field(
+        default="kl",
+        description="`kl`: match the base's next-token distribution at the answer position, computed on the fly "
+        "with adapters off; `answers`: cross-entropy on the base's own greedy answers, generated once before "
+        "training (cheaper per step).",
+    )
+    weight: float = Field(default=0.2, description="Weight of the keep term in the total loss (after the ramp).")
+    ramp: float = Field(
+        default=0.5,
+        description="Share of training over which the weight rises linearly from 0 (0.5 = the first half; 0 = full "
+        "weight from step 0, which can stall the new task).",
+    )
+    ramp_steps: Optional[int] = Field(default=None, ge=0, description="The ramp in optimizer steps instead of a share of training.")
+    batch_size: int = Field(default=4, ge=1, description="Keep rows per training micro-batch.")
+    every: int = Field(
+        default=1, ge=1,
+        description="Run the keep batch every k optimizer steps only, with its weight multiplied by k: about "
+        "1/k of the keep overhead.",
+    )
+    pool: int = Field(
+        default=256, ge=1,
+        description="Most keep rows built before training (prompts x images, or conversations), cycled through "
+        "during training; with `images: train` and `target: answers` the images come from the first training rows.",
+    )
+    answer_tokens: int = Field(default=16, ge=1, description="Longest base answer generated (target `answers` and the log).")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value):
+        if isinstance(value, list):
+            value = [p.strip() for p in value if isinstance(p, str)]
+            if not any(value):
+                raise ValueError("the prompt list is empty; write the questions of the skills to keep, e.g. "
+                                 "[\"what is the colour of the shape?\", \"what shape is in the image?\"]")
+            if any(not p for p in value):
+                raise ValueError("a prompt is blank; remove it or write the question")
+        elif isinstance(value, str):
+            from .keep.sources import read_prompts  # reads the file now: bad input fails before weights load
+
+            read_prompts(value)
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty image list; write `train` (the training images), `none`, a folder or image files")
+        from .keep.sources import resolve_images
+
+        resolve_images(value)
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value):
+        if value is not None:
+            from pathlib import Path
+
+            from .keep.sources import read_conversations
+
+            read_conversations(Path(value))
+        return value
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"{value:g} is negative; write a positive weight such as 0.2 (the keep term's share of the loss)")
+        if value == 0:
+            raise ValueError("0 turns keep into a no-op; remove the `keep:` block or write a positive weight such as 0.2")
+        return value
+
+    @field_validator("ramp")
+    @classmethod
+    def _ramp(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError(f"{value:g} is above 1; ramp is a share of training (0.5 = the first half). For a number "
+                             f"of optimizer steps write `ramp_steps: {value:g}`")
+        if value < 0:
+            raise ValueError(f"{value:g} is negative; write a share of training between 0 and 1, such as 0.5")
+        return value
+
+    @model_validator(mode="after")
+    def _has_source(self) -> "KeepSpec":
+        if self.prompts is None and self.data is None:
+            raise ValueError("keep has nothing to keep: write `prompts:` (questions of the skills to keep, or a text "
+                             "file with one per line) or `data:` (a JSONL file of unlabelled conversations)")
+        return self
+
+
 class MMTuningConfig(BaseModel):
     """The `mmtuning:` block: per-modality adapter targets and the adapter method."""
 
@@ -606,6 +719,12 @@ class MMTuningConfig(BaseModel):
         default_factory=dict,
         description="Alignment losses and forgetting regularizers added to the task loss, by registered name "
         "(`contrastive`, `anchor`, `sculpt`, `multiscale`, or a plugin's): `{anchor: {weight: 0.1}}`. See docs/losses.md.",
+    )
+
+    keep: Optional[KeepSpec] = Field(
+        default=None,
+        description="Keep the base model's answers on keep prompts while learning the new task (a regularizer "
+        "toward the adapter-off model; see KeepSpec and docs/keep.md). Absent: off.",
     )
 
     @field_validator("losses", mode="before")

@@ -22,6 +22,12 @@ class MMTuning:
         self.config: MMTuningConfig = load_config(config, where)
         self.plan: TargetPlan | None = None
         self.losses = LossSuite(self.config.losses)
+        self.keep = None
+        if self.config.keep is not None:  # reads keep files now: bad keep input fails before weights load
+            from .keep import Keep
+
+            self.keep = Keep(self.config.keep, f"{where}.keep")
+        self.keep_template: dict[str, Any] = {}  # a host's processor / chat template / render for keep rows
 
     # --- targets -----------------------------------------------------------------------------------
 
@@ -48,6 +54,10 @@ class MMTuning:
     def attach(self, model: nn.Module) -> None:
         """Attach what runs inside the model's forward (loss feature hooks); `detach` removes it."""
         self.losses.attach(model)
+        if self.keep is not None:
+            if self.plan is not None:
+                self.keep.check_plan(self.plan)
+            self.keep.capture = self.losses.capture  # loss hooks pause during keep forwards
 
     def detach(self) -> None:
         self.losses.detach()
@@ -97,11 +107,47 @@ class MMTuning:
         """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
         from .schedules import schedule_callback
 
-        return [schedule_callback(self), *self.losses.callbacks()]
+        return [schedule_callback(self), *self.losses.callbacks(), *([self.keep.callback()] if self.keep else [])]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
         """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.
 
-        Call right after the model's forward on `inputs`: the terms read features its hooks captured."""
-        return self.losses.compute(inputs)
+        Call right after the model's forward on `inputs`: the terms read features its hooks captured. The keep
+        term (`loss_keep`) runs its own forwards after that."""
+        terms = self.losses.compute(inputs)
+        if self.keep is not None:
+            from .keep import LOG_KEY
+
+            value = self.keep.term(model, inputs)
+            if value is not None:
+                terms[LOG_KEY] = value
+        return terms
+
+    # --- keep (mmtuning_plugin/keep) ---------------------------------------------------------------
+
+    def use_keep_template(self, processor: Any = None, chat_template: str | None = None, render: Any = None,
+                          log: Any = None) -> None:
+        """A host hands over what writes its prompts: its processor (tokenizer + image processor), and its chat
+        template (a jinja string) or `render(messages) -> text` when its templating is its own; `log(line)` shows
+        the keep report where the host's own log lines go."""
+        self.keep_template = {k: v for k, v in (("processor", processor), ("chat_template", chat_template),
+                                                ("render", render), ("log", log)) if v is not None}
+
+    def prepare_keep(self, model: nn.Module, processor: Any = None, *, training_batches: Any = None,
+                     total_steps: int | None = None, log: Any = None, **template: Any) -> dict[str, Any] | None:
+        """Before training: build keep rows with the run's processor and template, generate the base's answers
+        where needed and log what will be kept. `training_batches`: collated training batches (their images are
+        the keep images under `images: train`). None without `keep:`."""
+        if self.keep is None:
+            return None
+        given = {**self.keep_template, **{k: v for k, v in template.items() if v is not None}}
+        processor = processor if processor is not None else given.pop("processor", None)
+        given.pop("processor", None)
+        log = log or given.pop("log", None)
+        given.pop("log", None)
+        if processor is None:
+            raise MMTuningError(f"{self.keep.where}: keep rows need the run's processor (tokenizer, image processor, "
+                                f"chat template); hand it over with MMTuning.use_keep_template(processor).")
+        return self.keep.prepare(model, processor, training_batches=training_batches, total_steps=total_steps,
+                                 log=log, **given)
 

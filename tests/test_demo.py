@@ -120,12 +120,31 @@ def test_demo_reports_e_f_o_from_before_and_after_accuracies(short_demo):
     assert report["arms"]["plain_lora"]["trainable_params"] > report["arms"]["mmtuning"]["trainable_params"]
 
 
+def test_demo_reports_which_skills_were_kept_and_what_keep_showed(short_demo):
+    """Accuracy per question type before/after (general = colour + shape, target = position), and the mmtuning
+    arm's keep report: the base's own answers to the keep prompts, shown before training."""
+    out, report = short_demo
+    for arm in report["arms"].values():
+        for phase in ("before", "after"):
+            by_question = arm[phase]["by_question"]
+            assert set(by_question) == {"position", "colour", "shape"}
+            assert all(0 <= v <= 1 for v in by_question.values())
+        assert arm["before"]["by_question"]["position"] <= 0.05  # the base never learnt positions
+    keep = report["arms"]["mmtuning"]["keep"]
+    assert keep["target"] == "kl" and keep["prompts"] == 2 and keep["templates"]
+    answers = {e["base_answer"] for e in keep["examples"]}
+    assert answers and answers <= set(answers_of("general"))  # the base answers colour/shape questions in kind
+    assert report["arms"]["plain_lora"]["keep"] == {}
+
+
 def test_demo_accuracy_comes_from_the_saved_adapter_and_a_corrupted_one_scores_lower(short_demo, tmp_path):
     out, report = short_demo
     arm = report["arms"]["plain_lora"]
     adapter = out / "plain_lora" / "adapter"
     items = report["settings"]["eval_items"]
-    assert evaluate_adapter(adapter, items=items) == pytest.approx(arm["after"])
+    measured = evaluate_adapter(adapter, items=items)
+    assert {k: measured[k] for k in ("target", "general")} == pytest.approx({k: arm["after"][k] for k in ("target", "general")})
+    assert measured["by_question"] == pytest.approx(arm["after"]["by_question"])
 
     broken = tmp_path / "broken"
     shutil.copytree(adapter, broken)

@@ -20,7 +20,9 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.hookspecs": 0,
     "mmtuning_plugin.model_config": 0,
     "mmtuning_plugin.files": 0,  # reading the text files a user names, with precise errors
+    "mmtuning_plugin.scoring": 0,  # answer matching and E/F/O: plain functions
     "mmtuning_plugin.plugins": 1,
+    "mmtuning_plugin.keep.sources": 1,  # reads keep files (errors only): the schema calls it, so bad input fails early
     "mmtuning_plugin.config": 2,  # the schema: the bottom floor of every feature
     "mmtuning_plugin.arch": 3,
     "mmtuning_plugin.loading": 3,
@@ -29,11 +31,14 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.quant": 5,
     "mmtuning_plugin.schedules": 5,
     "mmtuning_plugin.losses": 5,
+    "mmtuning_plugin.keep": 5,  # the keep term: rows, sources, the adapter-off base
+    "mmtuning_plugin.evaluate": 6,  # E/F/O of an adapter on user files (mmtune eval, the demo)
     "mmtuning_plugin.session": 6,
     "mmtuning_plugin.console": 7,
     "mmtuning_plugin.spec_input": 7,
     "mmtuning_plugin.report": 7,
     "mmtuning_plugin.boundary": 7,
+    "mmtuning_plugin.eval_cli": 7,
     "mmtuning_plugin.testing": 7,
     "mmtuning_plugin.docgen": 7,
     "mmtuning_plugin.convert": 7,

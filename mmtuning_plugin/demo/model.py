@@ -81,9 +81,13 @@ class Encoded:
     pixel_values: torch.Tensor
     answer_ids: list[int]
     answer: str
+    kind: str = ""  # the question type (colour, shape, position): which skill the item measures
 
 
 def encode(processor, items: Sequence[Item]) -> list[Encoded]:
+    from .data import TASKS
+
+    kinds = {question: attribute for questions in TASKS.values() for question, attribute in questions}
     tokenizer = processor.tokenizer
     texts = [
         processor.apply_chat_template(
@@ -98,7 +102,7 @@ def encode(processor, items: Sequence[Item]) -> list[Encoded]:
         mask = batch["attention_mask"][row].bool()
         prompt = batch["input_ids"][row][mask].tolist()
         answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        encoded.append(Encoded(prompt, batch["pixel_values"][row], answer, item.answer))
+        encoded.append(Encoded(prompt, batch["pixel_values"][row], answer, item.answer, kinds.get(item.question, "")))
     return encoded
 
 
@@ -148,6 +152,6 @@ def predict(model, tokenizer, rows: Sequence[Encoded], batch_size: int = 64, max
 
 def accuracy(predictions: Sequence[str], rows: Sequence[Encoded]) -> float:
     """Exact-match share of predictions (a generated answer must equal the expected word)."""
-    if not rows:
-        raise ValueError("accuracy of an empty set")
-    return sum(p == r.answer for p, r in zip(predictions, rows)) / len(rows)
+    from ..scoring import accuracy as scored
+
+    return scored(predictions, [r.answer for r in rows], match="exact")

@@ -39,6 +39,11 @@ class DemoConsole:
                                      TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=self.console)
             self.task = self.progress.add_task(f"training {arm}", total=args[0], acc=self._acc)
             self.progress.start()
+        elif kind == "keep":
+            from ..keep import describe
+
+            for line in describe(args[0]):
+                self.console.print(line, highlight=False, markup=False)
         elif kind == "step" and self.progress:
             self.progress.update(self.task, completed=args[0])
         elif kind == "eval":
@@ -53,6 +58,22 @@ class DemoConsole:
             self.progress = None
 
     _acc = ""
+
+    def skills(self, report: dict[str, Any]) -> None:
+        """Accuracy per question type before -> after: which skills each arm kept."""
+        arms = list(report["arms"].values())
+        kinds = list(dict.fromkeys(k for arm in arms for k in arm["before"].get("by_question", {})))
+        if not kinds:
+            return
+        table = Table(title="which skills were kept (accuracy % per question type, before -> after)",
+                      title_justify="left")
+        table.add_column("arm")
+        for kind in kinds:
+            table.add_column(kind, justify="right")
+        for arm in arms:
+            before, after = arm["before"]["by_question"], arm["after"]["by_question"]
+            table.add_row(arm["label"], *(f"{100 * before[k]:.0f} -> {100 * after[k]:.0f}" for k in kinds))
+        self.console.print(table)
 
     def summary(self, report: dict[str, Any]) -> None:
         from ..console import human
@@ -69,6 +90,7 @@ class DemoConsole:
         self.console.print(table)
         self.console.print("E = target accuracy gain, F = change on the general set (negative = forgetting), "
                            "O = E + F; accuracy points, greedy generation, exact match.")
+        self.skills(report)
         arms = list(report["arms"].values())
         if len(arms) == 2:
             best, other = sorted(arms, key=lambda a: a["O"], reverse=True)

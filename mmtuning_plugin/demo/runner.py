@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MMTuningError
+from ..scoring import efo as scores  # the same E/F/O as `mmtune eval`
 from .data import make_set
 from .model import MODEL_DIR, Encoded, accuracy, encode, predict, training_batch
 
@@ -56,17 +57,13 @@ class ArmResult:
     loss: list[tuple[int, float]] = field(default_factory=list)
     adapter: str = ""
     seconds: float = 0.0
+    keep: dict[str, Any] = field(default_factory=dict)  # what `keep:` showed before training (prompts, base answers)
 
     @property
     def scores(self) -> dict[str, float]:
         return scores(self.before, self.after)
 
 
-def scores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """E (target gain), F (general change: forgetting when negative) and O = E + F, in accuracy points."""
-    e = 100 * (after["target"] - before["target"])
-    f = 100 * (after["general"] - before["general"])
-    return {"E": e, "F": f, "O": e + f}
 
 
 def load_recipes(path: Path = RECIPES) -> dict[str, dict[str, Any]]:
@@ -105,9 +102,17 @@ class EvalSets:
     target: list[Encoded]
     general: list[Encoded]
 
-    def measure(self, model, tokenizer) -> dict[str, float]:
-        return {name: accuracy(predict(model, tokenizer, rows), rows)
-                for name, rows in (("target", self.target), ("general", self.general))}
+    def measure(self, model, tokenizer) -> dict[str, Any]:
+        """Accuracy on each set, and per question type (`by_question`: which skills were kept)."""
+        from ..scoring import accuracy_by_kind
+
+        predictions = {name: predict(model, tokenizer, rows) for name, rows in (("target", self.target),
+                                                                                 ("general", self.general))}
+        rows = self.target + self.general
+        flat = predictions["target"] + predictions["general"]
+        return {"target": accuracy(predictions["target"], self.target),
+                "general": accuracy(predictions["general"], self.general),
+                "by_question": accuracy_by_kind(flat, [r.answer for r in rows], [r.kind for r in rows])}
 
 
 def load_processor(model_dir: Path):
@@ -177,6 +182,11 @@ def run_arm(name: str, recipe: dict[str, Any], settings: DemoSettings, train: li
     result.before = dict(result.curve[0]); result.before.pop("step")
 
     class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if session.keep is not None:  # keep rows and base answers were built just before this
+                result.keep = session.keep.report
+                on_event("keep", name, result.keep)
+
         def on_step_end(self, args, state, control, **kwargs):
             on_event("step", name, state.global_step)
             if state.global_step in checkpoints and state.global_step < settings.steps:
@@ -194,7 +204,7 @@ def run_arm(name: str, recipe: dict[str, Any], settings: DemoSettings, train: li
             use_cpu=True, seed=settings.seed, data_seed=settings.seed, disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0,
         )
-        trainer = MMTuningTrainer(model=model, args=args, train_dataset=train, mmtuning=session,
+        trainer = MMTuningTrainer(model=model, args=args, train_dataset=train, mmtuning=session, processing_class=processor,
                                   data_collator=lambda rows: training_batch(rows, tokenizer.pad_token_id),
                                   callbacks=[Progress()])
         trainer.remove_callback(PrinterCallback)  # the demo draws its own progress bar
@@ -216,12 +226,14 @@ def eval_sets(processor, items: int) -> EvalSets:
                     general=encode(processor, make_set("general", "eval", items, seed=0)))
 
 
-def run_demo(settings: DemoSettings, on_event: Event | None = None) -> dict[str, Any]:
-    """Both arms, the E/F/O table's numbers, adapters, results.json and the plot under `settings.out`."""
+def run_demo(settings: DemoSettings, on_event: Event | None = None,
+             recipes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Both arms, the E/F/O table's numbers, adapters, results.json and the plot under `settings.out`.
+    `recipes` replaces recipes.yaml (benchmarks compare variants of an arm)."""
     on_event = on_event or (lambda *args: None)
     check_out_dir(settings.out)
     _quiet_libraries()
-    recipes = load_recipes()
+    recipes = recipes or load_recipes()
     unknown = [arm for arm in settings.arms if arm not in recipes]
     if unknown:
         raise MMTuningError(f"unknown demo arm(s) {unknown}; recipes.yaml defines {list(recipes)}.")

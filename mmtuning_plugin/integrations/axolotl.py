@@ -18,9 +18,11 @@ returns at once: Axolotl auto-registers installed plugins on every run.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -87,6 +89,7 @@ class MMTuningPlugin(BasePlugin):
         if not self.active(cfg):
             self.session = None
             return
+        cfg[BLOCK] = with_inline_keep_images(cfg.get(BLOCK))
         self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
         check_host_settings(cfg, self.session)
         model_config = load_host_model_config(cfg)
@@ -151,10 +154,14 @@ class MMTuningPlugin(BasePlugin):
         return [RunReportCallback(self.require_session(cfg))]
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        """After Axolotl's `unfrozen_parameters`/`freeze_mm_modules`: exactly the planned adapters still train."""
+        """After Axolotl's `unfrozen_parameters`/`freeze_mm_modules`: exactly the planned adapters still train.
+        Keep prompts get the run's own processor and chat template (the trainer builds the keep rows in train())."""
         if not self.active(cfg):
             return
-        check_trainable(trainer.model, self.require_session(cfg).require_plan())
+        session = self.require_session(cfg)
+        check_trainable(trainer.model, session.require_plan())
+        if session.keep is not None:
+            hand_over_keep_template(session, trainer)
 
     def require_session(self, cfg: Any) -> MMTuning:
         if self.session is None:  # a programmatic run that skipped register(): build it from the validated cfg
@@ -193,11 +200,117 @@ def check_host_settings(cfg: Any, session: MMTuning) -> None:
         if cfg.get(key) is not None:
             raise MMTuningError(f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's "
                                 f"per-modality groups; remove `{key}` from the YAML.")
+    if session.keep is not None:
+        check_keep_settings(cfg, session)
     adapted = [m for m in ("vision", "projector") if session.config.spec(m).enabled]
     if cfg.get("freeze_mm_modules") and adapted:
         raise MMTuningError(f"freeze_mm_modules: true would freeze the {' and '.join(adapted)} adapters that the "
                             f"`mmtuning:` block asks for (base weights stay frozen anyway); remove freeze_mm_modules, "
                             f"or write `mmtuning.{adapted[0]}: false`.")
+
+
+def check_keep_settings(cfg: Any, session: MMTuning) -> None:
+    """Keep prompts with images go through Axolotl's multimodal collator (its processor and chat template)."""
+    if session.keep.sources.has_images and not cfg.get("processor_type"):
+        raise MMTuningError("mmtuning.keep: the keep prompts carry images, but this Axolotl run has no "
+                            "`processor_type`, so it builds no multimodal collator and has no processor for them; "
+                            "add `processor_type: AutoProcessor` (with skip_prepare_dataset: true, "
+                            "remove_unused_columns: false), or write `keep.images: none`.")
+
+
+INLINE_IMAGE_KEYS = ("path", "base64", "url", "image")  # how Axolotl's multimodal rows carry an image part
+
+
+def with_inline_keep_images(block: Any) -> Any:
+    """`keep.data` in Axolotl's own multimodal row format (image parts carrying `path`/`base64`/`url` inline, as
+    in its training data): the user turns with their images saved as files, written as keep-data JSONL in a
+    temporary folder that the block then names. Other files are left to the core reader; user files are only read."""
+    keep = block.get("keep") if isinstance(block, dict) else None
+    name = keep.get("data") if isinstance(keep, dict) else None
+    if not isinstance(name, str) or not Path(name).is_file():
+        return block
+    source = Path(name)
+    try:
+        text = source.read_text(encoding="utf-8")
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return block  # the core reader names the bad line and the fix
+    if not any(inline_image(part) for record in records for part in image_parts(record)):
+        return block
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mmtuning-keep-"))
+    atexit.register(shutil.rmtree, folder, True)
+    rows = [inline_row(record, number, source, folder) for number, record in enumerate(records, 1)]
+    target = folder / f"{source.stem}.jsonl"
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    # the same mapping types back (Axolotl's DictDefault): with plain dicts here Axolotl's validate_config failed
+    # in model_dump ("'None' is not an instance of 'SchemaSerializer'")
+    return type(block)({**block, "keep": type(keep)({**keep, "data": str(target)})})
+
+
+def image_parts(record: Any) -> list[dict[str, Any]]:
+    turns = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
+    return [part for turn in turns or [] if isinstance(turn, dict) and isinstance(turn.get("content"), list)
+            for part in turn["content"] if isinstance(part, dict) and part.get("type") == "image"]
+
+
+def inline_image(part: dict[str, Any]) -> bool:
+    return any(isinstance(part.get(key), str) for key in INLINE_IMAGE_KEYS)
+
+
+def inline_row(record: Any, number: int, source: Path, folder: Path) -> dict[str, Any]:
+    """One Axolotl row as a keep-data row: its first user turn, `<image>` where each image part stands."""
+    turns = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
+    user = next((t for t in turns or [] if isinstance(t, dict) and t.get("role", t.get("from")) in ("user", "human")),
+                None)
+    if user is None:
+        raise MMTuningError(f"mmtuning.keep.data: record {number} of {source} has no user turn; keep data needs the "
+                            f"user's question (role `user`).")
+    content = user.get("content", user.get("value"))
+    parts = content if isinstance(content, list) else [{"type": "text", "text": str(content)}]
+    text, images = "", []
+    for part in parts:
+        if part.get("type") == "image":
+            text += "<image>"
+            images.append(inline_image_file(part, number, source, folder, len(images)))
+        else:
+            text += str(part.get("text", ""))
+    return {"messages": [{"role": "user", "content": text}], "images": images}
+
+
+def inline_image_file(part: dict[str, Any], number: int, source: Path, folder: Path, index: int) -> str:
+    import base64
+    import binascii
+
+    if isinstance(part.get("base64"), str):
+        target = folder / f"{number}-{index}.img"
+        try:
+            target.write_bytes(base64.b64decode(part["base64"].split(",")[-1], validate=True))
+        except (binascii.Error, ValueError):
+            raise MMTuningError(f"mmtuning.keep.data: record {number} of {source} has an image part whose `base64` "
+                                f"is not base64; write the image's bytes base64-encoded, or `path:`.") from None
+        return str(target)
+    path = part.get("path") or part.get("image") or part.get("url") or ""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        raise MMTuningError(f"mmtuning.keep.data: record {number} of {source} names the image {path}; keep data "
+                            f"reads local images only (no downloads before training): save it and write `path:`.")
+    found = Path(path) if Path(path).is_absolute() or Path(path).is_file() else source.parent / path
+    return str(found.absolute())
+
+
+def hand_over_keep_template(session: MMTuning, trainer: Any) -> None:
+    """Axolotl's multimodal collator holds the run's processor and the chat template it renders rows with; a
+    text-only run hands over its tokenizer (Axolotl set its chat template). The keep report goes to Axolotl's log
+    (its logging drops INFO lines of loggers outside `axolotl`)."""
+    strategy = getattr(trainer.data_collator, "processing_strategy", None)
+    if strategy is not None:
+        session.use_keep_template(processor=strategy.processor, chat_template=strategy.chat_template, log=LOG.info)
+    else:
+        session.use_keep_template(processor=trainer.processing_class, log=LOG.info)
 
 
 def lora_settings(plan: TargetPlan) -> dict[str, Any]:

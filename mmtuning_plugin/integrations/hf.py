@@ -41,6 +41,12 @@ class MMTuningTrainerMixin:
         loss = add_extra_losses(self, model, inputs, outputs, loss, num_items_in_batch, logs)
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, *args: Any, **kwargs: Any):
+        """Keep rows (and the base's answers) are built here, before the first step, from the trainer's own
+        processor and training data."""
+        prepare_keep(self)
+        return super().train(*args, **kwargs)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean of each extra loss term since the last log under its own key (`loss_align/<name>`)."""
         for name, values in self.__dict__.get("_mmtuning_logs", {}).items():
@@ -92,6 +98,35 @@ def add_extra_losses(trainer: Trainer, model, inputs, outputs, loss, num_items_i
         loss = loss + value.to(loss.dtype) * scale
         logs.setdefault(name, []).append(float(value.detach()))
     return loss
+
+
+def prepare_keep(trainer: Trainer) -> Any:
+    """`MMTuning.prepare_keep` with what a Trainer holds: its processing class (unless the host handed one to
+    `use_keep_template`) and the first training rows collated as the trainer does, read in dataset order so the
+    training stream's shuffling is untouched."""
+    session = trainer.mmtuning
+    if session.keep is None:
+        return None
+    processor = session.keep_template.get("processor", getattr(trainer, "processing_class", None))
+    return session.prepare_keep(trainer.model, processor, training_batches=training_batches(trainer),
+                                total_steps=trainer.args.max_steps if trainer.args.max_steps > 0 else None)
+
+
+def training_batches(trainer: Trainer):
+    """Collated batches of the training set's first rows, in order (no sampler, no RNG draw)."""
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    size = trainer.args.per_device_train_batch_size
+    if dataset is None:
+        return
+    rows = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
 
 
 def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:

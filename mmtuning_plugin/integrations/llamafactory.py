@@ -15,12 +15,18 @@ rank reads the same YAML and applies the same setup.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from ..errors import MMTuningError
@@ -139,7 +145,7 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where} has no `mmtuning:` block; add one (e.g. `mmtuning: {{vision: {{layers: "
                             f"{{top: 4}}}}}}`) or run plain `llamafactory-cli train` instead.")
     args = dict(data)
-    session = MMTuning(args.pop("mmtuning"), where="mmtuning")
+    session = MMTuning(with_keep_dataset(args.pop("mmtuning"), args), where="mmtuning")
     problems = [f"`{key}` (write {instead})" for key, instead in OWNED_KEYS.items() if key in args]
     problems += [f"`{key}` ({instead})" for key, instead in BYPASS_KEYS.items() if args.get(key)]
     problems += [f"`{key}` (it replaces the optimizer, so mmtuning's per-modality parameter groups could not "
@@ -155,6 +161,9 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     if stage not in TRAINER_BY_STAGE:
         raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "
                             f"stages: {', '.join(TRAINER_BY_STAGE)}.")
+    if session.keep is not None and stage != "sft":
+        raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
+                            f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
     return Job(args, session, stage)
 
 
@@ -241,10 +250,136 @@ def as_dtype_like(current: Any, value: Any) -> Any:
 
 
 def trainer_with_mmtuning(session: MMTuning, base: type) -> type:
-    """`base` (LLaMA-Factory's trainer class) with mmtuning's optimizer groups and extra losses."""
+    """`base` (LLaMA-Factory's trainer class) with mmtuning's optimizer groups, extra losses and keep rows written
+    under the run's template."""
     from .hf import MMTuningTrainerMixin
 
-    return type(f"MMTuning{base.__name__}", (MMTuningTrainerMixin, base), {"mmtuning": session})
+    return type(f"MMTuning{base.__name__}", (KeepUnderRunTemplate, MMTuningTrainerMixin, base), {"mmtuning": session})
+
+
+# --- keep: the run's template writes the keep prompts; keep.data may name a dataset ---------------------
+
+
+class KeepUnderRunTemplate:
+    """Before `MMTuningTrainerMixin.train` builds the keep rows: hand over the run's own template object and
+    processor, which LLaMA-Factory keeps in the data collator (the trainer's processing_class is the tokenizer).
+    The keep report is logged under LLaMA-Factory's logger, whose handler shows INFO lines."""
+
+    def train(self, *args: Any, **kwargs: Any):
+        session = self.mmtuning
+        if session.keep is not None:
+            collator = self.data_collator
+            template = getattr(collator, "template", None)
+            if template is None:
+                raise MMTuningError("mmtuning.keep: this LLaMA-Factory stage's collator holds no template, so keep "
+                                    "prompts cannot be written the way the run is trained; use stage: sft, or remove "
+                                    "`keep:`.")
+            processor = getattr(collator, "processor", None)
+            session.use_keep_template(processor=processor if processor is not None else collator.tokenizer,
+                                      render=template_render(template, collator.tokenizer, processor,
+                                                             session.keep.sources.has_images),
+                                      log=logging.getLogger("llamafactory.mmtuning").info)
+        return super().train(*args, **kwargs)
+
+
+def template_render(template: Any, tokenizer: Any, processor: Any, with_images: bool) -> Callable:
+    """Keep prompts through LLaMA-Factory's own template: its mm plugin writes one image token per image (the
+    core widens it to the image's run, as the plugin does for training rows) and the template encodes the user
+    turn with its prefix and default system prompt. Returns `render(messages) -> text`; tokenizing that text
+    gives the template's ids (special tokens the tokenizer adds by itself are not written twice)."""
+    import dataclasses
+
+    from llamafactory.data.mm_plugin import BasePlugin
+    from llamafactory.extras.constants import IMAGE_PLACEHOLDER
+
+    plugin = template.mm_plugin
+    if with_images:
+        if plugin.image_token is None:
+            raise MMTuningError("mmtuning.keep: the keep prompts carry images but this run's `template:` has no image "
+                                "token (its mm_plugin is text-only); use the model's multimodal template (e.g. "
+                                "template: llava / qwen2_vl) or write `keep.images: none`.")
+        if type(plugin).process_token_ids is not BasePlugin.process_token_ids:
+            raise MMTuningError(f"mmtuning.keep: the `{type(plugin).__name__}` of this template inserts image tokens "
+                                f"into the token ids itself, which keep rows cannot reproduce; write `keep.images: "
+                                f"none` (text-only keep prompts) or remove `keep:`.")
+    plugin = dataclasses.replace(plugin, expand_mm_tokens=False)
+    added = list(tokenizer("", add_special_tokens=True)["input_ids"])
+
+    def render(messages: list[dict[str, Any]]) -> str:
+        parts = messages[0]["content"]
+        images = sum(part.get("type") == "image" for part in parts)
+        text = "".join(IMAGE_PLACEHOLDER if part.get("type") == "image" else part.get("text", "") for part in parts)
+        turn = [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        turn = plugin.process_messages(turn, [None] * images, [], [], processor)
+        ids, _ = template.encode_oneturn(tokenizer, turn)
+        if added and ids[: len(added)] == added:
+            ids = ids[len(added):]
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    return render
+
+
+KEEP_DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def with_keep_dataset(block: Any, args: dict[str, Any]) -> Any:
+    """`keep.data` naming a dataset of `dataset_info.json` (in `dataset_dir`): its user turns and images, read
+    with LLaMA-Factory's own column/tag mapping and media_dir rule, written as a keep-data JSONL in a temporary
+    folder that the block then names. A path to a file is left as it is; the user's files are only read."""
+    keep = block.get("keep") if isinstance(block, dict) else None
+    name = keep.get("data") if isinstance(keep, dict) else None
+    if not isinstance(name, str) or Path(name).is_file():
+        return block
+    dataset_dir = str(args.get("dataset_dir", "data"))
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return block  # no dataset_info.json: the core says the file is missing and what to write
+    if not isinstance(info, dict) or name not in info:
+        listed = ", ".join(sorted(info)[:8]) if isinstance(info, dict) else ""
+        raise MMTuningError(f"mmtuning.keep.data: '{name}' is neither a file nor a dataset of {info_path} (it lists: "
+                            f"{listed or 'nothing'}); write a dataset name from it or the path of a JSONL file.")
+    require_llamafactory()
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+
+    attr = get_dataset_list([name], dataset_dir)[0]
+    source = Path(dataset_dir) / attr.dataset_name
+    if attr.load_from != "file" or source.suffix.lower() not in KEEP_DATA_SUFFIXES or not source.is_file():
+        raise MMTuningError(f"mmtuning.keep.data: the dataset '{name}' is read from {attr.load_from} "
+                            f"'{attr.dataset_name}', and keep data is read only from a local "
+                            f"{'/'.join(KEEP_DATA_SUFFIXES)} file_name; point `file_name` at one, or write the path "
+                            f"of a JSONL file.")
+    if attr.formatting not in ("sharegpt", "openai", "alpaca"):
+        raise MMTuningError(f"mmtuning.keep.data: the dataset '{name}' has formatting {attr.formatting}; keep data "
+                            f"reads sharegpt, openai or alpaca datasets.")
+    media = get_dataset_converter(attr.formatting, attr, SimpleNamespace(media_dir=args.get("media_dir") or dataset_dir))
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if source.suffix.lower() == ".jsonl" else json.loads(source.read_text(encoding="utf-8"))
+    rows = [keep_row(record, attr, media, name, number) for number, record in enumerate(records, 1)]
+    folder = Path(tempfile.mkdtemp(prefix="mmtuning-keep-"))
+    atexit.register(shutil.rmtree, folder, True)
+    target = folder / f"{name}.jsonl"
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {**block, "keep": {**keep, "data": str(target)}}
+
+
+def keep_row(record: Any, attr: Any, media: Any, name: str, number: int) -> dict[str, Any]:
+    """One dataset record as a keep-data row: the first user turn (or alpaca's instruction + input) and images."""
+    if not isinstance(record, dict):
+        raise MMTuningError(f"mmtuning.keep.data: record {number} of dataset '{name}' is not a JSON object.")
+    if attr.formatting == "alpaca":
+        text = "\n".join(str(record[c]) for c in (attr.prompt, attr.query) if c and record.get(c))
+    else:
+        turns = record.get(attr.messages) or []
+        text = next((t.get(attr.content_tag) for t in turns
+                     if isinstance(t, dict) and t.get(attr.role_tag) == attr.user_tag), None)
+    if not isinstance(text, str) or not text.strip():
+        raise MMTuningError(f"mmtuning.keep.data: record {number} of dataset '{name}' has no user turn (role "
+                            f"'{attr.user_tag}' in `{attr.messages}`); keep data needs the user's question.")
+    images = media._find_medias(record.get(attr.images)) if attr.images else None
+    return {"messages": [{"role": "user", "content": text}], "images": [str(Path(p).absolute()) for p in images or []]}
 
 
 @contextlib.contextmanager

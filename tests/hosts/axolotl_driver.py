@@ -1,6 +1,6 @@
 """Runs inside the Axolotl venv (Python 3.12, axolotl 0.21.0), started by tests/hosts/test_axolotl.py.
 
-    python axolotl_driver.py setup DIR TYPE...                # DIR/TYPE tiny checkpoints + DIR/data.jsonl
+    python axolotl_driver.py setup DIR TYPE...                # DIR/TYPE tiny checkpoints, DIR/data.jsonl, DIR/keep.jsonl
     python axolotl_driver.py recipes OUT.json TYPE=RECIPE.yml... # Axolotl's own config loading, no weights
     python axolotl_driver.py train-without-plugins CFG.yml    # `axolotl train` with no plugin discovered
 
@@ -58,6 +58,19 @@ def write_data(path: str, rows: int = 8) -> None:
                 {"role": "assistant", "content": [{"type": "text", "text": f"a {colour} {shape} ."}]},
             ]
             out.write(json.dumps({"messages": messages}) + "\n")
+
+
+def write_keep_data(root: Path) -> None:
+    """keep.jsonl for `keep.data`: two unlabelled user turns in Axolotl's own multimodal row format, one image
+    inline as base64 and one as a `path` beside the file."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 30, dtype="uint8")).save(root / "keep1.png")
+    images = [{"type": "image", "base64": png_base64("red", 100)}, {"type": "image", "path": "keep1.png"}]
+    rows = [{"messages": [{"role": "user", "content": [image, {"type": "text", "text": "what colour is the image ?"}]}]}
+            for image in images]
+    (root / "keep.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def validate_recipes(out: str, recipes: list[str]) -> None:
@@ -135,6 +148,7 @@ def main(argv: list[str]) -> None:
             save_tiny_checkpoint(model_type, Path(root) / model_type)
             facts["models"].append(model_type)
         write_data(str(Path(root) / "data.jsonl"))
+        write_keep_data(Path(root))
         (Path(root) / "setup.json").write_text(json.dumps(facts))
     elif command == "recipes":
         validate_recipes(args[0], args[1:])

@@ -88,12 +88,26 @@ def launch(command: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """Set up tiny checkpoints and data, then every `axolotl train` run and the config checks, in parallel."""
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    """Tiny checkpoints, training data and keep data, written by the Axolotl venv; (root, setup facts)."""
     root = tmp_path_factory.mktemp("axolotl")
     subprocess.run([PYTHON, str(DRIVER), "setup", str(root), "llava", "qwen2_vl"], check=True, env=env(),
                    capture_output=True)
-    facts = json.loads((root / "setup.json").read_text())
+    return root, json.loads((root / "setup.json").read_text())
+
+
+def run_all(root: Path, commands: dict[str, list[str]]) -> None:
+    """Start every command at once (they mostly wait on imports); each must exit 0."""
+    processes = {name: launch(command, root / f"{name}.log") for name, command in commands.items()}
+    failed = {name: p.wait(timeout=900) for name, p in processes.items()}
+    for name, code in failed.items():
+        assert code == 0, f"{name} failed:\n" + (root / f"{name}.log").read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict[str, Path]:
+    """Every `axolotl train` run and the config checks, in parallel."""
+    root, facts = tiny
     configs = {
         "llava_lora": with_mmtuning(base_yaml(root, "llava", "llava_lora")),
         "qwen_qlora": with_mmtuning({**base_yaml(root, "qwen2_vl", "qwen_qlora"), "adapter": "qlora",
@@ -113,10 +127,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             commands[name] = [*axolotl_cli(), str(path), "--launcher", "python"]
     commands["configs"] = [PYTHON, str(DRIVER), "recipes", str(root / "configs.json"),
                            *config_checks(root, configs["llava_lora"])]
-    processes = {name: launch(command, root / f"{name}.log") for name, command in commands.items()}
-    failed = {name: p.wait(timeout=900) for name, p in processes.items()}
-    for name, code in failed.items():
-        assert code == 0, f"{name} failed:\n" + (root / f"{name}.log").read_text()[-4000:]
+    run_all(root, commands)
     return {"root": root, "facts": facts, **{name: root for name in commands}}
 
 
@@ -276,3 +287,67 @@ def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message
     results = json.loads((runs["root"] / "configs.json").read_text())
     result = results[str(runs["root"] / f"{name}.yml")]
     assert "error" in result and message in result["error"], result
+
+
+# --- keep: prompts over the batch's images and a keep-data file, under Axolotl's processor and template ------
+
+KEEP = {"prompts": ["what colour is the image ?"], "images": "train", "data": "keep.jsonl", "target": "answers",
+        "weight": 0.5, "ramp": 0, "batch_size": 2, "answer_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def keep_runs(tiny) -> Path:
+    """`axolotl train` with `keep:` (llava_keep), and Axolotl's config loading of that YAML and of a keep YAML
+    it cannot honour (keep images without processor_type)."""
+    root, _ = tiny
+    keep = {**KEEP, "data": str(root / KEEP["data"])}
+    good = with_mmtuning(base_yaml(root, "llava", "llava_keep"), keep=keep)
+    (root / "llava_keep.yml").write_text(yaml.safe_dump(good))
+    bad = {key: value for key, value in good.items() if key != "processor_type"}
+    (root / "bad_keep_processor.yml").write_text(yaml.safe_dump(bad))
+    run_all(root, {
+        "llava_keep": [*axolotl_cli(), str(root / "llava_keep.yml"), "--launcher", "python"],
+        "keep_configs": [PYTHON, str(DRIVER), "recipes", str(root / "keep_configs.json"),
+                         f"llava={root / 'llava_keep.yml'}", f"llava={root / 'bad_keep_processor.yml'}"],
+    })
+    return root
+
+
+def logged(log: Path, key: str) -> list[float]:
+    return [float(v) for v in re.findall(rf"'{re.escape(key)}': '?([0-9.eE+-]+|nan|inf)'?", log.read_text())]
+
+
+def test_keep_run_logs_a_nonzero_keep_term_and_trains_the_adapters(keep_runs):
+    log = keep_runs / "llava_keep.log"
+    keep = logged(log, "loss_keep")
+    assert len(keep) == STEPS and all(math.isfinite(v) and v > 0 for v in keep), keep
+    values = losses(log)
+    assert len(values) == STEPS and values[-1] < values[0]
+    out = keep_runs / "out_llava_keep"
+    assert adapter_modules(out) == expected_llava_modules()
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    untrained = [k for k, v in tensors.items() if ".lora_B." in k and not v.abs().sum() > 0]
+    assert not untrained, untrained[:5]
+
+
+def test_keep_report_shows_prompts_axolotls_template_and_base_answers(keep_runs):
+    text = (keep_runs / "llava_keep.log").read_text()
+    assert "mmtuning keep: 1 prompt(s), 2 conversation(s), images: the training batches' images" in text
+    assert "target answers, weight 0.5" in text
+    templates = re.findall(r"mmtuning keep template: '(.*)'", text)
+    # the tiny checkpoint's own chat template (chat_template: tokenizer_default), rendered by Axolotl's processor
+    assert templates and all(t.startswith("<|im_start|>user <image>what colour is the image ?<|im_end|>")
+                             for t in templates), templates
+    assert re.search(r"mmtuning keep base answer: 'what colour is the image \?' -> ", text)
+
+
+def test_keep_block_passes_axolotls_validation_and_images_without_a_processor_are_refused(keep_runs):
+    results = json.loads((keep_runs / "keep_configs.json").read_text())
+    good = results[str(keep_runs / "llava_keep.yml")]
+    assert "error" not in good, good
+    assert good["mmtuning"]["keep"]["prompts"] == KEEP["prompts"] and good["mmtuning"]["keep"]["target"] == "answers"
+    bad = results[str(keep_runs / "bad_keep_processor.yml")]
+    assert "error" in bad and "mmtuning.keep: the keep prompts carry images" in bad["error"], bad
+    assert "processor_type: AutoProcessor" in bad["error"]

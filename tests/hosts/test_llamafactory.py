@@ -7,8 +7,10 @@ saved and recorded. Pure-Python pieces (config splitting, conflicts, torchrun ar
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +70,16 @@ def write_config(tiny: Path, name: str, block: dict | None, **extra) -> Path:
 
 
 def train(tiny: Path, name: str, block: dict | None, *overrides: str, env: dict | None = None, **extra) -> Path:
+    return train_logged(tiny, name, block, *overrides, env=env, **extra)[0]
+
+
+def train_logged(tiny: Path, name: str, block: dict | None, *overrides: str, env: dict | None = None,
+                 **extra) -> tuple[Path, subprocess.CompletedProcess]:
     config = write_config(tiny, name, block, **extra)
     done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), *overrides, timeout=420,
                   **(env or {}))
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    return tiny / name
+    return tiny / name, done
 
 
 def expected_modules(tiny: Path) -> dict[str, set[str]]:
@@ -177,6 +184,89 @@ def test_torchrun_ranks_apply_the_same_setup(tiny):
     assert adapted_modules(adapter_tensors(out)) == set().union(*expected_modules(tiny).values())
 
 
+# keep: prompts over the batch's images plus a dataset of dataset_info.json, written by LLaMA-Factory's template
+KEEP = {"prompts": ["what colour is the image ?"], "images": "train", "data": "keep_questions", "target": "kl",
+        "weight": 0.5, "ramp": 0, "batch_size": 2, "answer_tokens": 4}
+
+
+@needs_lf
+def test_keep_run_under_the_template_logs_a_nonzero_keep_term_and_trains(tiny):
+    out, done = train_logged(tiny, "keep", {**BLOCK, "keep": KEEP}, "max_steps=3")
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 3 and all("loss_keep" in entry for entry in logged), logged
+    # KL to the adapter-off base: 0 while every lora_B is still 0, above 0 once the adapters moved
+    assert all(entry["loss_keep"] >= 0 for entry in logged) and logged[-1]["loss_keep"] > 0, logged
+    tensors = adapter_tensors(out)
+    assert adapted_modules(tensors) == set().union(*expected_modules(tiny).values())
+    assert all(v.abs().sum() > 0 for k, v in tensors.items() if ".lora_B." in k)
+    log = done.stdout + done.stderr  # LLaMA-Factory's logger writes to stdout
+    assert "mmtuning keep: 1 prompt(s), 2 conversation(s), images: the training batches' images" in log, log[-3000:]
+    # LLaMA-Factory's llava template wrote the prompts (its default system prompt, "A chat between a curious user
+    # and an artificial intelligence assistant ...", words outside the tiny vocabulary shown as <unk>), not the
+    # checkpoint's own chat template (<|im_start|>user ...)
+    templates = re.findall(r"mmtuning keep template: '(.*)'", log)
+    assert templates and all("user and an" in t and "<|im_start|>" not in t for t in templates), templates
+    assert any(": <image> what colour is the image ? <unk> :" in t for t in templates), templates
+    assert any(": <image> how many shapes are there ? <unk> :" in t for t in templates), templates
+    assert re.search(r"mmtuning keep base answer: '<image> how many shapes are there \?' -> ", log)
+
+
+@needs_lf
+def test_keep_template_matches_llamafactorys_own_encoding(tiny):
+    """The render handed to keep gives exactly the ids LLaMA-Factory's template and mm plugin give a training
+    prompt (before image tokens are widened), for the run's tokenizer."""
+    done = run_lf("-c", KEEP_TEMPLATE_CHECK, str(tiny / "model"), timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert report["keep"] == report["llamafactory"] and report["keep"].count(report["image_id"]) == 1, report
+
+
+KEEP_TEMPLATE_CHECK = """
+import json, sys, dataclasses
+from llamafactory.data import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+from llamafactory.model import load_tokenizer
+from llamafactory.hparams import ModelArguments
+from mmtuning_plugin.integrations.llamafactory import template_render
+from mmtuning_plugin.keep.rows import user_messages
+module = load_tokenizer(ModelArguments(model_name_or_path=sys.argv[1]))
+tokenizer, processor = module["tokenizer"], module["processor"]
+template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="llava"))
+text = template_render(template, tokenizer, processor, True)(user_messages("what colour is the image ?", 1))
+plugin = dataclasses.replace(template.mm_plugin, expand_mm_tokens=False)
+turn = plugin.process_messages([{"role": "user", "content": "<image>what colour is the image ?"},
+                                {"role": "assistant", "content": ""}], [None], [], [], processor)
+ids, _ = template.encode_oneturn(tokenizer, turn)
+print("REPORT" + json.dumps({"keep": tokenizer(text)["input_ids"], "llamafactory": ids,
+                             "image_id": tokenizer.convert_tokens_to_ids(template.mm_plugin.image_token)}))
+"""
+
+
+def test_keep_data_names_a_dataset_of_dataset_info_or_is_refused(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "alp": {"file_name": "alp.json", "columns": {"prompt": "instruction", "query": "input", "images": "images"}},
+        "hub": {"hf_hub_url": "someone/data"}}))
+    (tmp_path / "alp.json").write_text(json.dumps([{"instruction": "<image>what colour?", "input": "one word",
+                                                     "output": "", "images": ["pics/a.png"]}]))
+    if importlib.util.find_spec("llamafactory") is None:
+        with pytest.raises(MMTuningError, match="llamafactory==0.9.5"):
+            lf.with_keep_dataset({"keep": {"data": "alp"}}, {"dataset_dir": str(tmp_path)})
+    else:
+        block = lf.with_keep_dataset({"keep": {"data": "alp"}}, {"dataset_dir": str(tmp_path)})
+        row = json.loads(Path(block["keep"]["data"]).read_text())
+        assert row == {"messages": [{"role": "user", "content": "<image>what colour?\none word"}],
+                       "images": [str(tmp_path / "pics" / "a.png")]}
+        with pytest.raises(MMTuningError, match="keep data is read only from a local"):
+            lf.with_keep_dataset({"keep": {"data": "hub"}}, {"dataset_dir": str(tmp_path)})
+    with pytest.raises(MMTuningError, match=r"'nope' is neither a file nor a dataset of .*\(it lists: alp, hub\)"):
+        lf.with_keep_dataset({"keep": {"data": "nope"}}, {"dataset_dir": str(tmp_path)})
+    unchanged = {"keep": {"data": str(tmp_path / "alp.json")}}  # a file stays a file
+    assert lf.with_keep_dataset(unchanged, {"dataset_dir": str(tmp_path)}) is unchanged
+
+
 @needs_lf
 def test_unknown_llamafactory_key_fails_before_loading_with_exit_2(tiny):
     config = write_config(tiny, "bad", BLOCK, lora_rnk=8)
@@ -218,6 +308,8 @@ def test_unsupported_stage_and_finetuning_type_are_refused():
         lf.split_config({"finetuning_type": "full", "mmtuning": {}})
     with pytest.raises(MMTuningError, match="no `mmtuning:` block"):
         lf.split_config({"stage": "sft"})
+    with pytest.raises(MMTuningError, match="mmtuning.keep needs stage: sft"):
+        lf.split_config({"stage": "pt", "mmtuning": {"keep": {"prompts": ["what shape is it?"]}}})
 
 
 def test_torchrun_launch_rule_and_command():

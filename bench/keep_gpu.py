@@ -1,0 +1,132 @@
+"""Step time and peak memory of a 7B-class LLaVA (random weights) with and without `keep:`, on a GPU.
+
+    PYTHONPATH=. python bench/keep_gpu.py --device cuda                 # 7B-class, bf16 (needs ~40 GB)
+    PYTHONPATH=. python bench/keep_gpu.py --size tiny --device cpu      # the same path on a tiny model (smoke)
+
+The model is LLaVA-1.5-7B-shaped (Llama-2-7B language model, CLIP ViT-L/14-336 vision tower) built from
+its config with random weights: no download. Adapters on the language model's attention (r 16) and the
+projector, the recipe's keep block (KL, 4 rows per step) against none. One model: keep is switched on and
+off between interleaved blocks of steps, so both see the same device state. Reports median step time, the
+ratio, and the peak memory allocated in each mode (`torch.cuda.max_memory_allocated`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+SIZES = {  # dotted config overrides on top of tiny_config("llava")
+    "7b": {"text_config.hidden_size": 4096, "text_config.intermediate_size": 11008,
+           "text_config.num_hidden_layers": 32, "text_config.num_attention_heads": 32,
+           "text_config.num_key_value_heads": 32, "text_config.head_dim": 128, "text_config.vocab_size": 32064,
+           "text_config.max_position_embeddings": 4096,
+           "vision_config.hidden_size": 1024, "vision_config.intermediate_size": 4096,
+           "vision_config.num_hidden_layers": 24, "vision_config.num_attention_heads": 16, "vision_config.head_dim": 64,
+           "vision_config.image_size": 336, "vision_config.patch_size": 14, "image_seq_length": 576},
+    "tiny": {},
+}
+PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=list(SIZES), default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForImageTextToText, TrainingArguments
+
+    from mmtuning_plugin.demo.data import make_set
+    from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_keep
+    from mmtuning_plugin.session import MMTuning
+    from mmtuning_plugin.testing.tiny import tiny_config
+    from mmtuning_plugin.testing.tiny_processing import tiny_processor
+
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = tiny_config("llava", **SIZES[args.size])
+    processor = tiny_processor(config)
+    processor.tokenizer.padding_side = "right"
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    session = MMTuning({"language": {"modules": "attention"}, "projector": {},
+                        "keep": {"prompts": PROMPTS, "target": "kl", "batch_size": 4}})
+    model = session.wrap(model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    items = make_set("general", "train", args.batch * (args.reps * args.block * 2 + 2))
+    rows = []
+    for item in items:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}],
+            add_generation_prompt=True, tokenize=False) + item.answer + processor.tokenizer.eos_token
+        rows.append((text, item.image))
+
+    def collate(chunk):
+        batch = processor(text=[t for t, _ in chunk], images=[i for _, i in chunk], return_tensors="pt", padding=True)
+        batch = dict(batch)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    trainer = MMTuningTrainer(model=model, args=TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=10, per_device_train_batch_size=args.batch, report_to="none",
+        use_cpu=not cuda, bf16=cuda, save_strategy="no", remove_unused_columns=False, disable_tqdm=True),
+        train_dataset=rows, mmtuning=session, processing_class=processor, data_collator=collate)
+    prepare_keep(trainer)
+    keep, session.keep.total_steps = session.keep, 1
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    batches = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(len(rows) // args.batch)]
+    times: dict[str, list[float]] = {"without keep": [], "with keep": []}
+    peaks: dict[str, int] = {name: 0 for name in times}
+
+    def step(index: int, name: str) -> float:
+        session.keep = keep if name == "with keep" else None
+        if session.keep is not None:
+            keep.step, keep.micro = index + 1, 0
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            trainer.training_step(model, batches[index])
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    index = 0
+    for name in times:  # warm-up, not timed
+        step(index, name)
+        index += 1
+    for _ in range(args.reps):
+        for name in times:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.block):
+                times[name].append(step(index, name))
+                index += 1
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
+    session.keep = keep
+    base = statistics.median(times["without keep"])
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{args.size} LLaVA (random weights), {device}, batch {args.batch}, keep 4 rows KL, "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        peak = f"{peaks[name] / 2**30:.1f} GiB" if cuda else "n/a"
+        print(f"{name:<14} median step {median:.3f} s  ratio {median / base:.2f}x  peak memory {peak}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""`keep:`: learn the new task without forgetting the old skills (docs/keep.md).
+
+Next to the task loss the model answers unlabelled keep prompts (the old skills' questions about the
+fine-tuning images, or the user's keep data) and is pulled toward its own base: the same model with its
+adapters switched off by a flag (no second copy, and unlike PEFT's `disable_adapter()` no adapter's
+`requires_grad` is touched, so a layer schedule's frozen layers stay frozen). Two targets:
+- `kl`: the base's next-token distribution at the answer position, computed on the fly without grad;
+- `answers`: cross-entropy on the base's greedy answers, generated once before training.
+The weight rises from 0 over `ramp` of training (a constant weight from step 0 stalls the new task).
+
+Host-free: a host hands over its processor (or a `render` function for its chat template) and, for
+`images: train` with `target: answers`, a few collated training batches; `Keep.term` is then called after
+each training forward and its value is added to the task loss like every other extra term.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MMTuningError
+from ..losses.anchor import adapters_disabled
+from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
+                   prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
+from .sources import KeepSources, resolve_sources
+
+logger = logging.getLogger("mmtuning.keep")
+LOG_KEY = "loss_keep"
+SHOWN_EXAMPLES = 4  # base answers shown in the log before training
+
+
+class Keep:
+    """One run's keep term: sources (checked at construction), rows (built in `prepare`), the term per step."""
+
+    def __init__(self, spec: Any, where: str = "mmtuning.keep"):
+        self.spec = spec
+        self.where = where
+        self.sources: KeepSources = resolve_sources(spec, where)
+        self.pool: list[KeepRow] = []
+        self.prepared = False
+        self.processor: Any = None
+        self.render: Render | None = None
+        self.image_id: int | None = None
+        self.pad_id = 0
+        self.total_steps: int | None = None
+        self.accumulation = 1
+        self.step = 0
+        self.micro = 0
+        self.capture: Any = None  # the losses' FeatureCapture: paused during keep forwards
+        self.report: dict[str, Any] = {}
+        self._checked_graph = False
+        self._logits_to_keep = True
+        self._first_batch: dict[str, Any] | None = None
+        self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
+
+    # --- before training ------------------------------------------------------------------------------
+
+    def check_plan(self, plan: Any) -> None:
+        """Refuse a keep term that no adapter could move: text-only keep prompts with adapters only on the
+        vision side never reach an adapter on their way to the logits."""
+        if self.sources.has_images:
+            return
+        if not plan.modules_of("language") and not plan.parameters_of("language"):
+            raise MMTuningError(
+                f"{self.where}: the keep prompts carry no images (images: none) and there are no language-model "
+                f"adapters, so no adapter sits on their path to the logits and the keep term could change nothing. "
+                f"Enable language adapters (language: {{}}) or ask the prompts about images (images: train).")
+
+    def prepare(self, model: nn.Module, processor: Any, *, render: Render | None = None,
+                chat_template: str | None = None, training_batches: Iterable[dict[str, Any]] | None = None,
+                total_steps: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Build the keep rows with the run's processor and chat template, generate the base's answers where
+        needed, and log what will be kept. Returns that report (also `self.report`)."""
+        from ..arch import unwrap
+        from ..arch import image_token_id
+
+        self.processor = processor
+        self.render = render or template_renderer(processor, chat_template)
+        tokenizer = tokenizer_of(processor)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        try:
+            self.image_id = image_token_id(unwrap(model).config)
+        except ValueError:
+            self.image_id = None
+        if total_steps:
+            self.total_steps = total_steps
+        batches = iter(training_batches or ())
+        self.pool = self._build_pool(batches)
+        self._first_batch = next(batches, None) if self.sources.uses_train_images and not self.pool_has_train else None
+        examples = self._example_rows()
+        answers = self._generate(model, examples + (self.pool if self.spec.target == "answers" else []))
+        for row, answer in zip(examples + (self.pool if self.spec.target == "answers" else []), answers):
+            row.answer_ids = answer
+        self.prepared = True
+        self.report = self._describe(examples, tokenizer)
+        for line in describe(self.report):
+            (log or logger.info)(line)
+        return self.report
+
+    pool_has_train = False
+
+    def _build_pool(self, batches) -> list[KeepRow]:
+        spec, sources = self.spec, self.sources
+        rows: list[KeepRow] = []
+        if sources.prompts and sources.images == "none":
+            rows += [self._asked(processed_row(user_messages(p, 0), [], self.processor, self.render), p)
+                     for p in sources.prompts]
+        elif sources.prompts and sources.images == "files":
+            for index in range(min(spec.pool, len(sources.prompts) * len(sources.image_files))):
+                image = sources.image_files[index // len(sources.prompts)]
+                prompt = sources.prompts[index % len(sources.prompts)]
+                rows.append(self._asked(processed_row(user_messages(prompt, 1), [open_image(image)], self.processor,
+                                                      self.render), prompt))
+        elif sources.uses_train_images and spec.target == "answers":
+            self.pool_has_train = True
+            images = self._collect_training_images(batches, -(-spec.pool // len(sources.prompts)))
+            for index in range(min(spec.pool, len(images) * len(sources.prompts))):
+                image = images[index // len(sources.prompts)]
+                rows.append(self._spliced(sources.prompts[index % len(sources.prompts)], image))
+        rows = rows[: spec.pool]
+        for conversation in sources.conversations[: spec.pool]:
+            pictures = [open_image(p) for p in conversation.images]
+            rows.append(self._asked(processed_row(conversation_messages(conversation.text, len(pictures)), pictures,
+                                                  self.processor, self.render), conversation.text))
+        return rows
+
+    def _collect_training_images(self, batches, count: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+        images: list[tuple[dict[str, torch.Tensor], int]] = []
+        for batch in batches:
+            images += training_images(batch, self.image_id)
+            if len(images) >= count:
+                break
+        if not images:
+            raise MMTuningError(
+                f"{self.where}.images: `train` with target `answers` needs training images before training, and none "
+                f"were handed over (prepare_keep(..., training_batches=...)) or the batches hold no images. Write "
+                f"`images:` as a folder of images, or use target: kl.")
+        return images[:count]
+
+    def _example_rows(self) -> list[KeepRow]:
+        """A few rows to show the base's answers for; with per-step training images, from the first batch."""
+        if self.pool:
+            return [] if self.spec.target == "answers" else self.pool[:SHOWN_EXAMPLES]
+        batch = self._first_batch
+        if batch is None:
+            return []
+        images = training_images(batch, self.image_id)
+        prompts = self.sources.prompts
+        return [self._spliced(prompts[i % len(prompts)], images[i % len(images)])
+                for i in range(min(SHOWN_EXAMPLES, len(images) * len(prompts)))]
+
+    @torch.no_grad()
+    def _generate(self, model: nn.Module, rows: list[KeepRow]) -> list[list[int]]:
+        """The base's greedy answers (adapters off), each ending with the end-of-turn token."""
+        if not rows:
+            return []
+        tokenizer = tokenizer_of(self.processor)
+        eos = tokenizer.eos_token_id
+        answers: list[list[int]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with self._paused(), adapters_disabled(model), cpu_4bit_repack_off(model):
+                for start in range(0, len(rows), 32):
+                    chunk = rows[start: start + 32]
+                    batch = to_model(prompt_batch(chunk, self.pad_id), model)
+                    out = model.generate(**batch, max_new_tokens=self.spec.answer_tokens, do_sample=False,
+                                         pad_token_id=self.pad_id, eos_token_id=eos)
+                    for generated in out[:, batch["input_ids"].shape[1]:].tolist():
+                        if eos in generated:
+                            generated = generated[: generated.index(eos) + 1]
+                        answers.append([t for t in generated if t != self.pad_id or t == eos] or [eos])
+        finally:
+            model.train(was_training)
+        return answers
+
+    def _describe(self, examples: list[KeepRow], tokenizer) -> dict[str, Any]:
+        shown = examples or self.pool[:SHOWN_EXAMPLES]
+        image_text = {"train": "the training batches' images", "none": "no images",
+                      "files": f"{len(self.sources.image_files)} image file(s)"}[self.sources.images]
+        return {
+            "prompts": len(self.sources.prompts),
+            "conversations": len(self.sources.conversations),
+            "images": image_text,
+            "rows": len(self.pool) if self.pool else "per step, over the training batch's images",
+            "target": self.spec.target,
+            "weight": self.spec.weight,
+            "ramp": f"{self.spec.ramp_steps} steps" if self.spec.ramp_steps is not None else f"{self.spec.ramp:g} of training",
+            "batch_size": self.spec.batch_size,
+            "every": self.spec.every,
+            "templates": list(dict.fromkeys(row.text for row in shown))[:SHOWN_EXAMPLES],
+            "examples": [{"prompt": row.question, "base_answer": tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()}
+                         for row in shown],
+        }
+
+    # --- during training ------------------------------------------------------------------------------
+
+    def factor(self, step: int | None = None) -> float:
+        """The keep weight at optimizer step `step`: the ramp, then `every`'s skip-and-scale."""
+        step = self.step if step is None else step
+        spec = self.spec
+        if spec.every > 1 and step % spec.every:
+            return 0.0
+        ramp = spec.ramp_steps if spec.ramp_steps is not None else spec.ramp * (self.total_steps or 0)
+        if spec.ramp_steps is None and spec.ramp > 0 and not self.total_steps:
+            raise MMTuningError(f"{self.where}.ramp: a share of training needs the run's total steps; pass "
+                                f"total_steps to prepare_keep or write ramp_steps: N.")
+        weight = spec.weight * (min(1.0, step / ramp) if ramp > 0 else 1.0)
+        return weight * spec.every
+
+    def term(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The weighted keep term for this micro-batch (None when its weight is 0 now, or outside training)."""
+        if not model.training or not torch.is_grad_enabled():
+            return None
+        if not self.prepared:
+            raise MMTuningError("mmtuning.keep is configured but not prepared: call MMTuning.prepare_keep(model, "
+                                "processor, ...) before training (the transformers Trainer integration does it in train()).")
+        call = self.step * self.accumulation + self.micro
+        self.micro += 1
+        factor = self.factor()
+        if factor == 0:
+            return None
+        model = unwrap_parallel(model)
+        rows = self.rows_for(inputs, call)
+        with self._paused():
+            value = self._kl(model, rows) if self.spec.target == "kl" else self._answers(model, rows)
+        if not self._checked_graph:
+            if not value.requires_grad:
+                raise MMTuningError(f"{self.where}: the keep term has no gradient: no trainable adapter sits on the "
+                                    f"keep prompts' path to the logits. Put adapters on the language model "
+                                    f"(language: {{}}) or remove `keep:`.")
+            self._checked_graph = True
+        return value * factor
+
+    def rows_for(self, inputs: dict[str, Any], call: int) -> list[KeepRow]:
+        """This call's keep rows, a function of the call index (a resumed run draws the same rows)."""
+        size = self.spec.batch_size
+        sources: list[Callable[[int], KeepRow]] = []
+        if self.pool:
+            sources.append(lambda i: self.pool[(call * size + i) % len(self.pool)])
+        if self.sources.uses_train_images and not self.pool_has_train:
+            images = training_images(inputs, self.image_id)
+            if images:
+                prompts = self.sources.prompts
+                sources.append(lambda i: self._spliced(prompts[(call * size + i) % len(prompts)], images[i % len(images)]))
+        if not sources:
+            raise MMTuningError(f"{self.where}: this training batch has no images for the keep prompts (images: "
+                                f"train); write `images:` as a folder of images, or add `data:`.")
+        return [sources[(call + i) % len(sources)](i) for i in range(size)]
+
+    def _spliced(self, prompt: str, image) -> KeepRow:
+        if prompt not in self._tokens:
+            self._tokens[prompt] = prompt_tokens(prompt, 1, self.processor, self.render)
+        text, ids = self._tokens[prompt]
+        return self._asked(splice(text, ids, [image], self.image_id), prompt)
+
+    @staticmethod
+    def _asked(row: KeepRow, question: str) -> KeepRow:
+        row.question = question
+        return row
+
+    def _kl(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
+        batch = to_model(prompt_batch(rows, self.pad_id), model)
+        with torch.no_grad(), adapters_disabled(model):
+            base = self._last_logits(model, batch)
+        tuned = self._last_logits(model, batch)
+        base_log = F.log_softmax(base.float(), dim=-1)
+        return (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1).mean()
+
+    def _last_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._logits_to_keep:
+            try:
+                return model(**batch, logits_to_keep=1).logits[:, -1]
+            except TypeError:  # a model whose forward has no logits_to_keep
+                self._logits_to_keep = False
+        return model(**batch).logits[:, -1]
+
+    def _answers(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
+        batch, labels = answer_batch(rows, self.pad_id)
+        batch = to_model(batch, model)
+        logits = model(**batch).logits[:, :-1]
+        labels = labels[:, 1:].to(logits.device)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    @contextmanager
+    def _paused(self):
+        capture = self.capture
+        if capture is None:
+            yield
+            return
+        before = capture.paused
+        capture.paused = True
+        try:
+            yield
+        finally:
+            capture.paused = before
+
+    def callback(self) -> Any:
+        """A transformers TrainerCallback feeding total steps, accumulation and the step to the term."""
+        from transformers import TrainerCallback
+
+        keep = self
+
+        class KeepStep(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if state.max_steps and state.max_steps > 0:
+                    keep.total_steps = state.max_steps
+                keep.accumulation = max(1, int(args.gradient_accumulation_steps))
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                keep.step, keep.micro = state.global_step, 0
+
+        return KeepStep()
+
+
+def describe(report: dict[str, Any]) -> list[str]:
+    """The log lines shown before training: how many prompts, their templates, the base's answers."""
+    lines = [f"mmtuning keep: {report['prompts']} prompt(s), {report['conversations']} conversation(s), images: "
+             f"{report['images']}; rows: {report['rows']}; target {report['target']}, weight {report['weight']:g} "
+             f"ramped over {report['ramp']}, {report['batch_size']} row(s) per micro-batch"
+             + (f", every {report['every']} steps" if report["every"] > 1 else "")]
+    lines += [f"mmtuning keep template: {text!r}" for text in report["templates"]]
+    lines += [f"mmtuning keep base answer: {e['prompt']!r} -> {e['base_answer']!r}" for e in report["examples"]]
+    return lines
+
+
+def to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """On the model's device; floating tensors (pixels) in the model's compute dtype."""
+    parameter = next(model.parameters())
+    dtype = getattr(model, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    return {k: v.to(parameter.device, dtype=dtype if v.is_floating_point() and dtype else None)
+            for k, v in batch.items()}
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DDP/DataParallel: keep forwards must not start a second DDP forward in one step (the
+    keep graph still feeds the same parameters' gradients, reduced once by the task loss's backward)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+@contextmanager
+def cpu_4bit_repack_off(model: nn.Module):
+    """bitsandbytes repacks a CPU Linear4bit weight in place the first time it runs in eval mode without grad
+    (on CPUs with AVX512-BF16), after which training fails: keep generation must not trigger it."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    before = [getattr(m, "support_avx512bf16_for_cpu", False) for m in layers]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.support_avx512bf16_for_cpu = value

@@ -1,0 +1,266 @@
+"""`keep:` in real training: the demo's tiny LLaVA (real processor and chat template), the transformers Trainer
+integration, both targets, 4-bit bitsandbytes on CPU, gradient checkpointing and a layer schedule."""
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from transformers import TrainerCallback, TrainingArguments
+
+from mmtuning_plugin.demo.data import make_set
+from mmtuning_plugin.demo.model import MODEL_DIR, encode, training_batch
+from mmtuning_plugin.demo.runner import load_base, load_processor
+from mmtuning_plugin.errors import MMTuningError
+from mmtuning_plugin.integrations.hf import MMTuningTrainer
+from mmtuning_plugin.keep import Keep, cpu_4bit_repack_off
+from mmtuning_plugin.session import MMTuning
+
+PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def train_rows(processor):
+    return encode(processor, make_set("target", "train", 24, seed=5))
+
+
+def run(tmp_path, processor, rows, block, steps=4, four_bit=False, model_hook=None, **overrides):
+    session = MMTuning(block)
+    model = session.wrap(load_base(MODEL_DIR, session, four_bit))
+    if model_hook:
+        model_hook(model)
+    args = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-3,
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                remove_unused_columns=False, seed=0)
+    trainer = MMTuningTrainer(model=model, args=TrainingArguments(**{**args, **overrides}), train_dataset=rows,
+                              mmtuning=session, processing_class=processor,
+                              data_collator=lambda r: training_batch(r, processor.tokenizer.pad_token_id))
+    return session, model, trainer
+
+
+def keep_logs(trainer):
+    return [entry["loss_keep"] for entry in trainer.state.log_history if "loss_keep" in entry]
+
+
+def lora_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("target", ["kl", "answers"])
+def test_keep_term_is_logged_non_zero_and_adapters_train(tmp_path, processor, train_rows, caplog, target):
+    block = {"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS, "target": target, "ramp_steps": 1,
+                                                            "batch_size": 2, "pool": 8}}
+    session, model, trainer = run(tmp_path, processor, train_rows, block)
+    before = lora_snapshot(model)
+    with caplog.at_level(logging.INFO, logger="mmtuning.keep"):
+        trainer.train()
+    values = keep_logs(trainer)
+    assert len(values) == 3 and all(v > 0 for v in values)  # step 0: weight 0 on the ramp, not computed
+    after = lora_snapshot(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    report = session.keep.report
+    assert report["prompts"] == 2 and report["target"] == target
+    assert all("<|im_start|>assistant" in t for t in report["templates"])  # the run's own chat template
+    assert report["examples"] and all(e["base_answer"] for e in report["examples"])
+    assert "mmtuning keep base answer" in caplog.text and "mmtuning keep template" in caplog.text
+    if target == "answers":  # generated once, before training, from the training set's images
+        assert len(session.keep.pool) == 8
+        eos = processor.tokenizer.eos_token_id
+        assert all(row.answer_ids and row.answer_ids[-1] == eos for row in session.keep.pool)
+
+
+def test_keep_pulls_toward_the_base(tmp_path, processor, train_rows):
+    """Same seed, same stream: with keep the model stays nearer to its base on the keep prompts."""
+    def distance(block):
+        session, model, trainer = run(tmp_path, processor, train_rows, block, steps=6, learning_rate=2e-2)
+        trainer.train()
+        keep = session.keep or Keep(MMTuning({"keep": {"prompts": PROMPTS}}).config.keep)
+        if session.keep is None:
+            keep.prepare(model, processor, training_batches=[training_batch(train_rows[:4], 0)], total_steps=6)
+        model.train()
+        keep.step, keep.total_steps, keep._checked_graph = 6, 6, True
+        with torch.no_grad():
+            return float(keep._kl(model, keep._example_rows()))
+
+    plain = distance({"language": {"modules": "attention"}})
+    kept = distance({"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS, "weight": 5.0, "ramp": 0}})
+    assert kept < plain
+
+
+def test_adapters_off_is_a_flag_and_frozen_schedule_layers_stay_frozen(tmp_path, processor, train_rows):
+    """Language layers 0-2 are frozen for the whole run by a custom schedule: the keep forwards switch adapters
+    off and on every step, and those layers' adapters must neither get requires_grad back nor change."""
+    block = {"language": {"modules": "attention", "schedule": {"type": "custom", "stages": [{"at": 0, "layers": [3]}]}},
+             "keep": {"prompts": PROMPTS, "ramp": 0}}
+    session, model, trainer = run(tmp_path, processor, train_rows, block, steps=3)
+    before = lora_snapshot(model)
+    seen = []
+
+    def spy(module, args):  # requires_grad of a frozen layer's adapter, seen from inside every forward
+        seen.append(any(p.requires_grad for n, p in model.named_parameters()
+                        if "language_model.layers.0." in n and "lora_" in n))
+
+    class Spy(TrainerCallback):  # from the first step on (the schedule freezes at train begin)
+        def on_train_begin(self, *args, **kwargs):
+            self.handle = model.get_base_model().model.language_model.register_forward_pre_hook(spy)
+
+        def on_train_end(self, *args, **kwargs):
+            self.handle.remove()
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert len(seen) >= 3 * 3 and not any(seen)  # task + base + tuned forward per step
+    after = lora_snapshot(model)
+    frozen = [n for n in before if "language_model.layers." in n and ".layers.3." not in n]
+    trained = [n for n in before if ".language_model.layers.3." in n]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_keep_with_4bit_cpu_base_never_repacks_and_trains(tmp_path, processor, train_rows):
+    """FACTS §10: on CPUs with AVX512-BF16 a Linear4bit run in eval mode without grad repacks its weight in place
+    and training fails afterwards. The flag is forced on (as on such a CPU): generating the base's answers in
+    eval mode, and the no-grad base forwards, must not repack."""
+    import bitsandbytes as bnb
+
+    def as_on_avx512bf16(model):
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+
+    block = {"language": {"modules": "attention"}, "quant": "balanced",
+             "keep": {"prompts": PROMPTS, "target": "answers", "ramp_steps": 1, "pool": 4}}
+    session, model, trainer = run(tmp_path, processor, train_rows, block, steps=3, four_bit=True, model_hook=as_on_avx512bf16)
+    trainer.train()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(m.support_avx512bf16_for_cpu for m in layers)  # restored after generation
+    assert len(keep_logs(trainer)) == 2
+
+
+def test_the_repack_this_guards_against_is_real(processor):
+    """Without the guard the same eval-mode no-grad forward repacks (so the test above can fail on its cause)."""
+    import bitsandbytes as bnb
+
+    model = load_base(MODEL_DIR, MMTuning({}), four_bit=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = True
+    batch = training_batch(encode(processor, make_set("general", "eval", 1)), 0)
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad(), cpu_4bit_repack_off(model):
+        model(**batch)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    with torch.no_grad():
+        model(**batch)
+    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+def test_keep_with_gradient_checkpointing_and_accumulation(tmp_path, processor, train_rows):
+    block = {"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS, "ramp": 0, "batch_size": 2}}
+    session, model, trainer = run(tmp_path, processor, train_rows, block, steps=2, gradient_checkpointing=True,
+                                  gradient_accumulation_steps=2)
+    before = lora_snapshot(model)
+    trainer.train()
+    values = keep_logs(trainer)  # step 0: adapters still equal the base (LoRA B starts at 0), so KL is 0
+    assert len(values) == 2 and values[0] >= 0 and values[1] > 0
+    assert session.keep.accumulation == 2
+    after = lora_snapshot(model)
+    assert all(torch.isfinite(after[n]).all() for n in after)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_keep_data_and_image_folder_rows_go_through_the_processor(tmp_path, processor):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for index, item in enumerate(make_set("general", "eval", 3)):
+        item.image.save(folder / f"{index}.png")
+    (tmp_path / "keep.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "<image>what shape is in the image ?"},
+                      {"role": "assistant", "content": "never read"}], "images": ["pics/0.png"]},
+        {"conversations": [{"from": "human", "value": "what is the colour of the shape ?"}], "images": "pics/1.png"},
+    ]))
+    session = MMTuning({"keep": {"prompts": PROMPTS, "images": str(folder), "data": str(tmp_path / "keep.jsonl")}})
+    model = session.wrap(load_base(MODEL_DIR, session, four_bit=False))
+    report = session.prepare_keep(model, processor, total_steps=10)
+    pool = session.keep.pool
+    assert len(pool) == 2 * 3 + 2 and report["rows"] == 8
+    expected = processor(text=[pool[0].text], images=[Image.open(folder / "0.png").convert("RGB")], return_tensors="pt")
+    assert pool[0].prompt_ids == expected["input_ids"][0].tolist()
+    assert torch.equal(pool[0].images[0]["pixel_values"], expected["pixel_values"][0])
+    assert "never read" not in pool[6].text and "what shape is in the image" in pool[6].text
+    assert [len(r.images) for r in pool[6:]] == [1, 1]
+
+
+def test_spliced_training_image_rows_match_the_processor(processor, train_rows):
+    """`images: train` reuses the batch's processed images: the row equals what the processor would build."""
+    from mmtuning_plugin.keep.rows import prompt_tokens, splice, template_renderer, training_images
+
+    batch = training_batch(train_rows[:2], processor.tokenizer.pad_token_id)
+    images = training_images(batch, 300)
+    assert len(images) == 2
+    render = template_renderer(processor)
+    row = splice(*prompt_tokens(PROMPTS[0], 1, processor, render), [images[1]], 300)
+    item = make_set("target", "train", 24, seed=5)[1]
+    expected = processor(text=[row.text], images=[item.image], return_tensors="pt")
+    assert row.prompt_ids == expected["input_ids"][0].tolist()
+
+
+def test_ramp_and_every():
+    keep = Keep(MMTuning({"keep": {"prompts": PROMPTS, "weight": 0.2, "ramp": 0.5}}).config.keep)
+    keep.total_steps = 10
+    assert [round(keep.factor(s), 4) for s in (0, 1, 5, 9)] == [0.0, 0.04, 0.2, 0.2]
+    every = Keep(MMTuning({"keep": {"prompts": PROMPTS, "ramp_steps": 0, "ramp": 0, "every": 2}}).config.keep)
+    assert [every.factor(s) for s in range(4)] == [0.4, 0.0, 0.4, 0.0]
+
+
+@pytest.mark.parametrize("block, key, fix", [
+    ({}, "mmtuning.keep", "prompts:"),
+    ({"prompts": []}, "mmtuning.keep.prompts", "questions of the skills"),
+    ({"prompts": PROMPTS, "weight": -0.1}, "mmtuning.keep.weight", "positive weight"),
+    ({"prompts": PROMPTS, "ramp": 1.5}, "mmtuning.keep.ramp", "ramp_steps: 1.5"),
+    ({"prompts": PROMPTS, "target": "logits"}, "mmtuning.keep.target", "'kl' or 'answers'"),
+])
+def test_bad_keep_settings_name_the_key_and_the_fix(block, key, fix):
+    with pytest.raises(MMTuningError) as error:
+        MMTuning({"keep": block})
+    assert f"{key}:" in str(error.value) and fix in str(error.value)
+
+
+def test_bad_keep_files_fail_before_weights_load(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    (tmp_path / "answers.jsonl").write_text('{"messages": [{"role": "assistant", "content": "red"}]}\n')
+    cases = [({"prompts": PROMPTS, "images": str(tmp_path / "empty")}, "keep.images", "has no images"),
+             ({"data": str(tmp_path / "bad.jsonl")}, "keep.data", "line 2"),
+             ({"data": str(tmp_path / "answers.jsonl")}, "keep.data", "no user turn"),
+             ({"data": str(tmp_path / "missing.jsonl")}, "keep.data", "no such file"),
+             ({"prompts": str(tmp_path / "nope.txt")}, "keep.prompts", "one prompt per line")]
+    for block, key, fix in cases:
+        with pytest.raises(MMTuningError) as error:
+            MMTuning({"keep": block})
+        assert f"mmtuning.{key}:" in str(error.value) and fix in str(error.value), str(error.value)
+
+
+def test_keep_without_adapters_on_the_path_to_the_logits_is_refused():
+    session = MMTuning({"vision": {}, "language": False, "keep": {"prompts": PROMPTS, "images": "none"}})
+    with pytest.raises(MMTuningError, match="no adapter sits on their path"):
+        session.wrap(load_base(MODEL_DIR, session, four_bit=False))
+
+
+def test_cli_reports_bad_keep_as_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("mmtuning:\n  keep:\n    prompts: []\n")
+    result = CliRunner().invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
+    assert result.exit_code == 2 and "mmtuning.keep.prompts" in result.output
