@@ -56,6 +56,7 @@ class Keep:
         self._checked_graph = False
         self._logits_to_keep = True
         self._first_batch: dict[str, Any] | None = None
+        self.pool_has_train = False  # `answers` over training images: the pool holds them, not each step
         self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
 
     # --- before training ------------------------------------------------------------------------------
@@ -93,16 +94,14 @@ class Keep:
         self.pool = self._build_pool(batches)
         self._first_batch = next(batches, None) if self.sources.uses_train_images and not self.pool_has_train else None
         examples = self._example_rows()
-        answers = self._generate(model, examples + (self.pool if self.spec.target == "answers" else []))
-        for row, answer in zip(examples + (self.pool if self.spec.target == "answers" else []), answers):
+        answered = examples + (self.pool if self.spec.target == "answers" else [])
+        for row, answer in zip(answered, self._generate(model, answered)):
             row.answer_ids = answer
         self.prepared = True
         self.report = self._describe(examples, tokenizer)
         for line in describe(self.report):
             (log or logger.info)(line)
         return self.report
-
-    pool_has_train = False
 
     def _build_pool(self, batches) -> list[KeepRow]:
         spec, sources = self.spec, self.sources
