@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.schedules": 5,
     "mmtuning_plugin.losses": 5,
     "mmtuning_plugin.session": 6,
+    "mmtuning_plugin.host_settings": 6,  # a host's own LoRA keys as the block's defaults: one rule for all hosts
     "mmtuning_plugin.console": 7,
     "mmtuning_plugin.spec_input": 7,
     "mmtuning_plugin.report": 7,
