@@ -23,19 +23,27 @@ MODALITIES = ("vision", "projector", "language")
 
 @dataclass(frozen=True)
 class HostKeys:
-    """One host's names: block key -> host key for the defaults, and the host keys the plan replaces."""
+    """One host's names: block key -> host key for the defaults, the host keys the plan replaces, and what the
+    host itself offers instead of mmtuning's k-bit preparation (which runs only in the transformers Trainer)."""
 
     host: str
     defaults: dict[str, str]
     targets: tuple[str, ...]
+    kbit_instead: str
 
 
 AXOLOTL = HostKeys("Axolotl", {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                "use_dora": "peft_use_dora", "use_rslora": "peft_use_rslora"},
-                   ("lora_target_modules", "lora_target_linear"))
+                   ("lora_target_modules", "lora_target_linear"),
+                   "Axolotl runs PEFT's prepare_model_for_kbit_training itself; use its `gradient_checkpointing: true`")
 LLAMAFACTORY = HostKeys("LLaMA-Factory", {"r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                           "use_dora": "use_dora", "use_rslora": "use_rslora"},
-                        ("lora_target",))
+                        ("lora_target",),
+                        "LLaMA-Factory prepares the model itself; use its `disable_gradient_checkpointing` and "
+                        "`upcast_layernorm`")
+# `quant:` settings that only mmtuning's own k-bit preparation applies (quant/kbit.py, called by the transformers
+# Trainer integration): a host that prepares the model itself would accept and drop them, so they are refused.
+KBIT_ONLY = ("checkpoint_vision", "checkpoint_language", "checkpoint_reentrant", "fp32_norms", "upcast_16bit")
 
 
 def unset(value: Any) -> bool:
@@ -52,7 +60,7 @@ def same(a: Any, b: Any) -> bool:
 def with_host_defaults(block: Mapping[str, Any] | None, settings: Mapping[str, Any], keys: HostKeys,
                        conflicts: list[str]) -> dict[str, Any]:
     """The block with the host's values where it leaves them unset; contradictions are appended to `conflicts`."""
-    block = dict(block or {})
+    block = plain(block or {})
     for ours, theirs in keys.defaults.items():
         value = settings.get(theirs)
         if value is None or (value is False and ours.startswith("use_")):
@@ -60,9 +68,18 @@ def with_host_defaults(block: Mapping[str, Any] | None, settings: Mapping[str, A
         if ours not in block or block[ours] is None:
             block[ours] = value
         elif not same(block[ours], value):
-            conflicts.append(f"`{theirs}: {value}` vs `mmtuning.{ours}: {block[ours]}` (keep one of them; the "
-                             f"host's {theirs} is the block's default when mmtuning.{ours} is unset)")
+            conflicts.append(f"`{theirs}: {value}` vs `mmtuning.{ours}: {block[ours]}` (keep one)")
     return block
+
+
+def plain(value: Any) -> Any:
+    """Nested mappings as plain dicts: Axolotl's DictDefault returns None for any missing attribute, which breaks
+    pydantic's serialization of the block once it sits inside a plain dict."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
 
 
 def replaced_targets(settings: Mapping[str, Any], keys: HostKeys) -> list[str]:
@@ -70,11 +87,19 @@ def replaced_targets(settings: Mapping[str, Any], keys: HostKeys) -> list[str]:
     return [f"{key}: {settings.get(key)}" for key in keys.targets if not unset(settings.get(key))]
 
 
+def kbit_settings_not_applied(config: "MMTuningConfig", keys: HostKeys) -> list[str]:
+    """The block's k-bit preparation settings the user wrote: the host would never apply them."""
+    written = sorted(set(KBIT_ONLY) & (config.quant.model_fields_set if config.quant is not None else set()))
+    return [f"`mmtuning.quant.{key}` (never applied in {keys.host}: {keys.kbit_instead}; remove it, or train "
+            f"with the transformers Trainer integration, which applies it)" for key in written]
+
+
 def refuse(conflicts: list[str], where: str, host: str) -> None:
     """Every contradiction in one message, or nothing."""
     if conflicts:
         raise MMTuningError(f"{where}: these {host} settings contradict the `mmtuning:` block: "
-                            + "; ".join(conflicts) + ".")
+                            + "; ".join(conflicts) + f". {host}'s LoRA rank/alpha/dropout are the block's defaults "
+                            f"where it leaves them unset, so each needs writing only once.")
 
 
 def describe_plan(plan: "TargetPlan") -> str:

@@ -6,8 +6,8 @@ import pytest
 
 from mmtuning_plugin.config import load_config
 from mmtuning_plugin.errors import MMTuningError
-from mmtuning_plugin.host_settings import (AXOLOTL, LLAMAFACTORY, effective_settings, refuse, replaced_targets,
-                                           with_host_defaults)
+from mmtuning_plugin.host_settings import (AXOLOTL, LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse,
+                                           replaced_targets, with_host_defaults)
 
 TYPICAL = {"Axolotl": {"lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_linear": True},
            "LLaMA-Factory": {"lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all"}}
@@ -44,3 +44,13 @@ def test_unset_booleans_and_absent_keys_give_no_defaults():
     block = with_host_defaults(None, {"peft_use_dora": False, "lora_r": None}, AXOLOTL, conflicts)
     assert block == {} and conflicts == []
     assert with_host_defaults({}, {"use_dora": True}, LLAMAFACTORY, conflicts) == {"use_dora": True}
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_kbit_settings_the_host_would_drop_are_named_only_when_written(keys):
+    written = load_config({"quant": {"preset": "balanced", "upcast_16bit": False, "checkpoint_language": True}})
+    problems = kbit_settings_not_applied(written, keys)
+    assert [p.split("`")[1] for p in problems] == ["mmtuning.quant.checkpoint_language", "mmtuning.quant.upcast_16bit"]
+    assert all(keys.host in p for p in problems)
+    assert kbit_settings_not_applied(load_config({"quant": "balanced"}), keys) == []
+    assert kbit_settings_not_applied(load_config({}), keys) == []

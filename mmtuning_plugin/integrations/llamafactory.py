@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import MMTuningError
-from ..host_settings import (LLAMAFACTORY, effective_settings, refuse, replaced_targets, targets_warning,
-                             with_host_defaults)
+from ..host_settings import (LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse, replaced_targets,
+                             targets_warning, with_host_defaults)
 from ..session import MMTuning
 
 SUPPORTED_VERSION = "0.9.5"
@@ -139,8 +139,9 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     args = dict(data)
     problems: list[str] = []
     block = with_host_defaults(args.pop("mmtuning"), args, LLAMAFACTORY, problems)
-    refuse(problems, where, LLAMAFACTORY.host)
     session = MMTuning(block, where="mmtuning")
+    problems += kbit_settings_not_applied(session.config, LLAMAFACTORY)
+    refuse(problems, where, LLAMAFACTORY.host)
     replaced = replaced_targets(args, LLAMAFACTORY)
     for key in LLAMAFACTORY.targets:
         args.pop(key, None)  # LLaMA-Factory's target expansion never runs: the plan wraps the model
@@ -307,7 +308,7 @@ def verify_callback(session: MMTuning):
     """A TrainerCallback: when training starts, check the model against the plan and record the run.
 
     LLaMA-Factory may touch the model after wrapping (casts, checkpointing); this checks what really
-    trains, and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
+    trains and, under `quant:`, which modules are 4-bit (as the Axolotl plugin does), and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
     import json
 
     from transformers import TrainerCallback
@@ -317,6 +318,12 @@ def verify_callback(session: MMTuning):
             if model is None:
                 return
             session.verify(model)
+            quant = session.config.quant
+            if quant is not None:  # the skip list reached the loader: 16-bit exactly where the policy says
+                session.verify_quantized(model)
+                if state.is_world_process_zero:
+                    sys.stderr.write(f"[mmtuning] quantized exactly as the `quant:` policy says "
+                                     f"({quant.preset or 'custom'})\n")
             if state.is_world_process_zero:
                 record = run_record(session, model, optimizer)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -179,7 +179,11 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
     policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
     if policy is None:
         pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
-    out = train(tiny, "qlora_policy", block, quantization_bit=4)
+    config = write_config(tiny, "qlora_policy", block, quantization_bit=4)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), timeout=420)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert "[mmtuning] quantized exactly as the `quant:` policy says (balanced)" in done.stderr  # verified, as in Axolotl
+    out = tiny / "qlora_policy"
     types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
     skipped = policy["llm_int8_skip_modules"]
     kept = {m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)}
@@ -255,6 +259,15 @@ def test_host_lora_keys_are_the_blocks_defaults_and_only_contradictions_are_refu
     message = str(error.value)
     assert "`lora_rank: 32` vs `mmtuning.r: 8`" in message and "lora_alpha" not in message  # alpha agrees
     assert "dropout" not in message  # the YAML sets no lora_dropout: nothing contradicts mmtuning.dropout
+
+
+def test_kbit_preparation_settings_llamafactory_would_drop_are_refused():
+    with pytest.raises(MMTuningError) as error:
+        lf.split_config({"mmtuning": {"quant": {"preset": "balanced", "checkpoint_vision": True, "fp32_norms": True}}})
+    message = str(error.value)
+    assert "`mmtuning.quant.checkpoint_vision` (never applied in LLaMA-Factory" in message
+    assert "`mmtuning.quant.fp32_norms`" in message and "upcast_layernorm" in message
+    lf.split_config({"mmtuning": {"quant": "balanced"}})  # the preset alone sets none of them
 
 
 def test_unsupported_stage_and_finetuning_type_are_refused():
