@@ -117,7 +117,7 @@ class MMTuningPlugin(BasePlugin):
         for key in LORA_KERNEL_KEYS:
             if cfg.get(key) is None:
                 cfg[key] = False
-        if cfg.get("merge_method") is None:  # read only by `axolotl merge-lora`
+        if cfg.get("merge_method") is None and axolotl_has_merge_methods():  # read only by `axolotl merge-lora`
             cfg["merge_method"] = MERGE_METHOD
         quant = self.session.bnb_config_kwargs(model_config)
         if quant:
@@ -258,6 +258,13 @@ def install_clean_errors() -> None:
 
     hook.mmtuning = True
     sys.excepthook = hook
+
+
+def axolotl_has_merge_methods() -> bool:
+    """Axolotl 0.21's schema has `merge_method`; an older one without it gets no such key written."""
+    from axolotl.utils.schemas.peft import LoraConfig
+
+    return "merge_method" in LoraConfig.model_fields
 
 
 def merge_bnb_kwargs(ours: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def test_host_lora_keys_are_the_blocks_defaults_and_only_contradictions_are_refu
         lf.split_config({"lora_rank": 32, "lora_alpha": 16, "mmtuning": {"r": 8, "alpha": 16, "dropout": 0.1}})
     message = str(error.value)
     assert "`lora_rank: 32` vs `mmtuning.r: 8`" in message and "lora_alpha" not in message  # alpha agrees
-    assert "dropout" not in message  # the YAML sets no lora_dropout: nothing contradicts mmtuning.dropout
+    assert "`lora_dropout" not in message  # the YAML sets no lora_dropout: nothing contradicts mmtuning.dropout
 
 
 def test_kbit_preparation_settings_llamafactory_would_drop_are_refused():
