@@ -101,7 +101,9 @@ class QuantPolicy(BaseModel):
         description="bnb_4bit_quant_storage. `auto` = compute_dtype, which FSDP and DeepSpeed ZeRO-3 need to shard "
         "4-bit weights together with the 16-bit ones (same bytes as uint8).")
     upcast_16bit: bool = Field(
-        default=False, description="k-bit preparation casts frozen 16-bit weights to fp32 (PEFT's behaviour; doubles their memory).")
+        default=False, description="k-bit preparation casts frozen 16-bit weights to fp32 (PEFT's behaviour; doubles their memory). "
+        "The k-bit settings apply in the transformers Trainer integration; Axolotl and LLaMA-Factory prepare the "
+        "model themselves and refuse them.")
     fp32_norms: bool = Field(default=True, description="k-bit preparation runs normalization layers in fp32.")
     checkpoint_vision: bool = Field(default=False, description="Gradient checkpointing in the vision encoder blocks.")
     checkpoint_language: bool = Field(default=False, description="Gradient checkpointing in the language model layers.")

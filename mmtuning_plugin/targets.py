@@ -82,13 +82,28 @@ class TargetPlan:
         return [p.name for p in self.parameters]
 
     @property
+    def default_modality(self) -> str:
+        """Whose r/alpha are the adapter's top-level ones: the language model's, when it is adapted."""
+        planned = {item.modality for item in [*self.modules, *self.parameters]}
+        return next((m for m in ("language", "projector", "vision") if m in planned), "language")
+
+    @property
+    def r(self) -> int:
+        """The adapter config's top-level r: a rank some module really uses (the language default)."""
+        return self.config.rank(self.default_modality)
+
+    @property
+    def alpha(self) -> float:
+        return self.config.scale_alpha(self.default_modality)
+
+    @property
     def rank_pattern(self) -> dict[str, int]:
         """Exact-name patterns (regex-escaped: PEFT matches keys as regexes) where r differs from the default."""
-        return {key: item.r for key, item in self._pattern_items() if item.r != self.config.r}
+        return {key: item.r for key, item in self._pattern_items() if item.r != self.r}
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
-        return {key: item.alpha for key, item in self._pattern_items() if item.alpha != self.config.alpha}
+        return {key: item.alpha for key, item in self._pattern_items() if item.alpha != self.alpha}
 
     def _pattern_items(self):
         """Exact full names, regex-escaped (PEFT matches pattern keys as `(.*\\.)?(key)$`)."""
@@ -129,8 +144,8 @@ class TargetPlan:
             "alpha_pattern": self.alpha_pattern,
             "layers": self.layers,
             "method": self.config.method,
-            "r": self.config.r,
-            "alpha": self.config.alpha,
+            "r": self.r,
+            "alpha": self.alpha,
             "trainable_params": self.trainable_params(),
         }
 
@@ -286,7 +301,7 @@ def peft_config(plan: TargetPlan, **overrides: Any):
         "modules_to_save": plan.modules_to_save or None,
     }
     if config.method == "lora":
-        kwargs = dict(common, r=config.r, lora_alpha=config.alpha, lora_dropout=plan.dropout,
+        kwargs = dict(common, r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
                       use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=plan.rank_pattern,
                       alpha_pattern=plan.alpha_pattern, target_parameters=plan.target_parameters or None)
         if not plan.target_modules and not plan.target_parameters:
@@ -295,7 +310,7 @@ def peft_config(plan: TargetPlan, **overrides: Any):
     if config.method == "ia3":
         return IA3Config(**{**common, "feedforward_modules": [], **overrides})
     factory = LoHaConfig if config.method == "loha" else LoKrConfig
-    return factory(**{**common, "r": config.r, "alpha": config.alpha, "rank_dropout": 0.0,
+    return factory(**{**common, "r": plan.r, "alpha": plan.alpha, "rank_dropout": 0.0,
                       "module_dropout": plan.dropout, "rank_pattern": plan.rank_pattern,
                       "alpha_pattern": plan.alpha_pattern, **overrides})
 

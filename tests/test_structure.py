@@ -34,6 +34,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.keep": 5,  # the keep term: rows, sources, the adapter-off base
     "mmtuning_plugin.evaluate": 6,  # E/F/O of an adapter on user files (mmtune eval, the demo)
     "mmtuning_plugin.session": 6,
+    "mmtuning_plugin.host_settings": 6,  # a host's own LoRA keys as the block's defaults: one rule for all hosts
     "mmtuning_plugin.console": 7,
     "mmtuning_plugin.spec_input": 7,
     "mmtuning_plugin.report": 7,

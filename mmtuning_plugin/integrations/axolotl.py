@@ -33,6 +33,8 @@ from transformers import TrainerCallback
 
 from ..config import load_config
 from ..errors import MMTuningError
+from ..host_settings import (AXOLOTL, describe_plan, effective_settings, kbit_settings_not_applied, refuse,
+                             replaced_targets, targets_warning, unset, with_host_defaults)
 from ..names import modality_of_parameter, module_of
 from ..session import MMTuning
 from ..targets import TargetPlan
@@ -40,15 +42,22 @@ from .hf import MMTuningTrainerMixin
 
 LOG = logging.getLogger("axolotl.integrations.mmtuning")  # under Axolotl's logger: shown at INFO
 BLOCK = "mmtuning"
-# Axolotl keys mmtuning sets from the plan. A YAML may repeat a value equal to mmtuning's, never another one.
-OWNED_TARGET_KEYS = ("lora_target_modules", "lora_target_linear", "lora_target_parameters", "lora_rank_pattern",
-                     "lora_alpha_pattern", "lora_modules_to_save", "peft_layers_to_transform", "peft_layers_pattern")
+# Axolotl keys mmtuning sets from the plan, beyond the target keys it replaces with a warning (AXOLOTL.targets):
+# a YAML that sets one of them asks for something the plan decides, so it is refused.
+OWNED_TARGET_KEYS = ("lora_target_parameters", "lora_rank_pattern", "lora_alpha_pattern", "lora_modules_to_save",
+                     "peft_layers_to_transform", "peft_layers_pattern")
 # Axolotl keys that build their own optimizer groups, which would replace the per-modality ones.
 OPTIMIZER_GROUP_KEYS = ("lr_groups", "loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale")
 # Fused LoRA kernels are auto-enabled for lora/qlora; they fail on LLaVA ("could not import attention
 # class") and were never checked with per-modality plans on vision-language models.
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 REPORT_FILE = "mmtuning_report.json"
+# `axolotl merge-lora` defaults to its memory-efficient merge, which in Axolotl 0.21 drops the language-model LoRA
+# of LLaVA-family models (its `_scope_renaming` ignores transformers' `base_model_prefix` for the inner
+# `^language_model.model` rule; plain LLaVA runs too). The legacy merge is PEFT's merge_and_unload on the loaded
+# model, correct for every modality: the plugin writes `merge_method: legacy` unless the YAML or
+# `--merge-method` chose one.
+MERGE_METHOD = "legacy"
 
 
 class MMTuningArgs(BaseModel):
@@ -89,19 +98,30 @@ class MMTuningPlugin(BasePlugin):
         if not self.active(cfg):
             self.session = None
             return
-        cfg[BLOCK] = with_inline_keep_images(cfg.get(BLOCK))
+        install_clean_errors()
+        conflicts: list[str] = []
+        block = with_inline_keep_images(cfg.get(BLOCK))
+        cfg[BLOCK] = with_host_defaults(block, cfg, AXOLOTL, conflicts)
         self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
+        conflicts += owned_key_conflicts(cfg) + kbit_settings_not_applied(self.session.config, AXOLOTL)
+        refuse(conflicts, "the Axolotl YAML", AXOLOTL.host)
         check_host_settings(cfg, self.session)
         model_config = load_host_model_config(cfg)
         from ..loading import build_skeleton
 
         plan = self.session.plan_for(build_skeleton(model_config))
-        write_lora_settings(cfg, plan, check_conflicts=True)
+        replaced = replaced_targets(cfg, AXOLOTL)
+        if replaced:
+            LOG.warning("mmtuning: %s", targets_warning(replaced, plan, AXOLOTL.host))
+        write_lora_settings(cfg, plan)
         LOG.info("mmtuning: %s planned for %s; Axolotl's LoRA settings now name them exactly",
                  describe_plan(plan), plan.model_type)
+        LOG.info("mmtuning: effective LoRA settings: %s", effective_settings(self.session.config))
         for key in LORA_KERNEL_KEYS:
             if cfg.get(key) is None:
                 cfg[key] = False
+        if cfg.get("merge_method") is None and axolotl_has_merge_methods():  # read only by `axolotl merge-lora`
+            cfg["merge_method"] = MERGE_METHOD
         quant = self.session.bnb_config_kwargs(model_config)
         if quant:
             cfg["bnb_config_kwargs"] = merge_bnb_kwargs(quant, cfg.get("bnb_config_kwargs"))
@@ -116,7 +136,7 @@ class MMTuningPlugin(BasePlugin):
         if not self.active(cfg):
             return
         session = self.require_session(cfg)
-        write_lora_settings(cfg, session.plan_for(model), check_conflicts=False)
+        write_lora_settings(cfg, session.plan_for(model))
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
         """PEFT wrapped exactly the planned modules, parameters and ranks (else PlanMismatchError)."""
@@ -167,18 +187,6 @@ class MMTuningPlugin(BasePlugin):
         if self.session is None:  # a programmatic run that skipped register(): build it from the validated cfg
             self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
         return self.session
-
-
-def describe_plan(plan: TargetPlan) -> str:
-    """`vision 8 (r=4), projector 2 (r=8), language 28 (r=8)`: one log line a user can check."""
-    parts = []
-    for modality in ("vision", "projector", "language"):
-        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality))
-        if count:
-            parts.append(f"{modality} {count} (r={plan.config.rank(modality)})")
-    if plan.modules_to_save:
-        parts.append(f"trained whole: {', '.join(plan.modules_to_save)}")
-    return ", ".join(parts)
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -317,8 +325,8 @@ def lora_settings(plan: TargetPlan) -> dict[str, Any]:
     """Axolotl's names for the plan: exact module names, patterns keyed by escaped full names."""
     config = plan.config
     return {
-        "lora_r": config.r,
-        "lora_alpha": config.alpha,
+        "lora_r": plan.r,
+        "lora_alpha": plan.alpha,
         "lora_dropout": plan.dropout,
         "lora_target_modules": plan.target_modules,
         "lora_target_parameters": plan.target_parameters or None,
@@ -330,29 +338,46 @@ def lora_settings(plan: TargetPlan) -> dict[str, Any]:
     }
 
 
-USER_KEY_FOR = {"lora_r": "mmtuning.r", "lora_alpha": "mmtuning.alpha", "lora_dropout": "mmtuning.dropout",
-                "peft_use_dora": "mmtuning.use_dora", "peft_use_rslora": "mmtuning.use_rslora"}
+def owned_key_conflicts(cfg: Any) -> list[str]:
+    """Axolotl keys that choose what the plan chooses (patterns, layers, whole modules): each a contradiction."""
+    return [f"`{key}: {cfg.get(key)}` (the `mmtuning:` block plans this itself; remove `{key}` and use "
+            f"mmtuning.<modality>.r/.alpha/.layers, or projector.full / language.include)"
+            for key in OWNED_TARGET_KEYS if not unset(cfg.get(key))]
 
 
-def write_lora_settings(cfg: Any, plan: TargetPlan, check_conflicts: bool) -> None:
-    settings = lora_settings(plan)
-    if check_conflicts:
-        for key in OWNED_TARGET_KEYS:
-            value = cfg.get(key)
-            if value not in (None, False, [], {}) and value != settings.get(key):
-                raise MMTuningError(
-                    f"{key}: {value!r} conflicts with the `mmtuning:` block, which sets the LoRA targets itself "
-                    f"({len(plan.target_modules)} exact module names across vision/projector/language); remove "
-                    f"`{key}` and choose modules with mmtuning.vision/projector/language.modules and .layers."
-                )
-        for key, where in USER_KEY_FOR.items():
-            value = cfg.get(key)
-            if value is not None and value != settings[key] and not (value is False and settings[key] is None):
-                raise MMTuningError(f"{key}: {value!r} differs from {where} ({settings[key]!r}); remove `{key}` "
-                                    f"and set {where} in the `mmtuning:` block.")
-    for key, value in settings.items():
+def write_lora_settings(cfg: Any, plan: TargetPlan) -> None:
+    """Axolotl's LoRA keys from the plan (the host's r/alpha/dropout already went into the block as defaults)."""
+    for key, value in lora_settings(plan).items():
         cfg[key] = value
     cfg["lora_target_linear"] = None
+
+
+def install_clean_errors() -> None:
+    """An MMTuningError that reaches the top of an Axolotl run prints as one message, not a 50-line traceback.
+
+    Axolotl's CLI lets every exception from plugin hooks and config validation escape as a traceback; the
+    previous hook still handles every other exception."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "mmtuning", False):
+        return
+
+    def hook(kind, error, traceback):
+        if isinstance(error, MMTuningError):
+            sys.stderr.write(f"\nmmtuning: error: {error}\n")
+        else:
+            previous(kind, error, traceback)
+
+    hook.mmtuning = True
+    sys.excepthook = hook
+
+
+def axolotl_has_merge_methods() -> bool:
+    """Axolotl 0.21's schema has `merge_method`; an older one without it gets no such key written."""
+    from axolotl.utils.schemas.peft import LoraConfig
+
+    return "merge_method" in LoraConfig.model_fields
 
 
 def merge_bnb_kwargs(ours: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:

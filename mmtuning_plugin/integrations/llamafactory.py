@@ -24,25 +24,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from ..errors import MMTuningError
+from ..host_settings import (LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse, replaced_targets,
+                             targets_warning, with_host_defaults)
 from ..session import MMTuning
 
 SUPPORTED_VERSION = "0.9.5"
 
 # LLaMA-Factory keys that decide what the `mmtuning:` block decides: with the block present they are an
-# error, and the message says what to write instead.
+# error, and the message says what to write instead. (lora_rank/lora_alpha/lora_dropout/use_dora/use_rslora are
+# the block's defaults and lora_target is replaced by the plan: host_settings.LLAMAFACTORY.)
 OWNED_KEYS: dict[str, str] = {
-    "lora_target": "mmtuning.<modality>.modules (e.g. mmtuning.language.modules: all-linear)",
-    "lora_rank": "mmtuning.r (or mmtuning.<modality>.r)",
-    "lora_alpha": "mmtuning.alpha (or mmtuning.<modality>.alpha)",
-    "lora_dropout": "mmtuning.dropout",
-    "use_dora": "mmtuning.use_dora",
-    "use_rslora": "mmtuning.use_rslora",
     "additional_target": "mmtuning.projector.full: true, or include: [embed_tokens, lm_head]",
     "freeze_vision_tower": "mmtuning.vision (off unless given; e.g. vision: {layers: {top: 4}})",
     "freeze_multi_modal_projector": "mmtuning.projector (on by default; projector: false turns it off)",
@@ -113,6 +110,7 @@ class Job:
     args: dict[str, Any]
     session: MMTuning
     stage: str
+    replaced_targets: list[str] = field(default_factory=list)  # the YAML's target keys, replaced by the plan
 
 
 def read_config(path: Path, overrides: list[str]) -> dict[str, Any]:
@@ -145,7 +143,14 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where} has no `mmtuning:` block; add one (e.g. `mmtuning: {{vision: {{layers: "
                             f"{{top: 4}}}}}}`) or run plain `llamafactory-cli train` instead.")
     args = dict(data)
-    session = MMTuning(with_keep_dataset(args.pop("mmtuning"), args), where="mmtuning")
+    problems: list[str] = []
+    block = with_host_defaults(with_keep_dataset(args.pop("mmtuning"), args), args, LLAMAFACTORY, problems)
+    session = MMTuning(block, where="mmtuning")
+    problems += kbit_settings_not_applied(session.config, LLAMAFACTORY)
+    refuse(problems, where, LLAMAFACTORY.host)
+    replaced = replaced_targets(args, LLAMAFACTORY)
+    for key in LLAMAFACTORY.targets:
+        args.pop(key, None)  # LLaMA-Factory's target expansion never runs: the plan wraps the model
     problems = [f"`{key}` (write {instead})" for key, instead in OWNED_KEYS.items() if key in args]
     problems += [f"`{key}` ({instead})" for key, instead in BYPASS_KEYS.items() if args.get(key)]
     problems += [f"`{key}` (it replaces the optimizer, so mmtuning's per-modality parameter groups could not "
@@ -164,7 +169,7 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     if session.keep is not None and stage != "sft":
         raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
                             f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
-    return Job(args, session, stage)
+    return Job(args, session, stage, replaced)
 
 
 def require_llamafactory():
@@ -438,7 +443,7 @@ def verify_callback(session: MMTuning):
     """A TrainerCallback: when training starts, check the model against the plan and record the run.
 
     LLaMA-Factory may touch the model after wrapping (casts, checkpointing); this checks what really
-    trains, and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
+    trains and, under `quant:`, which modules are 4-bit (as the Axolotl plugin does), and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
     import json
 
     from transformers import TrainerCallback
@@ -448,6 +453,12 @@ def verify_callback(session: MMTuning):
             if model is None:
                 return
             session.verify(model)
+            quant = session.config.quant
+            if quant is not None:  # the skip list reached the loader: 16-bit exactly where the policy says
+                session.verify_quantized(model)
+                if state.is_world_process_zero:
+                    sys.stderr.write(f"[mmtuning] quantized exactly as the `quant:` policy says "
+                                     f"({quant.preset or 'custom'})\n")
             if state.is_world_process_zero:
                 record = run_record(session, model, optimizer)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -499,7 +510,7 @@ def torchrun_command(config: Path, overrides: list[str], env: dict[str, str], de
     ]
 
 
-def plan_ahead(job: Job) -> None:
+def plan_ahead(job: Job):
     """Plan on a meta-device skeleton when the model's config is already on disk, so a layer range or module
     name that does not exist fails in seconds, before weights load. Otherwise the plan is checked after loading."""
     from transformers import AutoConfig
@@ -512,8 +523,17 @@ def plan_ahead(job: Job) -> None:
                                                   trust_remote_code=bool(job.args.get("trust_remote_code")))
         skeleton = build_skeleton(model_config)
     except Exception:  # not downloaded yet, or not buildable from its config: LLaMA-Factory loads it first
-        return
-    plan_targets(skeleton, job.session.config)
+        return None
+    return plan_targets(skeleton, job.session.config)
+
+
+def announce(job: Job, plan) -> None:
+    """The startup lines: the effective r/alpha per modality, and the YAML's target keys the plan replaced."""
+    sys.stderr.write(f"[mmtuning] effective LoRA settings: {effective_settings(job.session.config)}\n")
+    if job.replaced_targets:
+        message = (targets_warning(job.replaced_targets, plan, LLAMAFACTORY.host) if plan is not None else
+                   f"{'; '.join(job.replaced_targets)}: replaced by the mmtuning plan (checked once the model loads)")
+        sys.stderr.write(f"[mmtuning] warning: {message}\n")
 
 
 def prepare(config: Path, overrides: list[str]) -> Job:
@@ -521,7 +541,7 @@ def prepare(config: Path, overrides: list[str]) -> Job:
     data = read_config(config, overrides)
     job = split_config(data, where=str(config))
     check_host_args(job.args, where=str(config))
-    plan_ahead(job)
+    announce(job, plan_ahead(job))
     return job
 
 

@@ -3,6 +3,7 @@
     python axolotl_driver.py setup DIR TYPE...                # DIR/TYPE tiny checkpoints, DIR/data.jsonl, DIR/keep.jsonl
     python axolotl_driver.py recipes OUT.json TYPE=RECIPE.yml... # Axolotl's own config loading, no weights
     python axolotl_driver.py train-without-plugins CFG.yml    # `axolotl train` with no plugin discovered
+    python axolotl_driver.py compare-merge BASE ADAPTER MERGED OUT.json  # merged dir vs PEFT's merge_and_unload
 
 Each command prints or writes JSON; nothing here fakes Axolotl, transformers or PEFT.
 """
@@ -129,6 +130,36 @@ def train_without_plugins(config: str) -> None:
     main()
 
 
+def compare_merge(base: str, adapter: str, merged: str, out: str) -> None:
+    """Per LoRA-adapted weight: does `merged` (a merged model directory) equal PEFT's merge_and_unload of
+    BASE + ADAPTER, and does it differ from BASE? Written per modality to OUT.json."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    def weights(model) -> dict:
+        return {name: p.detach().float() for name, p in model.state_dict().items()}
+
+    base_weights = weights(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32))
+    peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), adapter)
+    adapted = {name.removeprefix("base_model.model.").replace(".base_layer", "")
+               for name, _ in peft.named_parameters() if ".base_layer.weight" in name}
+    expected = weights(peft.merge_and_unload())
+    got = weights(AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32))
+    result: dict = {}
+    for name in sorted(adapted):
+        kind = ("projector" if "multi_modal_projector" in name else
+                "vision" if "vision_tower" in name else "language")
+        row = result.setdefault(kind, {"weights": 0, "equal_to_peft": 0, "changed_from_base": 0, "missing": []})
+        row["weights"] += 1
+        if name not in got:
+            row["missing"].append(name)
+            continue
+        row["equal_to_peft"] += int(torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4))
+        row["changed_from_base"] += int(not torch.equal(got[name], base_weights[name]))
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "setup":
@@ -154,6 +185,8 @@ def main(argv: list[str]) -> None:
         validate_recipes(args[0], args[1:])
     elif command == "train-without-plugins":
         train_without_plugins(args[0])
+    elif command == "compare-merge":
+        compare_merge(*args)
     else:
         raise SystemExit(f"unknown command {command}")
 

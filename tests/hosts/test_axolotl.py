@@ -83,6 +83,19 @@ def with_mmtuning(config: dict, **extra) -> dict:
     return config
 
 
+def typical_user_yaml(root: Path, name: str, **mmtuning) -> dict:
+    """An Axolotl LLaVA LoRA YAML as users write it (rank 32, alpha 16, dropout 0.05, all linear layers, no
+    kernel keys) plus the two mmtuning lines: `plugins:` and an `mmtuning:` block."""
+    config = {key: value for key, value in base_yaml(root, "llava", name).items() if not key.endswith("_kernel")}
+    config.update(lora_r=32, lora_alpha=16, lora_dropout=0.05, lora_target_linear=True)
+    config["plugins"] = ["mmtuning_plugin.integrations.axolotl.MMTuningPlugin"]
+    config["mmtuning"] = mmtuning or TYPICAL_BLOCK
+    return config
+
+
+TYPICAL_BLOCK = {"vision": {"modules": "attention", "layers": {"top": 2}, "r": 8}}
+
+
 def launch(command: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(), cwd=log.parent)
 
@@ -97,10 +110,14 @@ def tiny(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def run_all(root: Path, commands: dict[str, list[str]]) -> None:
-    """Start every command at once (they mostly wait on imports); each must exit 0."""
+    """Start every command at once (they mostly wait on imports); each must exit 0, except `*_refused` runs,
+    which must fail."""
     processes = {name: launch(command, root / f"{name}.log") for name, command in commands.items()}
     failed = {name: p.wait(timeout=900) for name, p in processes.items()}
     for name, code in failed.items():
+        if name.endswith("_refused"):
+            assert code != 0, f"{name} was not refused:\n" + (root / f"{name}.log").read_text()[-4000:]
+            continue
         assert code == 0, f"{name} failed:\n" + (root / f"{name}.log").read_text()[-4000:]
 
 
@@ -114,6 +131,8 @@ def runs(tiny) -> dict[str, Path]:
                                      "load_in_4bit": True}, quant="balanced", losses={"anchor": {"weight": 0.1}}),
         "llava_noblock": {**base_yaml(root, "llava", "llava_noblock"), "lora_target_linear": True},
         "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
+        "llava_typical": typical_user_yaml(root, "llava_typical"),
+        "llava_refused": typical_user_yaml(root, "llava_refused", r=8, alpha=64, **TYPICAL_BLOCK),
     }
     if "qwen2_vl" not in facts["models"]:
         configs.pop("qwen_qlora")
@@ -135,12 +154,11 @@ def config_checks(root: Path, good: dict) -> list[str]:
     """`TYPE=YAML` arguments: the six recipes plus YAMLs that must be refused with a pointed message."""
     items = [f"{model_type}={RECIPES / name}" for name, model_type in RECIPE_TYPES.items()]
     bad = {
-        "bad_target_linear": {"lora_target_linear": True},
-        "bad_target_modules": {"lora_target_modules": ["q_proj", "v_proj"]},
+        "bad_contradictions": {"lora_r": 32, "lora_alpha": 8},
+        "bad_pattern": {"lora_rank_pattern": {"q_proj": 4}},
         "bad_layers": {"mmtuning": {**MMTUNING, "vision": {"layers": {"top": 99}}}},
         "bad_key": {"mmtuning": {**MMTUNING, "visoin": {"r": 4}}},
         "bad_freeze": {"freeze_mm_modules": True},
-        "bad_rank": {"lora_r": 32},
     }
     for name, change in bad.items():
         config = {**good, **change, "base_model": str(root / "llava")}
@@ -276,12 +294,12 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("bad_target_linear", "lora_target_linear: True conflicts with the `mmtuning:` block"),
-    ("bad_target_modules", "lora_target_modules: ['q_proj', 'v_proj'] conflicts with the `mmtuning:` block"),
+    ("bad_contradictions", "these Axolotl settings contradict the `mmtuning:` block: `lora_r: 32` vs `mmtuning.r: 8` "
+                           "(keep one); `lora_alpha: 8` vs `mmtuning.alpha: 16` (keep one)."),
+    ("bad_pattern", "`lora_rank_pattern: {'q_proj': 4}` (the `mmtuning:` block plans this itself"),
     ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 3 (0-2 usable"),
     ("bad_key", "mmtuning.visoin: unknown key"),
     ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
-    ("bad_rank", "lora_r: 32 differs from mmtuning.r (8)"),
 ])
 def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message):
     results = json.loads((runs["root"] / "configs.json").read_text())
@@ -351,3 +369,67 @@ def test_keep_block_passes_axolotls_validation_and_images_without_a_processor_ar
     bad = results[str(keep_runs / "bad_keep_processor.yml")]
     assert "error" in bad and "mmtuning.keep: the keep prompts carry images" in bad["error"], bad
     assert "processor_type: AutoProcessor" in bad["error"]
+
+
+# --- a typical user YAML plus the two mmtuning lines ------------------------------------------------------
+
+
+def module_r_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives `module`: its exact pattern entry, else the top-level value."""
+    key = re.escape(module)
+    return config["rank_pattern"].get(key, config["r"]), config["alpha_pattern"].get(key, config["lora_alpha"])
+
+
+def test_typical_user_yaml_plus_two_lines_trains_and_keeps_the_users_alpha_over_r(runs):
+    """lora_r 32 / lora_alpha 16 / lora_dropout 0.05 are the block's defaults; a vision r of 8 keeps alpha/r 0.5;
+    lora_target_linear is replaced by the plan with one warning; the adapter's top-level r/alpha are the
+    language model's."""
+    log = (runs["root"] / "llava_typical.log").read_text()
+    assert ("mmtuning: effective LoRA settings: vision r=8 alpha=4, projector r=32 alpha=16, language r=32 "
+            "alpha=16, dropout 0.05") in log
+    assert log.count("lora_target_linear: True: Axolotl's LoRA targets are replaced by the mmtuning plan (38 "
+                     "targets: vision 8 (r=8), projector 2 (r=32), language 28 (r=32))") == 1
+    out = runs["root"] / "out_llava_typical"
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (32, 16, 0.05)
+    expected = {name: 8 if modality(name) == "vision" else 32 for name in expected_llava_modules()}
+    assert adapter_modules(out) == expected
+    for name, rank in expected.items():
+        r, alpha = module_r_alpha(saved, name)
+        assert r == rank and alpha / r == 0.5, (name, r, alpha)
+    assert all(not math.isnan(x) for x in losses(runs["root"] / "llava_typical.log"))
+
+
+def test_contradictions_are_refused_in_one_message_without_a_traceback(runs):
+    """`axolotl train` with lora_r 32 vs mmtuning.r 8 and lora_alpha 16 vs mmtuning.alpha 64: both in one line."""
+    log = (runs["root"] / "llava_refused.log").read_text()
+    assert ("mmtuning: error: the Axolotl YAML: these Axolotl settings contradict the `mmtuning:` block: "
+            "`lora_r: 32` vs `mmtuning.r: 8`") in log
+    assert "`lora_alpha: 16` vs `mmtuning.alpha: 64`" in log
+    assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def typical_merge(runs) -> dict:
+    """`axolotl merge-lora` on the typical run (no --merge-method: the plugin's choice), compared with PEFT."""
+    root = runs["root"]
+    config = root / "llava_typical.yml"
+    merge = subprocess.run([str(Path(PYTHON).parent / "axolotl"), "merge-lora", str(config),
+                            "--lora-model-dir", str(root / "out_llava_typical")],
+                           capture_output=True, text=True, env=env(), cwd=root, timeout=600)
+    assert merge.returncode == 0, merge.stdout[-2000:] + merge.stderr[-4000:]
+    compare = subprocess.run([PYTHON, str(DRIVER), "compare-merge", str(root / "llava"), str(root / "out_llava_typical"),
+                              str(root / "out_llava_typical" / "merged"), str(root / "merge.json")],
+                             capture_output=True, text=True, env=env(), cwd=root, timeout=600)
+    assert compare.returncode == 0, compare.stderr[-4000:]
+    return json.loads((root / "merge.json").read_text())
+
+
+def test_axolotl_merge_lora_equals_peft_merge_in_every_modality(typical_merge):
+    """Axolotl 0.21's default (memory-efficient) merge drops the language LoRA of LLaVA models; the plugin
+    selects the legacy merge, so every adapted weight of every modality is merged, as PEFT merges it."""
+    assert sorted(typical_merge) == ["language", "projector", "vision"]
+    for kind, row in typical_merge.items():
+        assert row["missing"] == [], kind
+        assert row["weights"] > 0 and row["equal_to_peft"] == row["weights"], (kind, row)
+        assert row["changed_from_base"] == row["weights"], (kind, row)

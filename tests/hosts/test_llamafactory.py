@@ -127,6 +127,39 @@ def test_lora_run_adapts_projector_and_vision_as_planned_with_one_group_per_moda
     assert groups["language"]["tensors"] == 2 * len(expected["language"])
 
 
+TYPICAL_LORA = {"lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all"}
+
+
+def module_r_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives `module`: its exact pattern entry, else the top-level value."""
+    key = re.escape(module)
+    return config["rank_pattern"].get(key, config["r"]), config["alpha_pattern"].get(key, config["lora_alpha"])
+
+
+@needs_lf
+def test_typical_llamafactory_yaml_plus_the_block_trains_and_keeps_the_users_alpha_over_r(tiny):
+    """A user's YAML (`lora_rank: 32`, `lora_alpha: 16`, `lora_dropout: 0.05`, `lora_target: all`) plus an
+    `mmtuning:` line trains unedited; every module keeps alpha/r = 0.5 and the dropout."""
+    config = write_config(tiny, "typical", {"vision": {"modules": "attention", "layers": [-1], "r": 8}},
+                          **TYPICAL_LORA)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), timeout=420)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert ("[mmtuning] effective LoRA settings: vision r=8 alpha=4, projector r=32 alpha=16, language r=32 "
+            "alpha=16, dropout 0.05") in done.stderr
+    assert "[mmtuning] warning: lora_target: all: LLaMA-Factory's LoRA targets are replaced by the mmtuning plan" in done.stderr
+    out = tiny / "typical"
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (32, 16, 0.05)  # the language defaults
+    tensors = adapter_tensors(out)
+    expected = expected_modules(tiny)
+    assert adapted_modules(tensors) == set().union(*expected.values())
+    for modality, rank in (("vision", 8), ("projector", 32), ("language", 32)):
+        for module in expected[modality]:
+            assert tensors[f"base_model.model.{module}.lora_A.weight"].shape[0] == rank, module
+            r, alpha = module_r_alpha(saved, module)
+            assert r == rank and alpha / r == 0.5, (module, r, alpha)
+
+
 @needs_lf
 def test_qlora_run_keeps_the_plan_on_4bit_layers(tiny):
     out = train(tiny, "qlora", BLOCK, quantization_bit=4)
@@ -152,7 +185,11 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
     policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
     if policy is None:
         pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
-    out = train(tiny, "qlora_policy", block, quantization_bit=4)
+    config = write_config(tiny, "qlora_policy", block, quantization_bit=4)
+    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), timeout=420)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert "[mmtuning] quantized exactly as the `quant:` policy says (balanced)" in done.stderr  # verified, as in Axolotl
+    out = tiny / "qlora_policy"
     types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
     skipped = policy["llm_int8_skip_modules"]
     kept = {m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)}
@@ -290,7 +327,6 @@ def test_block_is_removed_and_validated(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, hint", [
-    ("lora_target", "all", "mmtuning.<modality>.modules"),
     ("freeze_vision_tower", False, "mmtuning.vision"),
     ("loraplus_lr_ratio", 16.0, "per-modality parameter groups"),
     ("adapter_name_or_path", "out/old", "resume_from_checkpoint"),
@@ -299,6 +335,28 @@ def test_conflicting_llamafactory_keys_are_refused_with_the_replacement(key, val
     with pytest.raises(MMTuningError) as error:
         lf.split_config({"model_name_or_path": "m", key: value, "mmtuning": {}})
     assert f"`{key}`" in str(error.value) and hint in str(error.value)
+
+
+def test_host_lora_keys_are_the_blocks_defaults_and_only_contradictions_are_refused_in_one_message():
+    job = lf.split_config({"model_name_or_path": "m", "lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05,
+                           "lora_target": "all", "mmtuning": {"vision": {"r": 8}}})
+    config = job.session.config
+    assert (config.r, config.alpha, config.dropout, config.scale_alpha("vision")) == (32, 16, 0.05, 4)
+    assert "lora_target" not in job.args and job.replaced_targets == ["lora_target: all"]
+    with pytest.raises(MMTuningError) as error:
+        lf.split_config({"lora_rank": 32, "lora_alpha": 16, "mmtuning": {"r": 8, "alpha": 16, "dropout": 0.1}})
+    message = str(error.value)
+    assert "`lora_rank: 32` vs `mmtuning.r: 8`" in message and "lora_alpha" not in message  # alpha agrees
+    assert "`lora_dropout" not in message  # the YAML sets no lora_dropout: nothing contradicts mmtuning.dropout
+
+
+def test_kbit_preparation_settings_llamafactory_would_drop_are_refused():
+    with pytest.raises(MMTuningError) as error:
+        lf.split_config({"mmtuning": {"quant": {"preset": "balanced", "checkpoint_vision": True, "fp32_norms": True}}})
+    message = str(error.value)
+    assert "`mmtuning.quant.checkpoint_vision` (never applied in LLaMA-Factory" in message
+    assert "`mmtuning.quant.fp32_norms`" in message and "upcast_layernorm" in message
+    lf.split_config({"mmtuning": {"quant": "balanced"}})  # the preset alone sets none of them
 
 
 def test_unsupported_stage_and_finetuning_type_are_refused():

@@ -1,0 +1,56 @@
+"""A host's own LoRA keys next to an `mmtuning:` block: the same rule for Axolotl and LLaMA-Factory."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmtuning_plugin.config import load_config
+from mmtuning_plugin.errors import MMTuningError
+from mmtuning_plugin.host_settings import (AXOLOTL, LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse,
+                                           replaced_targets, with_host_defaults)
+
+TYPICAL = {"Axolotl": {"lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_linear": True},
+           "LLaMA-Factory": {"lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all"}}
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_host_values_are_the_blocks_defaults_and_keep_alpha_over_r_per_modality(keys):
+    conflicts: list[str] = []
+    block = with_host_defaults({"vision": {"layers": {"top": 2}, "r": 8}}, TYPICAL[keys.host], keys, conflicts)
+    config = load_config(block)
+    assert conflicts == []
+    assert (config.r, config.alpha, config.dropout) == (32, 16, 0.05)
+    assert config.scale_alpha("vision") / config.rank("vision") == 0.5  # the user's alpha/r, kept
+    assert effective_settings(config) == ("vision r=8 alpha=4, projector r=32 alpha=16, language r=32 alpha=16, "
+                                          "dropout 0.05")
+    assert replaced_targets(TYPICAL[keys.host], keys) == [f"{keys.targets[-1]}: {TYPICAL[keys.host][keys.targets[-1]]}"]
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_only_real_contradictions_are_refused_all_in_one_message(keys):
+    conflicts: list[str] = []
+    with_host_defaults({"r": 32, "alpha": 64, "dropout": 0.1}, TYPICAL[keys.host], keys, conflicts)
+    assert len(conflicts) == 2  # r is equal (32 == 32), alpha and dropout differ
+    with pytest.raises(MMTuningError) as error:
+        refuse(conflicts, "train.yml", keys.host)
+    message = str(error.value)
+    assert message.startswith(f"train.yml: these {keys.host} settings contradict the `mmtuning:` block")
+    assert "lora_alpha: 16` vs `mmtuning.alpha: 64`" in message and "lora_dropout: 0.05` vs `mmtuning.dropout: 0.1`" in message
+    refuse([], "train.yml", keys.host)  # nothing to refuse: no error
+
+
+def test_unset_booleans_and_absent_keys_give_no_defaults():
+    conflicts: list[str] = []
+    block = with_host_defaults(None, {"peft_use_dora": False, "lora_r": None}, AXOLOTL, conflicts)
+    assert block == {} and conflicts == []
+    assert with_host_defaults({}, {"use_dora": True}, LLAMAFACTORY, conflicts) == {"use_dora": True}
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_kbit_settings_the_host_would_drop_are_named_only_when_written(keys):
+    written = load_config({"quant": {"preset": "balanced", "upcast_16bit": False, "checkpoint_language": True}})
+    problems = kbit_settings_not_applied(written, keys)
+    assert [p.split("`")[1] for p in problems] == ["mmtuning.quant.checkpoint_language", "mmtuning.quant.upcast_16bit"]
+    assert all(keys.host in p for p in problems)
+    assert kbit_settings_not_applied(load_config({"quant": "balanced"}), keys) == []
+    assert kbit_settings_not_applied(load_config({}), keys) == []
