@@ -2,6 +2,7 @@
 # the checkout (MMTUNING_CACHE, default ~/.cache/mmtuning) so CI reuses it between runs.
 # usage: ensure_venv NAME PYTHON CONSTRAINTS "PIP INSTALL ARGS..."  -> prints the venv path
 set -euo pipefail
+shopt -s inherit_errexit  # a failing step inside $(...) (a venv build) stops the script instead of going on
 MMTUNING_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MMTUNING_CACHE="${MMTUNING_CACHE:-$HOME/.cache/mmtuning}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CACHE_DIR="${PIP_CACHE_DIR:-$MMTUNING_CACHE/pip}"
@@ -14,9 +15,12 @@ ensure_venv() {
   if [ ! -f "$venv/.complete" ]; then
     echo "[mmtuning] building venv $name at $venv (first run only)" >&2
     rm -rf "$venv"
-    "$python" -m venv "$venv" >&2
     # shellcheck disable=SC2086
-    "$venv/bin/pip" install -q -c "$MMTUNING_ROOT/$constraints" $install_args >&2
+    if ! { "$python" -m venv "$venv" >&2 && "$venv/bin/pip" install -q -c "$MMTUNING_ROOT/$constraints" $install_args >&2; }; then
+      rm -rf "$venv"  # never leave a half-built venv that a later run would take for a complete one
+      echo "[mmtuning] building venv $name failed (see pip's output above); nothing was cached" >&2
+      return 1
+    fi
     touch "$venv/.complete"
   fi
   echo "$venv"
