@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..keep.rows import left_padded
 from .data import Item
 
 ASSETS = Path(__file__).parent / "assets"
@@ -122,13 +123,8 @@ def training_batch(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tens
 
 
 def generation_batch(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, length - len(r.prompt_ids):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack([r.pixel_values for r in rows])}
+    return {**left_padded([r.prompt_ids for r in rows], pad_id),
+            "pixel_values": torch.stack([r.pixel_values for r in rows])}
 
 
 @torch.no_grad()

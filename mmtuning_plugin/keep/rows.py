@@ -180,15 +180,22 @@ def open_image(path) -> Any:
 # --- batches --------------------------------------------------------------------------------------------
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` with every sequence right-aligned, so the last position of each row is
+    where its answer starts (greedy generation, next-token logits)."""
+    length = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, length - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, length - len(seq):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def prompt_batch(rows: Sequence[KeepRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts: the last position of every row is where its answer starts."""
-    length = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-        mask[i, length - len(row.prompt_ids):] = 1
-    return {"input_ids": ids, "attention_mask": mask, **collate_images([e for r in rows for e in r.images])}
+    return {**left_padded([r.prompt_ids for r in rows], pad_id),
+            **collate_images([e for r in rows for e in r.images])}
 
 
 def answer_batch(rows: Sequence[KeepRow], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
