@@ -149,7 +149,8 @@ def world(tmp_path_factory):
         p[name].write_text(text)
     # LLaMA-Factory training YAMLs (argument-level errors only: the core venv has no llamafactory)
     lf = {"lf_no_block": {k: v for k, v in LF_GOOD.items() if k != "mmtuning"},
-          "lf_owned": {**LF_GOOD, "lora_target": "all"}, "lf_full": {**LF_GOOD, "finetuning_type": "full"},
+          "lf_owned": {**LF_GOOD, "additional_target": "embed_tokens"},
+          "lf_contradiction": {**LF_GOOD, "lora_rank": 32, "mmtuning": {**LF_GOOD["mmtuning"], "r": 8}}, "lf_full": {**LF_GOOD, "finetuning_type": "full"},
           "lf_stage": {**LF_GOOD, "stage": "kto_pair_x"}, "lf_block_rank": {**LF_GOOD, "mmtuning": {"language": {"rank": 4}}},
           "lf_block_list": {**LF_GOOD, "mmtuning": [1, 2]}, "lf_good": LF_GOOD,
           "lf_off_layers": {**LF_GOOD, "mmtuning": {"vision": {"enabled": False, "layers": "top:2"}}}}
@@ -358,7 +359,8 @@ CLI_CASES = [
     ("lf-not-yaml", ["llamafactory", "train", "{spec_bad_yaml}"], ["not valid YAML"]),
     ("lf-list", ["llamafactory", "train", "{lf_list}"], ["expected a mapping"]),
     ("lf-no-block", ["llamafactory", "train", "{lf_no_block}"], ["no `mmtuning:` block"]),
-    ("lf-owned-key", ["llamafactory", "train", "{lf_owned}"], ["lora_target", "conflict"]),
+    ("lf-owned-key", ["llamafactory", "train", "{lf_owned}"], ["additional_target", "conflict"]),
+    ("lf-contradiction", ["llamafactory", "train", "{lf_contradiction}"], ["`lora_rank: 32` vs `mmtuning.r: 8`"]),
     ("lf-finetuning-full", ["llamafactory", "train", "{lf_full}"], ["finetuning_type: full"]),
     ("lf-stage", ["llamafactory", "train", "{lf_stage}"], ["stage: kto_pair_x"]),
     ("lf-block-rank", ["llamafactory", "train", "{lf_block_rank}"], ["language.rank", "did you mean `r`"]),
