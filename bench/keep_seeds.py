@@ -30,6 +30,9 @@ def variants(targets: list[str]) -> dict[str, dict]:
         arm = copy.deepcopy(recipe)
         arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": target}
         out[f"recipe_keep_{target}"] = arm
+    ramp_all = copy.deepcopy(recipe)  # the lead for slow seeds: the keep weight rises over all of training
+    ramp_all["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "ramp": 1.0}
+    out["recipe_keep_kl_ramp1"] = ramp_all
     return out
 
 
@@ -37,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers")
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_ramp1")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/keep-seeds"))
