@@ -16,7 +16,8 @@ from .convert.cli import convert_app
 from .errors import MMTuningError, user_message
 from .eval_cli import eval_command
 from .integrations.llamafactory_cli import app as llamafactory_app
-from .report import inspect_report, print_report
+from .report import inspect_report
+from .report_tables import print_report
 from .spec_input import read_spec
 
 app = typer.Typer(

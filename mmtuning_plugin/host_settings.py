@@ -23,24 +23,42 @@ MODALITIES = ("vision", "projector", "language")
 
 @dataclass(frozen=True)
 class HostKeys:
-    """One host's names: block key -> host key for the defaults, the host keys the plan replaces, and what the
-    host itself offers instead of mmtuning's k-bit preparation (which runs only in the transformers Trainer)."""
+    """One host's names: block key -> host key for the defaults, the host keys the plan replaces, what the host
+    itself offers instead of mmtuning's k-bit preparation (which runs only in the transformers Trainer), the host
+    setting that asks for a 4-bit / 8-bit model, and its options that change what trains."""
 
     host: str
     defaults: dict[str, str]
     targets: tuple[str, ...]
     kbit_instead: str
+    name: str = ""  # the report's `host`
+    distribution: str = ""  # the host's package, whose version the report records
+    quant_keys: dict[int, str] | None = None  # bits -> the host setting that loads that many bits; None: user loads
+    freezing: str = ""  # host options that freeze or unfreeze parameters
+
+    @property
+    def applies_kbit(self) -> bool:
+        """mmtuning prepares the loaded model itself (k-bit settings apply) only where no host does it."""
+        return not self.kbit_instead
 
 
+TRAINER = HostKeys("transformers Trainer", {}, (), "", name="transformers", distribution="transformers",
+                   freezing="requires_grad changes made after prepare_model")
 AXOLOTL = HostKeys("Axolotl", {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                "use_dora": "peft_use_dora", "use_rslora": "peft_use_rslora"},
                    ("lora_target_modules", "lora_target_linear"),
-                   "Axolotl runs PEFT's prepare_model_for_kbit_training itself; use its `gradient_checkpointing: true`")
+                   "Axolotl runs PEFT's prepare_model_for_kbit_training itself; use its `gradient_checkpointing: true`",
+                   name="axolotl", distribution="axolotl",
+                   quant_keys={4: "load_in_4bit: true", 8: "load_in_8bit: true"},
+                   freezing="unfrozen_parameters / freeze_mm_modules")
 LLAMAFACTORY = HostKeys("LLaMA-Factory", {"r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                           "use_dora": "use_dora", "use_rslora": "use_rslora"},
                         ("lora_target",),
                         "LLaMA-Factory prepares the model itself; use its `disable_gradient_checkpointing` and "
-                        "`upcast_layernorm`")
+                        "`upcast_layernorm`",
+                        name="llamafactory", distribution="llamafactory",
+                        quant_keys={4: "quantization_bit: 4", 8: "quantization_bit: 8"},
+                        freezing="freeze_trainable_layers / freeze_extra_modules")
 # `quant:` settings that only mmtuning's own k-bit preparation applies (quant/kbit.py, called by the transformers
 # Trainer integration): a host that prepares the model itself would accept and drop them, so they are refused.
 KBIT_ONLY = ("checkpoint_vision", "checkpoint_language", "checkpoint_reentrant", "fp32_norms", "upcast_16bit")
@@ -89,9 +107,32 @@ def replaced_targets(settings: Mapping[str, Any], keys: HostKeys) -> list[str]:
 
 def kbit_settings_not_applied(config: "MMTuningConfig", keys: HostKeys) -> list[str]:
     """The block's k-bit preparation settings the user wrote: the host would never apply them."""
+    if keys.applies_kbit:
+        return []
     written = sorted(set(KBIT_ONLY) & (config.quant.model_fields_set if config.quant is not None else set()))
     return [f"`mmtuning.quant.{key}` (never applied in {keys.host}: {keys.kbit_instead}; remove it, or train "
             f"with the transformers Trainer integration, which applies it)" for key in written]
+
+
+def quant_conflicts(config: "MMTuningConfig", keys: HostKeys, bits: int | None) -> list[str]:
+    """`quant:` against the bits the host loads (`bits`: 4, 8 or None): the policy only shapes a quantization the
+    host performs, so a policy that quantizes needs the host to load that many bits, and a 16-bit policy none."""
+    policy = config.quant
+    if policy is None or keys.quant_keys is None:
+        return []
+    wants = None if policy.quant_type is None else 8 if policy.quant_type == "int8" else 4
+    if wants == bits:
+        return []
+    name = f"mmtuning.quant: {policy.preset or 'custom'}"
+    if wants is None:
+        return [f"`{keys.quant_keys[bits]}` vs `{name}` (the policy keeps every modality 16-bit; remove "
+                f"`{keys.quant_keys[bits]}`, or choose a policy that quantizes, e.g. `quant: balanced`)"]
+    quantized = ", ".join(f"{m} {p}" for m, p in policy.precisions().items() if p != "none")
+    if bits is None:
+        return [f"`{name}` ({quantized}) needs a {wants}-bit model, but {keys.host} loads this one in 16-bit (add "
+                f"`{keys.quant_keys[wants]}`, or remove `quant:`)"]
+    return [f"`{keys.quant_keys[bits]}` vs `{name}` ({quantized}; write `{keys.quant_keys[wants]}`, or a "
+            f"policy with {bits}-bit precisions)"]
 
 
 def refuse(conflicts: list[str], where: str, host: str) -> None:

@@ -1,26 +1,68 @@
-"""`MMTuning`: one run's mmtuning state, the single object every host integration talks to.
+"""`MMTuning`: one run's mmtuning state, the single object every host integration talks to, and the host
+contract: the phases (`PHASES`) every host calls, in this order, through the session's methods.
 
-A host creates it from the `mmtuning:` block, asks it to wrap the model, and at the right hooks asks it
-for optimizer parameter groups, trainer callbacks and extra loss terms. Each feature (quantization,
-schedules, alignment losses) adds its piece here, so hosts stay thin and nothing is written twice.
+A host creates it from the `mmtuning:` block (with its own LoRA keys as defaults), hands it the loaded model,
+lets it wrap or verify, mixes its trainer pieces (optimizer groups, loss terms, callbacks, keep rows) into the
+host's trainer, and the session's callbacks write the run report. Each feature (quantization, schedules,
+alignment losses, keep) adds its piece here, so hosts stay thin and nothing is written twice. The session records
+the phases it went through (`phases`), and the run report shows them, so a host that skips one is visible.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
 from .config import MMTuningConfig, load_config
 from .errors import MMTuningError
+from .host_settings import (KBIT_ONLY, TRAINER, HostKeys, kbit_settings_not_applied, quant_conflicts, refuse,
+                            with_host_defaults)
 from .losses import LossSuite
+from .names import modality_of_parameter, module_of
 from .targets import TargetPlan, apply_plan, plan_targets, verify_wrapped
 
 
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    what: str
+    calls: str
+
+
+# The host contract. Every host calls these, in this order; a host file holds only its key table and the hook
+# where each phase runs (docs/architecture.md, "The host contract").
+PHASES: tuple[Phase, ...] = (
+    Phase("settings", "read the `mmtuning:` block with the host's own LoRA keys as its defaults; refuse, in one "
+          "message, contradictions and every setting this host could not honour", "MMTuning.for_host"),
+    Phase("load", "the `quant:` policy as the loader's BitsAndBytesConfig kwargs, before any weight loads",
+          "MMTuning.bnb_config_kwargs / loader_kwargs"),
+    Phase("loaded", "on the loaded model: plan on its real module names, verify the quantization against `quant:`, "
+          "k-bit preparation where mmtuning prepares the model (the Trainer), refuse training a packed module whole",
+          "MMTuning.after_load"),
+    Phase("adapters", "PEFT wraps exactly the plan, or a model the host wrapped from the plan is checked against it",
+          "MMTuning.wrap / verify"),
+    Phase("trainer", "before the first step: the adapters still train exactly as planned and keep rows are built; "
+          "during training: per-modality optimizer groups, extra loss terms, schedule and loss callbacks",
+          "MMTuning.before_training (MMTuningTrainerMixin), optimizer_groups, extra_losses, callbacks"),
+    Phase("report", "mmtuning_report.json in output_dir when training starts and when it ends, written atomically",
+          "the report callback in MMTuning.callbacks"),
+)
+PHASE_NAMES = tuple(phase.name for phase in PHASES)
+
+
 class MMTuning:
-    def __init__(self, config: Any = None, where: str = "mmtuning"):
+    def __init__(self, config: Any = None, where: str = "mmtuning", host: HostKeys = TRAINER):
         self.config: MMTuningConfig = load_config(config, where)
+        self.host = host
+        self.block = config  # as written, with the host's defaults filled in by `for_host`
+        self.phases: list[str] = ["settings"]
+        self.quant_verified = False
+        self.kbit: dict[str, Any] | None = None  # what k-bit preparation did (Trainer host)
+        self.log: Callable[[str], None] = _default_log
         self.plan: TargetPlan | None = None
+        self._planned_on: int | None = None
         self.losses = LossSuite(self.config.losses)
         self.keep = None
         if self.config.keep is not None:  # reads keep files now: bad keep input fails before weights load
@@ -29,15 +71,74 @@ class MMTuning:
             self.keep = Keep(self.config.keep, f"{where}.keep")
         self.keep_template: dict[str, Any] = {}  # a host's processor / chat template / render for keep rows
 
-    # --- targets -----------------------------------------------------------------------------------
+    # --- settings (phase 1) ----------------------------------------------------------------------------
+
+    @classmethod
+    def for_host(cls, block: Any, settings: Mapping[str, Any], host: HostKeys, *, where: str = "mmtuning",
+                 source: str = "the YAML", quant_bits: int | None = None, problems: list[str] = ()) -> "MMTuning":
+        """The session of a host run: the host's LoRA keys as the block's defaults; contradictions, settings the
+        host cannot honour (k-bit preparation, a `quant:` policy the host's loading does not match) and the host's
+        own `problems` refused together in one message naming `source`."""
+        conflicts: list[str] = []
+        block = with_host_defaults(block, settings, host, conflicts)
+        session = cls(block, where=where, host=host)
+        session.block = block
+        conflicts += list(problems) + kbit_settings_not_applied(session.config, host)
+        conflicts += quant_conflicts(session.config, host, quant_bits)
+        refuse(conflicts, source, host.host)
+        return session
+
+    def enter(self, phase: str) -> None:
+        """Record that this run reached `phase` (each once, in the order the host called them)."""
+        if phase not in PHASE_NAMES:
+            raise MMTuningError(f"unknown host contract phase {phase!r}; phases: {', '.join(PHASE_NAMES)}")
+        if phase not in self.phases:
+            self.phases.append(phase)
+
+    # --- load and loaded (phases 2, 3) -----------------------------------------------------------------
+
+    def loader_kwargs(self, model_config: Any) -> dict[str, Any]:
+        """`from_pretrained` kwargs for the `quant:` policy: `{quantization_config: BitsAndBytesConfig}`, or {}."""
+        kwargs = self.bnb_config_kwargs(model_config)
+        if not kwargs:
+            return {}
+        from transformers import BitsAndBytesConfig
+
+        return {"quantization_config": BitsAndBytesConfig(**kwargs)}
+
+    def after_load(self, model: nn.Module) -> TargetPlan:
+        """The loaded (not yet wrapped) model: plan on its real names, check its quantization against `quant:`, run
+        mmtuning's k-bit preparation where the host leaves it to mmtuning, refuse `full` training of packed modules."""
+        self.enter("loaded")
+        plan = self.plan_for(model)
+        if self.config.quant is not None:
+            self.verify_quantized(model)
+            self.quant_verified = True
+            self.log(f"quantized exactly as the `quant:` policy says ({self.config.quant.preset or 'custom'})")
+        if plan.modules_to_save:
+            from .quant import check_modules_to_save
+
+            check_modules_to_save(model, plan.modules_to_save)
+        if self.host.applies_kbit and self.wants_kbit():
+            self.kbit = self.prepare_kbit_training(model)
+        return plan
+
+    def wants_kbit(self) -> bool:
+        """k-bit preparation runs under a policy that quantizes, or when a k-bit setting is written explicitly."""
+        quant = self.config.quant
+        return quant is not None and (quant.quant_type is not None or bool(set(KBIT_ONLY) & quant.model_fields_set))
+
+    # --- adapters (phase 4) ----------------------------------------------------------------------------
 
     def plan_for(self, model: nn.Module) -> TargetPlan:
         self.plan = plan_targets(model, self.config)
+        self._planned_on = id(model)
         return self.plan
 
     def wrap(self, model: nn.Module, adapter_name: str = "default", **peft_overrides: Any):
-        """Plan, wrap with PEFT and verify: the PeftModel a trainer should train."""
-        plan = self.plan_for(model)
+        """Plan (unless `after_load` just planned this model), wrap with PEFT and verify: the PeftModel to train."""
+        self.enter("adapters")
+        plan = self.plan if self.plan is not None and self._planned_on == id(model) else self.plan_for(model)
         if plan.modules_to_save:
             from .quant import check_modules_to_save
 
@@ -48,6 +149,7 @@ class MMTuning:
 
     def verify(self, model: nn.Module, adapter_name: str = "default") -> None:
         """Check a model a host wrapped itself (from `peft_config(plan)`) against the plan, then attach."""
+        self.enter("adapters")
         verify_wrapped(model, self.require_plan(), adapter_name)
         self.attach(model)
 
@@ -70,9 +172,10 @@ class MMTuning:
     # --- quantization (mmtuning_plugin/quant/) ------------------------------------------------------
 
     def bnb_config_kwargs(self, model_config: Any) -> dict[str, Any] | None:
-        """kwargs for transformers.BitsAndBytesConfig under `quant:`; None when no policy is set."""
+        """kwargs for transformers.BitsAndBytesConfig under `quant:`; None when no policy is set (phase `load`)."""
         from .quant import bnb_config_kwargs
 
+        self.enter("load")
         return bnb_config_kwargs(self.config, model_config)
 
     def verify_quantized(self, model: nn.Module) -> dict[str, Any]:
@@ -87,7 +190,15 @@ class MMTuning:
 
         return prepare_kbit_training(model, self.config)
 
-    # --- training ----------------------------------------------------------------------------------
+    # --- trainer (phase 5) ------------------------------------------------------------------------------
+
+    def before_training(self, model: nn.Module) -> None:
+        """Right before the first step, after every host option had its say: PEFT's wrapping still equals the plan
+        and exactly the planned adapters train (a host's freezing options can change that)."""
+        self.enter("trainer")
+        plan = self.require_plan()
+        verify_wrapped(model, plan)
+        check_trainable(model, plan, self.host, static=self.schedule().is_static())
 
     def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer: every trainable or adapter parameter, once, in its modality's
@@ -104,10 +215,12 @@ class MMTuning:
         return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
-        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
+        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses,
+        keep, and the run report (phase 6)."""
         from .schedules import schedule_callback
 
-        return [schedule_callback(self), *self.losses.callbacks(), *([self.keep.callback()] if self.keep else [])]
+        return [schedule_callback(self), *self.losses.callbacks(), *([self.keep.callback()] if self.keep else []),
+                report_callback(self)]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
         """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.
@@ -151,3 +264,56 @@ class MMTuning:
         return self.keep.prepare(model, processor, training_batches=training_batches, total_steps=total_steps,
                                  log=log, **given)
 
+
+
+def _default_log(line: str) -> None:
+    import logging
+
+    logging.getLogger("mmtuning").info(line)
+
+
+def check_trainable(model: nn.Module, plan: TargetPlan, host: HostKeys = TRAINER, static: bool = True) -> None:
+    """Every trainable parameter belongs to a planned adapter, and (before a layer schedule freezes any) every
+    planned adapter trains."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    outside = [name for name in trainable if modality_of_parameter(plan, name) is None]
+    problems = []
+    if outside:
+        problems.append(f"{len(outside)} trainable parameters outside the plan (e.g. {', '.join(outside[:3])})")
+    if static:
+        adapted = {module_of(n) for n in trainable if ".lora_" in n}
+        frozen = [m.name for m in plan.modules if m.name not in adapted]
+        frozen += [p.name for p in plan.parameters if p.name.rsplit(".", 1)[0] not in adapted and p.name not in adapted]
+        if frozen and any(".lora_" in n for n in trainable):  # other methods name their weights differently
+            problems.append(f"{len(frozen)} planned adapters are frozen (e.g. {', '.join(frozen[:3])})")
+    if problems:
+        raise MMTuningError(f"Before training, the trainable set no longer matches the mmtuning plan: "
+                            + "; ".join(problems) + f". Check {host.freezing or 'what changed requires_grad'}: "
+                            f"remove those options and let the `mmtuning:` block choose what trains.")
+
+
+def report_callback(session: MMTuning) -> Any:
+    """A transformers `TrainerCallback` writing `mmtuning_report.json` into output_dir when training starts (what
+    trains: plan, quantization, optimizer groups) and again when it ends (imported lazily: core stays host-free)."""
+    from transformers import TrainerCallback
+
+    from .report import run_report, summary_line, write_report
+
+    class MMTuningReportCallback(TrainerCallback):
+        def write(self, args, state, model, optimizer, finished: bool) -> None:
+            if model is None or not state.is_world_process_zero:
+                return
+            session.enter("report")
+            total = state.max_steps if state.max_steps and state.max_steps > 0 else None
+            report = run_report(session, model, optimizer, step=state.global_step, total_steps=total, finished=finished)
+            path = write_report(args.output_dir, report)
+            if not finished:
+                session.log(summary_line(report, path))
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.write(args, state, model, optimizer, finished=False)
+
+        def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.write(args, state, model, optimizer, finished=True)
+
+    return MMTuningReportCallback()

@@ -35,9 +35,10 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.evaluate": 6,  # E/F/O of an adapter on user files (mmtune eval, the demo)
     "mmtuning_plugin.session": 6,
     "mmtuning_plugin.host_settings": 6,  # a host's own LoRA keys as the block's defaults: one rule for all hosts
+    "mmtuning_plugin.report": 6,  # the JSON reports: inspect-targets and the run report every host writes
     "mmtuning_plugin.console": 7,
     "mmtuning_plugin.spec_input": 7,
-    "mmtuning_plugin.report": 7,
+    "mmtuning_plugin.report_tables": 7,  # the inspect-targets report drawn as rich tables
     "mmtuning_plugin.boundary": 7,
     "mmtuning_plugin.eval_cli": 7,
     "mmtuning_plugin.testing": 7,

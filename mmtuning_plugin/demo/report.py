@@ -19,7 +19,8 @@ class DemoConsole:
         self.task = None
 
     def intro(self) -> None:
-        from ..report import inspect_report, print_report
+        from ..report import inspect_report
+        from ..report_tables import print_report
         from ..loading import load_skeleton
 
         s = self.settings

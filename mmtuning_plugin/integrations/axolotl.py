@@ -8,11 +8,12 @@
       language:  {modules: all-linear, r: 16}
 
 The plugin translates mmtuning's exact target plan into Axolotl's own LoRA settings (so Axolotl builds the
-PEFT model as usual), then checks at each later hook that nothing changed it. Hook order (Axolotl 0.21):
-`register` (raw YAML, before validation: targets, quantization skip list) -> `pre_lora_load` (plan again on
-the real model) -> `post_model_load` (PEFT wrapped exactly the plan) -> `get_trainer_cls` (per-modality
-optimizer groups and extra loss terms) -> `add_callbacks_*` (schedules, the run report) ->
-`post_trainer_create` (no freezing option undid the plan). Without an `mmtuning:` block every hook
+PEFT model as usual) and calls the host contract's phases (session.PHASES) at Axolotl's hooks (0.21):
+`register` (raw YAML, before validation: `settings`, and `load`: the quantization skip list) ->
+`pre_lora_load` (`loaded`: plan again on the real model, quantization verified) -> `post_model_load`
+(`adapters`: PEFT wrapped exactly the plan) -> `get_trainer_cls` (`trainer`: the mixin with optimizer groups,
+loss terms, the pre-training check) -> `add_callbacks_pre_trainer` (schedules, losses, keep, `report`) ->
+`post_trainer_create` (keep gets Axolotl's processor and template). Without an `mmtuning:` block every hook
 returns at once: Axolotl auto-registers installed plugins on every run.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,13 +29,10 @@ from typing import Any, Optional
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, field_validator
-from transformers import TrainerCallback
 
 from ..config import load_config
 from ..errors import MMTuningError
-from ..host_settings import (AXOLOTL, describe_plan, effective_settings, kbit_settings_not_applied, refuse,
-                             replaced_targets, targets_warning, unset, with_host_defaults)
-from ..names import modality_of_parameter, module_of
+from ..host_settings import AXOLOTL, describe_plan, effective_settings, replaced_targets, targets_warning, unset
 from ..session import MMTuning
 from ..targets import TargetPlan
 from .hf import MMTuningTrainerMixin
@@ -51,7 +48,6 @@ OPTIMIZER_GROUP_KEYS = ("lr_groups", "loraplus_lr_ratio", "embedding_lr", "embed
 # Fused LoRA kernels are auto-enabled for lora/qlora; they fail on LLaVA ("could not import attention
 # class") and were never checked with per-modality plans on vision-language models.
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-REPORT_FILE = "mmtuning_report.json"
 # `axolotl merge-lora` defaults to its memory-efficient merge, which in Axolotl 0.21 drops the language-model LoRA
 # of LLaVA-family models (its `_scope_renaming` ignores transformers' `base_model_prefix` for the inner
 # `^language_model.model` rule; plain LLaVA runs too). The legacy merge is PEFT's merge_and_unload on the loaded
@@ -99,12 +95,11 @@ class MMTuningPlugin(BasePlugin):
             self.session = None
             return
         install_clean_errors()
-        conflicts: list[str] = []
-        block = with_inline_keep_images(cfg.get(BLOCK))
-        cfg[BLOCK] = with_host_defaults(block, cfg, AXOLOTL, conflicts)
-        self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
-        conflicts += owned_key_conflicts(cfg) + kbit_settings_not_applied(self.session.config, AXOLOTL)
-        refuse(conflicts, "the Axolotl YAML", AXOLOTL.host)
+        self.session = MMTuning.for_host(with_inline_keep_images(cfg.get(BLOCK)), cfg, AXOLOTL, where=BLOCK,
+                                         source="the Axolotl YAML", quant_bits=loaded_bits(cfg),
+                                         problems=owned_key_conflicts(cfg))
+        self.session.log = log_line
+        cfg[BLOCK] = self.session.block  # with Axolotl's lora_r/lora_alpha/lora_dropout as its defaults
         check_host_settings(cfg, self.session)
         model_config = load_host_model_config(cfg)
         from ..loading import build_skeleton
@@ -132,22 +127,19 @@ class MMTuningPlugin(BasePlugin):
     # --- model -------------------------------------------------------------------------------------------
 
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
-        """Plan again on the model Axolotl really built (its class decides the names) and use that plan."""
+        """The `loaded` phase: plan again on the model Axolotl really built (its class decides the names), check
+        its quantization against `quant:`, and write that plan into Axolotl's LoRA settings."""
         if not self.active(cfg):
             return
-        session = self.require_session(cfg)
-        write_lora_settings(cfg, session.plan_for(model))
+        write_lora_settings(cfg, self.require_session(cfg).after_load(model))
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
-        """PEFT wrapped exactly the planned modules, parameters and ranks (else PlanMismatchError)."""
+        """The `adapters` phase: PEFT wrapped exactly the planned modules, parameters and ranks."""
         if not self.active(cfg):
             return
         session = self.require_session(cfg)
         session.verify(model)
         LOG.info("mmtuning: PEFT wrapped exactly the plan (%s)", describe_plan(session.require_plan()))
-        if session.config.quant is not None and (cfg.get("load_in_4bit") or cfg.get("load_in_8bit")):
-            session.verify_quantized(model)  # the skip list reached the loader: 16-bit exactly where the policy says
-            LOG.info("mmtuning: quantized exactly as the `quant:` policy says (%s)", session.config.quant.preset or "custom")
 
     # --- trainer -----------------------------------------------------------------------------------------
 
@@ -164,32 +156,38 @@ class MMTuningPlugin(BasePlugin):
         return type(f"MMTuning{base.__name__}", (MMTuningTrainerMixin, base), {"mmtuning": session})
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
+        """Schedules, losses, keep and the run report (`mmtuning_report.json`)."""
         if not self.active(cfg):
             return []
         return list(self.require_session(cfg).callbacks())
 
-    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
-        if not self.active(cfg):
-            return []
-        return [RunReportCallback(self.require_session(cfg))]
-
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        """After Axolotl's `unfrozen_parameters`/`freeze_mm_modules`: exactly the planned adapters still train.
-        Keep prompts get the run's own processor and chat template (the trainer builds the keep rows in train())."""
+        """Keep prompts get the run's own processor and chat template (the trainer builds the keep rows in train(),
+        after checking, past Axolotl's `unfrozen_parameters`/`freeze_mm_modules`, that exactly the plan trains)."""
         if not self.active(cfg):
             return
         session = self.require_session(cfg)
-        check_trainable(trainer.model, session.require_plan())
         if session.keep is not None:
             hand_over_keep_template(session, trainer)
 
     def require_session(self, cfg: Any) -> MMTuning:
         if self.session is None:  # a programmatic run that skipped register(): build it from the validated cfg
-            self.session = MMTuning(cfg.get(BLOCK), where=BLOCK)
+            self.session = MMTuning.for_host(cfg.get(BLOCK), cfg, AXOLOTL, where=BLOCK, source="the Axolotl YAML",
+                                             quant_bits=loaded_bits(cfg))
+            self.session.log = log_line
         return self.session
 
 
 # --- settings ----------------------------------------------------------------------------------------
+
+
+def loaded_bits(cfg: Any) -> int | None:
+    """The bits Axolotl loads the model in: 4 (`load_in_4bit`), 8 (`load_in_8bit`) or None (16-bit)."""
+    return 4 if cfg.get("load_in_4bit") else 8 if cfg.get("load_in_8bit") else None
+
+
+def log_line(line: str) -> None:
+    LOG.info("mmtuning: %s", line)
 
 
 def check_host_settings(cfg: Any, session: MMTuning) -> None:
@@ -424,54 +422,3 @@ def axolotl_trainer_cls(cfg: Any):
     if choose is None:
         return AxolotlTrainer
     return choose(SimpleNamespace(cfg=cfg))
-
-
-def check_trainable(model: Any, plan: TargetPlan) -> None:
-    """Every trainable parameter belongs to a planned adapter, and every planned adapter trains."""
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    outside = [name for name in trainable if modality_of_parameter(plan, name) is None]
-    adapted = {module_of(n) for n in trainable if ".lora_" in n}
-    frozen = [m.name for m in plan.modules if m.name not in adapted]
-    frozen += [p.name for p in plan.parameters if p.name.rsplit(".", 1)[0] not in adapted and p.name not in adapted]
-    problems = []
-    if outside:
-        problems.append(f"{len(outside)} trainable parameters outside the plan (e.g. {', '.join(outside[:3])}): "
-                        f"check unfrozen_parameters")
-    if frozen:
-        problems.append(f"{len(frozen)} planned adapters are frozen (e.g. {', '.join(frozen[:3])}): check "
-                        f"freeze_mm_modules / unfrozen_parameters")
-    if problems:
-        raise MMTuningError("After Axolotl's freezing options the trainable set no longer matches the mmtuning plan: "
-                            + "; ".join(problems) + ". Remove those options and let mmtuning choose what trains.")
-
-
-class RunReportCallback(TrainerCallback):
-    """Writes `mmtuning_report.json` into output_dir when training starts: the plan, and per optimizer group
-    its modality, learning rate and parameter names, so a user (and the tests) can see what really trains."""
-
-    def __init__(self, session: MMTuning):
-        self.session = session
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
-            return
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = [{"name": g.get("name"), "lr": g.get("lr"), "weight_decay": g.get("weight_decay"),
-                   "params": [names.get(id(p), "?") for p in g["params"]]}
-                  for g in (optimizer.param_groups if optimizer is not None else [])]
-        plan = self.session.require_plan()
-        report = {"plan": plan.summary(), "modalities": {m.name: m.modality for m in plan.modules},
-                  "optimizer_groups": groups, "quantized_modules": quantized_by_modality(model)}
-        path = Path(args.output_dir) / REPORT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, path)
-
-
-def quantized_by_modality(model: Any) -> dict[str, int]:
-    """How many 4/8-bit Linear modules each modality holds (PEFT wrappers counted once, through the core)."""
-    from ..quant import quantization_report
-
-    counts = {m: len(r["4bit"]) + len(r["8bit"]) for m, r in quantization_report(model).items()}
-    return {m: n for m, n in counts.items() if n}

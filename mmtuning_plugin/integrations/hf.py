@@ -1,12 +1,13 @@
-"""The plain transformers `Trainer` integration.
+"""The plain transformers `Trainer` integration: the host contract (session.PHASES) for a model you load.
 
-    mm = MMTuning({"vision": {"layers": {"top": 4}}, "projector": {"r": 16}})
-    model = mm.wrap(model)
+    model, mm = from_pretrained(path, {"vision": {"layers": {"top": 4}}, "quant": "balanced"})
     trainer = MMTuningTrainer(model=model, args=args, train_dataset=ds, mmtuning=mm)
 
+or, for a model already loaded: `model, mm = prepare_model(model, block)`.
+
 `MMTuningTrainer` takes optimizer groups, callbacks and extra loss terms from the `MMTuning` session; it
-holds no logic of its own. `MMTuningTrainerMixin` carries those three overrides so hosts whose trainers
-subclass `Trainer` themselves (LLaMA-Factory's `CustomSeq2SeqTrainer`) reuse exactly the same pieces.
+holds no logic of its own. `MMTuningTrainerMixin` carries those overrides so hosts whose trainers subclass
+`Trainer` themselves (Axolotl's, LLaMA-Factory's `CustomSeq2SeqTrainer`) reuse exactly the same pieces.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..errors import MMTuningError
 from ..session import MMTuning
 
 
@@ -29,9 +31,11 @@ class MMTuningTrainerMixin:
     mmtuning: MMTuning
 
     def create_optimizer(self, model=None):
-        """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's."""
+        """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's
+        (or the host's `optimizer_cls_and_kwargs`: Axolotl's custom optimizers arrive that way)."""
         if self.optimizer is None:
-            self.optimizer = build_grouped_optimizer(self.mmtuning, model if model is not None else self.model, self.args)
+            self.optimizer = build_grouped_optimizer(self.mmtuning, model if model is not None else self.model, self.args,
+                                                     getattr(self, "optimizer_cls_and_kwargs", None))
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -42,8 +46,10 @@ class MMTuningTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def train(self, *args: Any, **kwargs: Any):
-        """Keep rows (and the base's answers) are built here, before the first step, from the trainer's own
+        """The contract's `trainer` phase, before the first step: the adapters still train exactly as planned
+        (after every host option had its say); keep rows (and the base's answers) are built from the trainer's own
         processor and training data."""
+        self.mmtuning.before_training(self.model)
         prepare_keep(self)
         return super().train(*args, **kwargs)
 
@@ -56,10 +62,18 @@ class MMTuningTrainerMixin:
         super().log(logs, *args, **kwargs)
 
 
-def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any):
-    """The optimizer `args` asks for (class and kwargs from the Trainer), over the session's modality groups."""
+def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any, chosen: Any = None):
+    """The optimizer `args` asks for (class and kwargs from the Trainer, or `chosen`: the trainer's
+    `optimizer_cls_and_kwargs`), over the session's modality groups."""
     groups = session.optimizer_groups(model, args.learning_rate, args.weight_decay)
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if chosen is not None:
+        optimizer_cls, optimizer_kwargs = chosen[0], dict(chosen[1])
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise MMTuningError(f"the trainer's optimizer {getattr(optimizer_cls, '__name__', optimizer_cls)} is built "
+                                f"by a factory from the whole model, so mmtuning's per-modality parameter groups could "
+                                f"not apply; choose a plain optimizer (e.g. adamw_torch) with the `mmtuning:` block.")
+    else:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs.pop("lr", None)
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
@@ -67,8 +81,22 @@ def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any
 class MMTuningTrainer(MMTuningTrainerMixin, Trainer):
     def __init__(self, *args: Any, mmtuning: MMTuning, **kwargs: Any):
         self.mmtuning = mmtuning
+        refuse_own_optimizer(mmtuning, kwargs.get("optimizers"))
         callbacks = list(kwargs.pop("callbacks", None) or []) + mmtuning.callbacks()
         super().__init__(*args, callbacks=callbacks, **kwargs)
+
+
+def refuse_own_optimizer(session: MMTuning, optimizers: Any) -> None:
+    """An optimizer built by the caller (`optimizers=(opt, sched)`) never gets the per-modality groups: refused when
+    the block asks for per-modality learning rates, which it would otherwise drop."""
+    if not optimizers or optimizers[0] is None:
+        return
+    asked = [f"mmtuning.{m}.{key}" for m in ("vision", "projector", "language") for key in ("lr", "lr_decay")
+             if key in session.config.spec(m).model_fields_set]
+    if asked:
+        raise MMTuningError(f"MMTuningTrainer(optimizers=...) brings its own optimizer, so {', '.join(asked)} would "
+                            f"never apply; drop `optimizers=` (the Trainer builds the optimizer over mmtuning's groups "
+                            f"from TrainingArguments.optim) or remove those settings.")
 
 
 def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:
@@ -130,6 +158,25 @@ def training_batches(trainer: Trainer):
 
 
 def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:
-    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer."""
-    session = MMTuning(config)
+    """The contract's `loaded` and `adapters` phases for a model you loaded: its quantization checked against
+    `quant:` and mmtuning's k-bit preparation applied (under a policy that quantizes), then wrapped per the plan.
+    Returns the PeftModel and the session for the trainer. `config`: the block, or a session."""
+    session = config if isinstance(config, MMTuning) else MMTuning(config)
+    session.after_load(model)
     return session.wrap(model), session
+
+
+def from_pretrained(path: Any, config: Any = None, model_class: Any = None,
+                    **kwargs: Any) -> tuple[torch.nn.Module, MMTuning]:
+    """Load `path` the way the `mmtuning:` block says (its `quant:` policy as the BitsAndBytesConfig: the `load`
+    phase), then `prepare_model`. `model_class` defaults to AutoModelForImageTextToText; `kwargs` go to
+    `from_pretrained` (a `quantization_config` of your own is refused next to `quant:`)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    session = config if isinstance(config, MMTuning) else MMTuning(config)
+    loader = session.loader_kwargs(AutoConfig.from_pretrained(path))
+    if loader and kwargs.get("quantization_config") is not None:
+        raise MMTuningError("from_pretrained: both `quantization_config=` and `mmtuning.quant` say how to quantize; "
+                            "drop quantization_config (mmtuning builds it from the policy) or remove `quant:`.")
+    model = (model_class or AutoModelForImageTextToText).from_pretrained(path, **{**kwargs, **loader})
+    return prepare_model(model, session)

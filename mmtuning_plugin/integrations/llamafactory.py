@@ -9,6 +9,10 @@ rest, and then calls `llamafactory.train.tuner.run_exp(args, callbacks)` with th
 for the duration of the run (see `PATCHES`): each is the only place where LLaMA-Factory decides
 what the patch changes, and each is restored afterwards.
 
+The host contract's phases (session.PHASES) run at these places: `settings` in `split_config`, `load` in the
+quantization patch, `loaded` and `adapters` in the targets patch, `trainer` in the trainer subclass, `report`
+in the session's callbacks.
+
 With more than one device it re-launches itself under torchrun, like `llamafactory-cli train`; every
 rank reads the same YAML and applies the same setup.
 """
@@ -30,8 +34,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from ..errors import MMTuningError
-from ..host_settings import (LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse, replaced_targets,
-                             targets_warning, with_host_defaults)
+from ..host_settings import LLAMAFACTORY, effective_settings, replaced_targets, targets_warning
 from ..session import MMTuning
 
 SUPPORTED_VERSION = "0.9.5"
@@ -143,11 +146,10 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where} has no `mmtuning:` block; add one (e.g. `mmtuning: {{vision: {{layers: "
                             f"{{top: 4}}}}}}`) or run plain `llamafactory-cli train` instead.")
     args = dict(data)
-    problems: list[str] = []
-    block = with_host_defaults(with_keep_dataset(args.pop("mmtuning"), args), args, LLAMAFACTORY, problems)
-    session = MMTuning(block, where="mmtuning")
-    problems += kbit_settings_not_applied(session.config, LLAMAFACTORY)
-    refuse(problems, where, LLAMAFACTORY.host)
+    block = with_keep_dataset(args.pop("mmtuning"), args)
+    session = MMTuning.for_host(block, args, LLAMAFACTORY, source=where, quant_bits=loaded_bits(args),
+                                problems=quantization_method_conflict(args, block))
+    session.log = log_line
     replaced = replaced_targets(args, LLAMAFACTORY)
     for key in LLAMAFACTORY.targets:
         args.pop(key, None)  # LLaMA-Factory's target expansion never runs: the plan wraps the model
@@ -170,6 +172,25 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
                             f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
     return Job(args, session, stage, replaced)
+
+
+def loaded_bits(args: dict[str, Any]) -> int | None:
+    """The bits LLaMA-Factory quantizes to on the fly (`quantization_bit`), None for a 16-bit model."""
+    bits = args.get("quantization_bit")
+    return int(bits) if bits not in (None, "", False) else None
+
+
+def quantization_method_conflict(args: dict[str, Any], block: Any) -> list[str]:
+    """`quant:` shapes a bitsandbytes quantization; LLaMA-Factory's other on-the-fly methods (hqq, eetq) have none."""
+    method = args.get("quantization_method", "bnb")
+    if isinstance(block, dict) and block.get("quant") is not None and method not in ("bnb", "bitsandbytes", None):
+        return [f"`quantization_method: {method}` (mmtuning.quant writes a bitsandbytes config; write "
+                f"`quantization_method: bnb`, or remove `quant:`)"]
+    return []
+
+
+def log_line(line: str) -> None:
+    sys.stderr.write(f"[mmtuning] {line}\n")
 
 
 def require_llamafactory():
@@ -218,6 +239,7 @@ def wrap_with_plan(session: MMTuning) -> Callable:
 
     def get_peft_model(model, peft_config, *args: Any, **kwargs: Any):
         task_type = getattr(peft_config, "task_type", None)
+        session.after_load(model)
         return session.wrap(model, **({"task_type": task_type} if task_type else {}))
 
     return get_peft_model
@@ -404,70 +426,6 @@ def patched(session: MMTuning, stage: str) -> Iterator[None]:
         yield
 
 
-RUN_RECORD = "mmtuning_run.json"
-
-
-def run_record(session: MMTuning, model, optimizer) -> dict[str, Any]:
-    """What this run trains: the plan, the optimizer's groups, and the class under each adapted module."""
-    from ..names import PEFT_PREFIX
-
-    modules = dict(model.named_modules())
-    layer_types = {}
-    for planned in session.require_plan().modules:
-        module = modules.get(PEFT_PREFIX + planned.name) or modules.get(planned.name)
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        layer_types[planned.name] = type(base).__name__
-    groups = [{"name": group.get("name"), "lr": group["lr"], "weight_decay": group.get("weight_decay"),
-               "tensors": len(group["params"]), "params": sum(p.numel() for p in group["params"])}
-              for group in (optimizer.param_groups if optimizer is not None else [])]
-    return {"plan": session.require_plan().summary(), "optimizer_groups": groups, "base_layer_types": layer_types}
-
-
-def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
-    """One line for the log: what got adapters, and the optimizer's groups."""
-    plan = session.require_plan()
-    parts = []
-    for modality in ("vision", "projector", "language"):
-        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality)) + (
-            len(plan.modules_to_save) if modality == "projector" else 0)
-        if count:
-            layers = plan.layers.get(modality)
-            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
-                f" in layer {layers[0]}" if layers else "")
-            parts.append(f"{modality} {count}{where} (r={plan.config.rank(modality)})")
-    groups = ", ".join(f"{g['name']} {g['params']:,}" for g in record["optimizer_groups"])
-    return f"[mmtuning] plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Record: {path}"
-
-
-def verify_callback(session: MMTuning):
-    """A TrainerCallback: when training starts, check the model against the plan and record the run.
-
-    LLaMA-Factory may touch the model after wrapping (casts, checkpointing); this checks what really
-    trains and, under `quant:`, which modules are 4-bit (as the Axolotl plugin does), and writes `mmtuning_run.json` to output_dir (plan, optimizer groups, layer classes)."""
-    import json
-
-    from transformers import TrainerCallback
-
-    class VerifyPlan(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if model is None:
-                return
-            session.verify(model)
-            quant = session.config.quant
-            if quant is not None:  # the skip list reached the loader: 16-bit exactly where the policy says
-                session.verify_quantized(model)
-                if state.is_world_process_zero:
-                    sys.stderr.write(f"[mmtuning] quantized exactly as the `quant:` policy says "
-                                     f"({quant.preset or 'custom'})\n")
-            if state.is_world_process_zero:
-                record = run_record(session, model, optimizer)
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(args.output_dir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
-                sys.stderr.write(summary_line(session, record, Path(args.output_dir) / RUN_RECORD) + "\n")
-
-    return VerifyPlan()
-
-
 # --- running ------------------------------------------------------------------------------------------
 
 
@@ -548,7 +506,7 @@ def prepare(config: Path, overrides: list[str]) -> Job:
 def run_in_process(job: Job) -> None:
     from llamafactory.train.tuner import run_exp
 
-    callbacks = [verify_callback(job.session), *job.session.callbacks()]
+    callbacks = job.session.callbacks()
     with patched(job.session, job.stage):
         run_exp(dict(job.args), callbacks=callbacks)
 

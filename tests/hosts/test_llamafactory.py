@@ -356,7 +356,23 @@ def test_kbit_preparation_settings_llamafactory_would_drop_are_refused():
     message = str(error.value)
     assert "`mmtuning.quant.checkpoint_vision` (never applied in LLaMA-Factory" in message
     assert "`mmtuning.quant.fp32_norms`" in message and "upcast_layernorm" in message
-    lf.split_config({"mmtuning": {"quant": "balanced"}})  # the preset alone sets none of them
+    lf.split_config({"quantization_bit": 4, "mmtuning": {"quant": "balanced"}})  # the preset alone sets none of them
+
+
+def test_a_quant_policy_the_loading_does_not_match_is_refused_before_loading():
+    """`quant:` shapes the quantization LLaMA-Factory performs: a policy that quantizes needs `quantization_bit`
+    of its precision, a 16-bit policy none, and only bitsandbytes has a skip list (all in one message)."""
+    with pytest.raises(MMTuningError) as error:
+        lf.split_config({"quantization_method": "hqq", "mmtuning": {"quant": "balanced"}})
+    message = str(error.value)
+    assert "`mmtuning.quant: balanced` (vision nf4, language nf4) needs a 4-bit model, but LLaMA-Factory loads this " \
+           "one in 16-bit (add `quantization_bit: 4`" in message
+    assert "`quantization_method: hqq`" in message
+    with pytest.raises(MMTuningError, match="`quantization_bit: 8` vs `mmtuning.quant: balanced`"):
+        lf.split_config({"quantization_bit": 8, "mmtuning": {"quant": "balanced"}})
+    with pytest.raises(MMTuningError, match="the policy keeps every modality 16-bit"):
+        lf.split_config({"quantization_bit": 4, "mmtuning": {"quant": "none"}})
+    lf.split_config({"mmtuning": {"quant": "none"}})
 
 
 def test_unsupported_stage_and_finetuning_type_are_refused():

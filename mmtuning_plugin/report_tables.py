@@ -1,0 +1,88 @@
+"""The `inspect-targets` report drawn as rich tables (the JSON itself is built by report.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import layer_span
+from .console import console, human, human_bytes
+
+KIND_LABELS = {"attention": "attn", "projector": "linear", "patch_embed": "patch", "embed_tokens": "embed", "lm_head": "head"}
+
+
+def _layers_text(selected: Optional[list[int]], total: int) -> str:
+    if total == 0:
+        return "-"
+    if selected is None:
+        return f"0 of {total}"
+    return f"{layer_span(selected)} of {total}"
+
+
+def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
+    out = out or console
+    table = Table(title=f"{report['model']} ({report['model_type']}, map: {report['map_source']})", title_justify="left")
+    for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", "trainable"):
+        table.add_column(column, justify="right" if column in ("modules", "params", "trainable") else "left")
+    for modality, row in report["modalities"].items():
+        on = row["enabled"]
+        table.add_row(
+            modality if on else f"[dim]{modality} (off)[/]",
+            _layers_text(row["selected_layers"], row["layers"]) if on else _layers_text(None, row["layers"]),
+            ",".join(KIND_LABELS.get(k, k) for k in row["kinds"]) or "-",
+            f"{len(row['targeted'])}/{max(len(row['modules']), len(row['targeted']))}",
+            human(row["params"]),
+            f"{row['r']}/{row['alpha']:g}" if on else "-",
+            human(row["trainable_params"]) if on else "0",
+        )
+    plan = report["plan"]
+    table.add_section()
+    table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
+                  human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
+    out.print(table)
+    if plan["target_parameters"]:
+        out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
+    if plan["modules_to_save"]:
+        out.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
+    if "quant" in report:
+        print_quant(report["quant"])
+    print_schedule(report["schedule"])
+
+
+
+def print_quant(quant: dict[str, Any]) -> None:
+    """Memory after quantization per modality (weights incl. 4-bit constants; adapters + AdamW state in fp32)."""
+    table = Table(title=f"memory under quant: {quant['policy']}", title_justify="left")
+    for column in ("modality", "precision", "4bit/16bit", "weights", "trainable", "optimizer", "total"):
+        table.add_column(column, justify="left" if column in ("modality", "precision") else "right")
+    for modality, row in quant["modalities"].items():
+        table.add_row(modality, quant["precisions"][modality], f"{row['quantized_modules']}/{row['kept_16bit_modules']}",
+                      human_bytes(row["weight_bytes"]), human(row["trainable_params"]),
+                      human_bytes(row["optimizer_state_bytes"]), human_bytes(row["total_bytes"]))
+    total = quant["total"]
+    table.add_section()
+    table.add_row("total", "", "", human_bytes(total["weight_bytes"]), human(total["trainable_params"]),
+                  human_bytes(total["optimizer_state_bytes"]), human_bytes(total["total_bytes"]))
+    console.print(table)
+    console.print(f"llm_int8_skip_modules: {', '.join(quant['skip_modules'])}")
+
+
+def print_schedule(schedule: dict[str, Any]) -> None:
+    """Which layers train from which step (only when some modality has a schedule)."""
+    if schedule["static"]:
+        return
+    if schedule["timeline"] is not None:
+        rows = schedule["timeline"]
+        modalities = [key for key in rows[0] if key != "step"] if rows else []
+        table = Table("from step", *modalities, title="schedule (layers training from that step on)", title_justify="left")
+        for row in rows:
+            table.add_row(str(row["step"]), *(row[m] for m in modalities))
+    else:
+        table = Table("modality", "from", "layers", title="schedule (pass --steps N to resolve fractions into steps)",
+                      title_justify="left")
+        for modality, stages in schedule["stages"].items():
+            for stage in stages:
+                table.add_row(modality, stage["at"], stage["layers"])
+    console.print(table)
