@@ -19,6 +19,7 @@ from .config import MMTuningConfig, load_config
 from .errors import MMTuningError
 from .host_settings import (KBIT_ONLY, TRAINER, HostKeys, kbit_settings_not_applied, quant_conflicts, refuse,
                             with_host_defaults)
+from .losses import CONTAINER as LOSS_CONTAINER
 from .losses import LossSuite
 from .names import modality_of_parameter, module_of
 from .targets import TargetPlan, apply_plan, plan_targets, verify_wrapped
@@ -276,7 +277,8 @@ def check_trainable(model: nn.Module, plan: TargetPlan, host: HostKeys = TRAINER
     """Every trainable parameter belongs to a planned adapter, and (before a layer schedule freezes any) every
     planned adapter trains."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    outside = [name for name in trainable if modality_of_parameter(plan, name) is None]
+    outside = [name for name in trainable if modality_of_parameter(plan, name) is None
+               and f"{LOSS_CONTAINER}." not in name]  # a loss's own parameters (a learnable temperature)
     problems = []
     if outside:
         problems.append(f"{len(outside)} trainable parameters outside the plan (e.g. {', '.join(outside[:3])})")
