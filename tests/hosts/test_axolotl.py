@@ -4,7 +4,9 @@ scripts/test builds that venv (scripts/env.sh axolotl_venv) and exports MMTUNING
 Axolotl process runs there as a subprocess (tests/hosts/axolotl_driver.py), while the asserts run here.
 All runs start at once (they mostly wait on imports) and are shared by the tests below:
 
-  llava_lora    LLaVA-style tiny model, LoRA, vision + projector + language adapters
+  llava_lora    the host conformance scenario (tests/hosts/conformance.py): LLaVA-style tiny model, 4-bit QLoRA,
+                vision + projector + language adapters, `quant: balanced`, a language layer schedule, the anchor
+                loss; its report is compared with the transformers Trainer's run of the same block
   qwen_qlora    Qwen2-VL-style tiny model, 4-bit QLoRA (real bitsandbytes on CPU), same three modalities,
                 `quant: balanced` and the `anchor` alignment loss
   llava_noblock LLaVA, no `mmtuning:` block, plugin installed (auto-registered by its entry point)
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conformance import SCENARIO, assert_conforms, check_report, expected_llava_modules, read_report
 
 PYTHON = os.environ.get("MMTUNING_AXOLOTL_PYTHON")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="MMTUNING_AXOLOTL_PYTHON unset: run through scripts/test, "
@@ -126,7 +130,8 @@ def runs(tiny) -> dict[str, Path]:
     """Every `axolotl train` run and the config checks, in parallel."""
     root, facts = tiny
     configs = {
-        "llava_lora": with_mmtuning(base_yaml(root, "llava", "llava_lora")),
+        "llava_lora": with_mmtuning({**base_yaml(root, "llava", "llava_lora"), "adapter": "qlora", "load_in_4bit": True},
+                                    **SCENARIO),
         "qwen_qlora": with_mmtuning({**base_yaml(root, "qwen2_vl", "qwen_qlora"), "adapter": "qlora",
                                      "load_in_4bit": True}, quant="balanced", losses={"anchor": {"weight": 0.1}}),
         "llava_noblock": {**base_yaml(root, "llava", "llava_noblock"), "lora_target_linear": True},
@@ -186,47 +191,26 @@ def adapter_modules(out: Path) -> dict[str, int]:
     return ranks
 
 
-def expected_llava_modules() -> dict[str, int]:
-    """Written out from the architecture, not from the plan: vision top-2 of the 3 layers LLaVA reads
-    (vision_feature_layer -2, so layers 1-2 of 4; attention, r=4), both projector linears (r=8), every Linear
-    of the 4 language layers (r=8)."""
-    modules = {}
-    for layer in (1, 2):
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            modules[f"model.vision_tower.encoder.layers.{layer}.self_attn.{proj}"] = 4
-    for linear in ("linear_1", "linear_2"):
-        modules[f"model.multi_modal_projector.{linear}"] = 8
-    for layer in range(4):
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            modules[f"model.language_model.layers.{layer}.{proj}"] = 8
-    return modules
-
-
 def modality(name: str) -> str:
     if "multi_modal_projector" in name or "merger" in name:
         return "projector"
     return "vision" if ("vision_tower" in name or "visual" in name) else "language"
 
 
-def test_lora_run_trains_exactly_the_planned_vision_projector_language_adapters(runs):
+def test_conformance_scenario_trains_exactly_the_planned_adapters_and_reports_like_the_trainer(runs, trainer_reference):
+    """vision + projector + language on 4-bit LLaVA under `quant: balanced`, a language schedule and the anchor loss:
+    the saved adapter holds exactly the planned modules and ranks, and mmtuning_report.json (one group per modality,
+    every contract phase, the quantization verified) equals the transformers Trainer's wherever the host cannot
+    matter."""
     out = runs["root"] / "out_llava_lora"
     assert adapter_modules(out) == expected_llava_modules()
+    report = read_report(out)
+    check_report(report, "axolotl")
+    assert_conforms(report, trainer_reference)
+    log = (runs["root"] / "llava_lora.log").read_text()
+    assert "loss_align/anchor" in log and "mmtuning: quantized exactly as the `quant:` policy says (balanced)" in log
     values = losses(runs["root"] / "llava_lora.log")
     assert len(values) == STEPS and all(math.isfinite(v) for v in values)
-    assert values[-1] < values[0]
-
-
-def test_optimizer_axolotl_trains_with_has_one_group_per_modality(runs):
-    report = json.loads((runs["root"] / "out_llava_lora" / "mmtuning_report.json").read_text())
-    assert report["quantized_modules"] == {}  # plain LoRA: nothing quantized
-    groups = {g["name"]: g["params"] for g in report["optimizer_groups"]}
-    assert sorted(groups) == ["language", "projector", "vision"]
-    expected = expected_llava_modules()
-    for name, params in groups.items():
-        modules = {re.sub(r"^base_model\.model\.|\.lora_[AB]\.default\.weight$", "", p) for p in params}
-        assert modules == {m for m in expected if modality(m) == name}, name
-        assert len(params) == 2 * len(modules)  # lora_A and lora_B of each, nothing else
 
 
 def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
@@ -239,11 +223,11 @@ def test_qlora_run_on_qwen2_vl_trains_all_three_modalities_in_4bit(runs):
     assert set(by_modality["vision"].values()) == {4}
     assert set(by_modality["projector"]) == {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
     assert len(by_modality["language"]) == 4 * 7 and set(by_modality["language"].values()) == {8}
-    report = json.loads((out / "mmtuning_report.json").read_text())
-    assert report["quantized_modules"].get("language", 0) >= 4 * 7  # every LM Linear is NF4 under its LoRA
+    quantized = read_report(out)["quantization"]["modalities"]
+    assert quantized["language"]["4bit"] >= 4 * 7  # every LM Linear is NF4 under its LoRA
     # quant: balanced keeps the merger and vision blocks 0 and 3 in 16-bit: only blocks 1-2 (4 Linears each) are NF4
-    assert report["quantized_modules"].get("vision", 0) == 2 * 4
-    assert report["quantized_modules"].get("projector", 0) == 0
+    assert quantized["vision"]["4bit"] == 2 * 4
+    assert quantized["projector"]["4bit"] == 0
     log = (runs["root"] / "qwen_qlora.log").read_text()
     assert "loss_align/anchor" in log  # the alignment loss reaches Axolotl's trainer and its logs
     values = losses(runs["root"] / "qwen_qlora.log")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conformance import SCENARIO, assert_conforms, check_report, read_report
 
 from mmtuning_plugin.config import MMTuningConfig
 from mmtuning_plugin.errors import MMTuningError
@@ -119,7 +120,7 @@ def test_lora_run_adapts_projector_and_vision_as_planned_with_one_group_per_moda
     # lora_B starts at zero: a non-zero B on the projector and in the vision tower means they trained
     for module in (*expected["projector"], *expected["vision"]):
         assert tensors[f"base_model.model.{module}.lora_B.weight"].abs().sum() > 0, module
-    record = json.loads((out / lf.RUN_RECORD).read_text())
+    record = read_report(out)
     groups = {g["name"]: g for g in record["optimizer_groups"]}
     assert sorted(groups) == ["language", "projector", "vision"]
     assert groups["vision"]["tensors"] == 2 * len(expected["vision"])
@@ -165,32 +166,32 @@ def test_qlora_run_keeps_the_plan_on_4bit_layers(tiny):
     out = train(tiny, "qlora", BLOCK, quantization_bit=4)
     expected = expected_modules(tiny)
     assert adapted_modules(adapter_tensors(out)) == set().union(*expected.values())
-    types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
+    types = read_report(out)["base_layer_types"]
     assert {types[m] for m in expected["language"]} == {"Linear4bit"}
     assert {types[m] for m in expected["projector"] | expected["vision"]} <= {"Linear4bit", "Linear"}
 
 
 @needs_lf
-def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
-    if "quant" not in MMTuningConfig.model_fields:
-        pytest.skip("issue 3 not merged: MMTuningConfig has no `quant` key, so MMTuning.bnb_config_kwargs returns "
-                    "None and LLaMA-Factory quantizes every vision layer (no skip list)")
+def test_conformance_scenario_keeps_policy_layers_16bit_and_reports_like_the_trainer(tiny, trainer_reference):
+    """The host conformance scenario (tests/hosts/conformance.py: vision + projector + language, `quant: balanced`,
+    a language schedule, the anchor loss): the policy's 16-bit modules are not Linear4bit, the quantization is
+    verified as in Axolotl, and mmtuning_report.json equals the transformers Trainer's wherever the host cannot
+    matter."""
     from transformers import AutoConfig
 
     from mmtuning_plugin.session import MMTuning
 
-    # `balanced` keeps the first vision block, the last one LLaVA reads (2) and the projector 16-bit:
-    # adapt layers 0 (kept) and 1 (quantized)
-    block = {**BLOCK, "vision": {**BLOCK["vision"], "layers": [0, 1]}, "quant": "balanced"}
-    policy = MMTuning(block).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
-    if policy is None:
-        pytest.skip("MMTuning.bnb_config_kwargs returns None for `quant: balanced`: no skip list to apply")
-    config = write_config(tiny, "qlora_policy", block, quantization_bit=4)
-    done = run_lf("-m", "mmtuning_plugin.cli", "llamafactory", "train", str(config), timeout=420)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    # `balanced` keeps the first vision block, the last one LLaVA reads (2) and the projector 16-bit: the
+    # scenario adapts vision layers 1 (quantized) and 2 (kept)
+    policy = MMTuning(SCENARIO).bnb_config_kwargs(AutoConfig.from_pretrained(tiny / "model"))
+    out, done = train_logged(tiny, "scenario", SCENARIO, "max_steps=3", quantization_bit=4)
     assert "[mmtuning] quantized exactly as the `quant:` policy says (balanced)" in done.stderr  # verified, as in Axolotl
-    out = tiny / "qlora_policy"
-    types = json.loads((out / lf.RUN_RECORD).read_text())["base_layer_types"]
+    assert "[mmtuning] plan verified: vision 8 in layers 1-2 (r=4); projector 2 (r=8); language 28 in layers 0-3 (r=8)" \
+        in done.stderr
+    report = read_report(out)
+    check_report(report, "llamafactory")
+    assert_conforms(report, trainer_reference)
+    types = report["base_layer_types"]
     skipped = policy["llm_int8_skip_modules"]
     kept = {m for m in types if any(m == s or m.startswith(s + ".") for s in skipped)}
     assert any(m.startswith("model.vision_tower.") for m in kept), skipped
@@ -198,6 +199,9 @@ def test_vision_layers_kept_16bit_by_the_quant_policy_are_not_linear4bit(tiny):
     others = set(types) - kept
     assert any(m.startswith("model.vision_tower.") for m in others)  # layer 1: quantized, as the policy says
     assert all(types[m] == "Linear4bit" for m in others), {m: types[m] for m in others}
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert logged and all("loss_align/anchor" in entry for entry in logged)
 
 
 @needs_lf
@@ -216,7 +220,7 @@ def test_torchrun_ranks_apply_the_same_setup(tiny):
     """FORCE_TORCHRUN with one CPU process: the rank re-enters through this module and applies the plan.
     (More than one device is untested here: there is no GPU.)"""
     out = train(tiny, "ranks", BLOCK, "max_steps=1", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
-    record = json.loads((out / lf.RUN_RECORD).read_text())
+    record = read_report(out)
     assert sorted(g["name"] for g in record["optimizer_groups"]) == ["language", "projector", "vision"]
     assert adapted_modules(adapter_tensors(out)) == set().union(*expected_modules(tiny).values())
 
