@@ -54,3 +54,38 @@ def test_kbit_settings_the_host_would_drop_are_named_only_when_written(keys):
     assert all(keys.host in p for p in problems)
     assert kbit_settings_not_applied(load_config({"quant": "balanced"}), keys) == []
     assert kbit_settings_not_applied(load_config({}), keys) == []
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_a_quant_policy_needs_the_hosts_loading_of_its_precision(keys):
+    """`quant:` only shapes a quantization the host performs: nf4/fp4 needs the host's 4-bit key, int8 its 8-bit
+    key, a 16-bit policy neither; each mismatch names the host key to write."""
+    from mmtuning_plugin.host_settings import quant_conflicts
+
+    balanced, int8, none = (load_config({"quant": q}) for q in ("balanced", {"vision": "int8", "language": "int8"},
+                                                                  "none"))
+    assert quant_conflicts(balanced, keys, 4) == [] and quant_conflicts(int8, keys, 8) == []
+    assert quant_conflicts(none, keys, None) == [] and quant_conflicts(load_config({}), keys, 4) == []
+    [missing] = quant_conflicts(balanced, keys, None)
+    assert f"needs a 4-bit model, but {keys.host} loads this one in 16-bit (add `{keys.quant_keys[4]}`" in missing
+    [wrong] = quant_conflicts(balanced, keys, 8)
+    assert wrong.startswith(f"`{keys.quant_keys[8]}` vs `mmtuning.quant: balanced`") and keys.quant_keys[4] in wrong
+    [extra] = quant_conflicts(none, keys, 4)
+    assert "keeps every modality 16-bit" in extra
+
+
+def test_for_host_refuses_every_problem_in_one_message_and_records_the_settings_phase():
+    from mmtuning_plugin.session import PHASE_NAMES, MMTuning
+
+    with pytest.raises(MMTuningError) as error:
+        MMTuning.for_host({"r": 8, "quant": {"preset": "balanced", "fp32_norms": False}},
+                          {"lora_r": 32}, AXOLOTL, source="the Axolotl YAML", problems=["`lora_rank_pattern: {}`"])
+    message = str(error.value)
+    assert message.startswith("the Axolotl YAML: these Axolotl settings contradict the `mmtuning:` block: "
+                              "`lora_r: 32` vs `mmtuning.r: 8` (keep one); `lora_rank_pattern: {}`; "
+                              "`mmtuning.quant.fp32_norms` (never applied in Axolotl")
+    assert "needs a 4-bit model, but Axolotl loads this one in 16-bit (add `load_in_4bit: true`" in message
+    session = MMTuning.for_host({"vision": True}, {"lora_r": 32, "lora_alpha": 16}, AXOLOTL, quant_bits=None)
+    assert (session.config.r, session.config.alpha, session.host.name) == (32, 16, "axolotl")
+    assert session.phases == ["settings"] and PHASE_NAMES[0] == "settings"
+    assert session.block == {"vision": True, "r": 32, "alpha": 16}
