@@ -138,9 +138,10 @@ def quant_conflicts(config: "MMTuningConfig", keys: HostKeys, bits: int | None) 
 def refuse(conflicts: list[str], where: str, host: str) -> None:
     """Every contradiction in one message, or nothing."""
     if conflicts:
+        defaults = any("` vs `mmtuning." in c for c in conflicts)  # a host LoRA key against the block's
         raise MMTuningError(f"{where}: these {host} settings contradict the `mmtuning:` block: "
-                            + "; ".join(conflicts) + f". {host}'s LoRA rank/alpha/dropout are the block's defaults "
-                            f"where it leaves them unset, so each needs writing only once.")
+                            + "; ".join(conflicts) + "." + (f" {host}'s LoRA rank/alpha/dropout are the block's "
+                            f"defaults where it leaves them unset, so each needs writing only once." if defaults else ""))
 
 
 def describe_plan(plan: "TargetPlan") -> str:

@@ -76,16 +76,18 @@ class MMTuning:
 
     @classmethod
     def for_host(cls, block: Any, settings: Mapping[str, Any], host: HostKeys, *, where: str = "mmtuning",
-                 source: str = "the YAML", quant_bits: int | None = None, problems: list[str] = ()) -> "MMTuning":
+                 source: str = "the YAML", quant_bits: int | None = None, problems: list[str] = (),
+                 checks: Callable[["MMTuning"], list[str]] | None = None) -> "MMTuning":
         """The session of a host run: the host's LoRA keys as the block's defaults; contradictions, settings the
         host cannot honour (k-bit preparation, a `quant:` policy the host's loading does not match) and the host's
-        own `problems` refused together in one message naming `source`."""
+        own `problems` (and those its `checks(session)` finds) refused together in one message naming `source`."""
         conflicts: list[str] = []
         block = with_host_defaults(block, settings, host, conflicts)
         session = cls(block, where=where, host=host)
         session.block = block
         conflicts += list(problems) + kbit_settings_not_applied(session.config, host)
         conflicts += quant_conflicts(session.config, host, quant_bits)
+        conflicts += checks(session) if checks is not None else []
         refuse(conflicts, source, host.host)
         return session
 

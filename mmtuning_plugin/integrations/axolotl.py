@@ -97,10 +97,10 @@ class MMTuningPlugin(BasePlugin):
         install_clean_errors()
         self.session = MMTuning.for_host(with_inline_keep_images(cfg.get(BLOCK)), cfg, AXOLOTL, where=BLOCK,
                                          source="the Axolotl YAML", quant_bits=loaded_bits(cfg),
-                                         problems=owned_key_conflicts(cfg))
+                                         problems=owned_key_conflicts(cfg),
+                                         checks=lambda session: host_problems(cfg, session))
         self.session.log = log_line
         cfg[BLOCK] = self.session.block  # with Axolotl's lora_r/lora_alpha/lora_dropout as its defaults
-        check_host_settings(cfg, self.session)
         model_config = load_host_model_config(cfg)
         from ..loading import build_skeleton
 
@@ -190,38 +190,33 @@ def log_line(line: str) -> None:
     LOG.info("mmtuning: %s", line)
 
 
-def check_host_settings(cfg: Any, session: MMTuning) -> None:
-    """Axolotl settings that cannot work with mmtuning, refused before anything loads."""
+def host_problems(cfg: Any, session: MMTuning) -> list[str]:
+    """Axolotl settings that cannot work with the block, each naming what to write instead (refused together with
+    the contradictions, before anything loads)."""
+    problems = []
     adapter = cfg.get("adapter")
     if adapter not in ("lora", "qlora"):
-        raise MMTuningError(f"adapter: {adapter!r} - the `mmtuning:` block plans LoRA adapters; write `adapter: lora` "
-                            f"or `adapter: qlora` (with load_in_4bit: true), or remove the `mmtuning:` block.")
+        problems.append(f"adapter: {adapter!r} (the `mmtuning:` block plans LoRA adapters; write `adapter: lora` or "
+                        f"`adapter: qlora` with load_in_4bit: true, or remove the `mmtuning:` block)")
     if session.config.method != "lora":
-        raise MMTuningError(f"mmtuning.method: {session.config.method} - Axolotl builds LoRA adapters only; write "
-                            f"`method: lora` (use_dora/use_rslora are available) or use the transformers Trainer integration.")
+        problems.append(f"mmtuning.method: {session.config.method} (Axolotl builds LoRA adapters only; write `method: "
+                        f"lora` (use_dora/use_rslora are available) or use the transformers Trainer integration)")
     if cfg.get("rl"):
-        raise MMTuningError(f"rl: {cfg.get('rl')} - the mmtuning Axolotl plugin supports supervised fine-tuning runs "
-                            f"only; remove `rl:` or the `mmtuning:` block.")
-    for key in OPTIMIZER_GROUP_KEYS:
-        if cfg.get(key) is not None:
-            raise MMTuningError(f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's "
-                                f"per-modality groups; remove `{key}` from the YAML.")
-    if session.keep is not None:
-        check_keep_settings(cfg, session)
+        problems.append(f"rl: {cfg.get('rl')} (the mmtuning Axolotl plugin supports supervised fine-tuning runs only; "
+                        f"remove `rl:` or the `mmtuning:` block)")
+    problems += [f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's per-modality "
+                 f"groups (remove `{key}` from the YAML)" for key in OPTIMIZER_GROUP_KEYS if cfg.get(key) is not None]
+    if session.keep is not None and session.keep.sources.has_images and not cfg.get("processor_type"):
+        problems.append("mmtuning.keep: the keep prompts carry images, but this Axolotl run has no `processor_type`, "
+                        "so it builds no multimodal collator and has no processor for them (add `processor_type: "
+                        "AutoProcessor` with skip_prepare_dataset: true, remove_unused_columns: false, or write "
+                        "`keep.images: none`)")
     adapted = [m for m in ("vision", "projector") if session.config.spec(m).enabled]
     if cfg.get("freeze_mm_modules") and adapted:
-        raise MMTuningError(f"freeze_mm_modules: true would freeze the {' and '.join(adapted)} adapters that the "
-                            f"`mmtuning:` block asks for (base weights stay frozen anyway); remove freeze_mm_modules, "
-                            f"or write `mmtuning.{adapted[0]}: false`.")
-
-
-def check_keep_settings(cfg: Any, session: MMTuning) -> None:
-    """Keep prompts with images go through Axolotl's multimodal collator (its processor and chat template)."""
-    if session.keep.sources.has_images and not cfg.get("processor_type"):
-        raise MMTuningError("mmtuning.keep: the keep prompts carry images, but this Axolotl run has no "
-                            "`processor_type`, so it builds no multimodal collator and has no processor for them; "
-                            "add `processor_type: AutoProcessor` (with skip_prepare_dataset: true, "
-                            "remove_unused_columns: false), or write `keep.images: none`.")
+        problems.append(f"freeze_mm_modules: true would freeze the {' and '.join(adapted)} adapters that the "
+                        f"`mmtuning:` block asks for (base weights stay frozen anyway; remove freeze_mm_modules, or "
+                        f"write `mmtuning.{adapted[0]}: false`)")
+    return problems
 
 
 INLINE_IMAGE_KEYS = ("path", "base64", "url", "image")  # how Axolotl's multimodal rows carry an image part
