@@ -119,7 +119,9 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the training stream and adapter init (eval items are fixed)."),
     out: Path = typer.Option(Path("mmtune-demo"), "--out", help="Directory for adapters, results.json and curves.png."),
     four_bit: bool = typer.Option(True, "--four-bit/--no-four-bit", help="Load the base model in 4-bit NF4 (QLoRA)."),
-    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch."),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch, per arm."),
+    jobs: int = typer.Option(0, "--jobs", min=0, help="Arms trained at once, one process each (0: one per CPU core, "
+                                                       "up to the number of arms; 1: one after the other)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object (no tables, no progress)."),
 ) -> None:
     """Fine-tune the embedded tiny VLM on a new task twice (plain LoRA vs. mmtuning's recipe) and score
@@ -131,7 +133,7 @@ def demo(
         fail(f"mmtune demo needs pillow, tokenizers and matplotlib ({error}); install them with "
              f"pip install 'mmtuning-plugin[demo]'.")
 
-    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads)
+    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads, jobs=jobs)
     view = None if as_json else DemoConsole(console, settings)
     try:
         if view:
