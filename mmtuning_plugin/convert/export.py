@@ -224,7 +224,8 @@ def _with_notes(summary: dict[str, Any]) -> dict[str, Any]:
         notes.append(f"no tokenizer or processor files in {summary['base']} or beside the adapter: save the "
                      f"processor into {where} before serving (processor.save_pretrained)")
     if summary["for"] == "vllm" and summary["base_out"] is None:
-        notes.append("nothing to merge (the adapter has language LoRA only): serve it on the original base")
+        kept = "every LoRA module stays in the adapter" if summary["tower_lora"] else "the adapter has language LoRA only"
+        notes.append(f"nothing to merge ({kept}, no modules_to_save): serve it on the original base")
     if summary["for"] == "vllm" and summary["adapter_out"] is None:
         notes.append("the adapter has no language LoRA: everything was merged, serve the base copy without --enable-lora")
     summary["notes"] = notes
