@@ -476,7 +476,8 @@ def test_export_for_vllm_and_transformers_decodes_like_the_original_adapter(tmp_
     merged = export(tmp_path / "adapter", base_dir, tmp_path / "hf", "transformers", progress=False)
     assert merged["merged_modalities"] == ["language", "projector", "vision"] and merged["merged_modules"] == 17
     assert "tokenizer.json" in merged["processor_files"] and "processor_config.json" in merged["processor_files"]
-    assert _greedy(AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval(), tmp_path / "hf", image) == expected
+    merged_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    assert _greedy(merged_model, tmp_path / "hf", image) == expected
 
     served = export(tmp_path / "adapter", base_dir, tmp_path / "vllm", "vllm", progress=False)
     assert (served["adapter_modalities"], served["merged_modalities"]) == (["language"], ["projector", "vision"])
@@ -490,6 +491,12 @@ def test_export_for_vllm_and_transformers_decodes_like_the_original_adapter(tmp_
     # the tower and projector deltas live in the base copy: the LM-only adapter on the bare base decodes otherwise
     bare = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "vllm" / "adapter")
     assert _greedy(bare.eval(), base_dir, image) != expected
+    # the merged directory holds PEFT's own merge_and_unload, weight for weight
+    peft_merged = original.merge_and_unload().state_dict()
+    ours = merged_model.state_dict()
+    assert set(ours) == set(peft_merged)
+    for name, tensor in peft_merged.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_export_for_vllm_pads_ranks_merges_modules_to_save_and_keeps_tower_lora_when_asked(tmp_path):
