@@ -97,7 +97,7 @@ def dropout_without_a_place(block: dict[str, Any], settings: Mapping[str, Any], 
         if modality_map is None or not modality_map.projector_parameters:
             return None
         plan = plan_targets(build_skeleton(model_config), {**block, "dropout": 0.0})
-    except MMTuningError:
+    except (OSError, ValueError):  # MMTuningError included: the host loads the model and the block next, and says
         return None
     if not plan.parameters:
         return None
