@@ -148,12 +148,14 @@ def world(tmp_path_factory):
     for name, text in specs.items():
         p[name] = inputs / f"{name}.yaml"
         p[name].write_text(text)
+    tiny_config("gemma3").save_pretrained(inputs / "gemma3")  # its projector is a bare weight (no dropout)
     # LLaMA-Factory training YAMLs (argument-level errors only: the core venv has no llamafactory)
     lf = {"lf_no_block": {k: v for k, v in LF_GOOD.items() if k != "mmtuning"},
           "lf_owned": {**LF_GOOD, "additional_target": "embed_tokens"},
           "lf_contradiction": {**LF_GOOD, "lora_rank": 32, "mmtuning": {**LF_GOOD["mmtuning"], "r": 8}}, "lf_full": {**LF_GOOD, "finetuning_type": "full"},
           "lf_stage": {**LF_GOOD, "stage": "kto_pair_x"}, "lf_block_rank": {**LF_GOOD, "mmtuning": {"language": {"rank": 4}}},
           "lf_block_list": {**LF_GOOD, "mmtuning": [1, 2]}, "lf_good": LF_GOOD,
+          "lf_gemma_dropout": {**LF_GOOD, "model_name_or_path": str(inputs / "gemma3"), "lora_dropout": 0.05},
           "lf_off_layers": {**LF_GOOD, "mmtuning": {"vision": {"enabled": False, "layers": "top:2"}}}}
     for name, data in lf.items():
         p[name] = _yaml(inputs / f"{name}.yaml", data)
@@ -380,6 +382,8 @@ CLI_CASES = [
     ("lf-no-block", ["llamafactory", "train", "{lf_no_block}"], ["no `mmtuning:` block"]),
     ("lf-owned-key", ["llamafactory", "train", "{lf_owned}"], ["additional_target", "conflict"]),
     ("lf-contradiction", ["llamafactory", "train", "{lf_contradiction}"], ["`lora_rank: 32` vs `mmtuning.r: 8`"]),
+    ("lf-gemma3-dropout", ["llamafactory", "train", "{lf_gemma_dropout}"],
+     ["`lora_dropout: 0.05` (gemma3's projector is the bare weight", "write `lora_dropout: 0` or remove it"]),
     ("lf-finetuning-full", ["llamafactory", "train", "{lf_full}"], ["finetuning_type: full"]),
     ("lf-stage", ["llamafactory", "train", "{lf_stage}"], ["stage: kto_pair_x"]),
     ("lf-block-rank", ["llamafactory", "train", "{lf_block_rank}"], ["language.rank", "did you mean `r`"]),
