@@ -219,7 +219,7 @@ def _write_vllm(located: Located, kept: dict[str, Factors], rest: Adapter, ranks
 
 def _with_notes(summary: dict[str, Any]) -> dict[str, Any]:
     notes = []
-    where = summary.get("base_out", summary["out"]) if summary["for"] == "vllm" else summary["out"]
+    where = summary["base_out"] if summary["for"] == "vllm" else summary["out"]
     if where is not None and not summary["processor_files"]:
         notes.append(f"no tokenizer or processor files in {summary['base']} or beside the adapter: save the "
                      f"processor into {where} before serving (processor.save_pretrained)")
