@@ -103,6 +103,7 @@ def world(tmp_path_factory):
         "pattern_list": ("", _edit_json("adapter_config.json", lambda d: {**d, "rank_pattern": [1]})),
         "no_base_name": ("", _edit_json("adapter_config.json", lambda d: {**d, "base_model_name_or_path": None})),
         "peft_ia3": ("", _edit_json("adapter_config.json", lambda d: {**d, "peft_type": "IA3"})),
+        "dora": ("", _edit_json("adapter_config.json", lambda d: {**d, "use_dora": True})),
         "weights_binary": ("", _write("adapter_model.safetensors", BINARY)),
         "weights_empty": ("", _write("adapter_model.safetensors", b"")),
         "weights_missing": ("", lambda f: (f / "adapter_model.safetensors").unlink()),
@@ -147,12 +148,14 @@ def world(tmp_path_factory):
     for name, text in specs.items():
         p[name] = inputs / f"{name}.yaml"
         p[name].write_text(text)
+    tiny_config("gemma3").save_pretrained(inputs / "gemma3")  # its projector is a bare weight (no dropout)
     # LLaMA-Factory training YAMLs (argument-level errors only: the core venv has no llamafactory)
     lf = {"lf_no_block": {k: v for k, v in LF_GOOD.items() if k != "mmtuning"},
           "lf_owned": {**LF_GOOD, "additional_target": "embed_tokens"},
           "lf_contradiction": {**LF_GOOD, "lora_rank": 32, "mmtuning": {**LF_GOOD["mmtuning"], "r": 8}}, "lf_full": {**LF_GOOD, "finetuning_type": "full"},
           "lf_stage": {**LF_GOOD, "stage": "kto_pair_x"}, "lf_block_rank": {**LF_GOOD, "mmtuning": {"language": {"rank": 4}}},
           "lf_block_list": {**LF_GOOD, "mmtuning": [1, 2]}, "lf_good": LF_GOOD,
+          "lf_gemma_dropout": {**LF_GOOD, "model_name_or_path": str(inputs / "gemma3"), "lora_dropout": 0.05},
           "lf_off_layers": {**LF_GOOD, "mmtuning": {"vision": {"enabled": False, "layers": "top:2"}}}}
     for name, data in lf.items():
         p[name] = _yaml(inputs / f"{name}.yaml", data)
@@ -346,6 +349,24 @@ CLI_CASES = [
     ("combine-other-base", ["convert", "combine", ADAPTER, "{base_qwen_name}", "--out", "{out}"], ["different base models"]),
     ("combine-null-alpha", ["convert", "combine", ADAPTER, "{alpha_null}", "--out", "{out}"], ["lora_alpha: null"]),
     ("combine-out-is-input", ["convert", "combine", ADAPTER, "{adapter2}", "--out", "{adapter2}", "--force"], ["overlaps the input"]),
+    # --- convert export (the world's adapter has rank 4, which vLLM does not serve)
+    ("export-dora", ["convert", "export", "{dora}", "--for", "vllm", "--base", "{base}", "--out", "{out}"],
+     ["DoRA adapter", "merge_and_unload", "use_dora: false"]),
+    ("export-rank", ["convert", "export", ADAPTER, "--for", "vllm", "--base", "{base}", "--out", "{out}"],
+     ["vLLM serves LoRA ranks 1, 8, 16", "rank 4 (model.language_model.layers.0.self_attn.q_proj", "nearest allowed: 1 or 8",
+      "--pad-ranks"]),
+    ("export-no-base", ["convert", "export", ADAPTER, "--for", "vllm", "--out", "{out}"], ["Missing option", "--base"]),
+    ("export-no-for", ["convert", "export", ADAPTER, "--base", "{base}", "--out", "{out}"], ["Missing option", "--for"]),
+    ("export-for-unknown", ["convert", "export", ADAPTER, "--for", "tgi", "--base", "{base}", "--out", "{out}"],
+     ["--for 'tgi'", "--for vllm", "--for transformers"]),
+    ("export-tower-for-transformers", ["convert", "export", ADAPTER, "--for", "transformers", "--tower-lora", "--base",
+                                      "{base}", "--out", "{out}"], ["--tower-lora", "--for vllm"]),
+    ("export-base-missing", ["convert", "export", ADAPTER, "--for", "transformers", "--base", "/nonexistent/base", "--out",
+                             "{out}"], ["--base", "no such directory"]),
+    ("export-out-exists", ["convert", "export", ADAPTER, "--for", "transformers", "--base", "{base}", "--out", "{empty_dir}"],
+     ["already exists", "--force"]),
+    ("export-out-in-base", ["convert", "export", ADAPTER, "--for", "vllm", "--pad-ranks", "--base", "{base}", "--out",
+                            "{base}/served"], ["overlaps the input"]),
     # --- demo (refused before any training)
     ("demo-out-user-files", ["demo", "--steps", "1", "--out", "{inputs}"], ["not an earlier demo's output"]),
     ("demo-out-file", ["demo", "--steps", "1", "--out", "{a_file}"], ["not an earlier demo's output"]),
@@ -361,6 +382,8 @@ CLI_CASES = [
     ("lf-no-block", ["llamafactory", "train", "{lf_no_block}"], ["no `mmtuning:` block"]),
     ("lf-owned-key", ["llamafactory", "train", "{lf_owned}"], ["additional_target", "conflict"]),
     ("lf-contradiction", ["llamafactory", "train", "{lf_contradiction}"], ["`lora_rank: 32` vs `mmtuning.r: 8`"]),
+    ("lf-gemma3-dropout", ["llamafactory", "train", "{lf_gemma_dropout}"],
+     ["`lora_dropout: 0.05` (gemma3's projector is the bare weight", "write `lora_dropout: 0` or remove it"]),
     ("lf-finetuning-full", ["llamafactory", "train", "{lf_full}"], ["finetuning_type: full"]),
     ("lf-stage", ["llamafactory", "train", "{lf_stage}"], ["stage: kto_pair_x"]),
     ("lf-block-rank", ["llamafactory", "train", "{lf_block_rank}"], ["language.rank", "did you mean `r`"]),

@@ -43,6 +43,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.testing": 7,
     "mmtuning_plugin.docgen": 7,
     "mmtuning_plugin.convert": 7,
+    "mmtuning_plugin.convert.export": 7,  # what vLLM or transformers loads: split and merge composed
     "mmtuning_plugin.integrations": 7,
     "mmtuning_plugin.demo": 7,
     "mmtuning_plugin.cli": 8,
