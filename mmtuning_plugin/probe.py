@@ -93,8 +93,11 @@ def plan_with_probe(model: nn.Module, config: Any, batches: Iterable[dict[str, A
     """The plan; under `layers: auto` the probe runs on `batches` first and its scores go into `plan.probe`.
     Without batches such a config is an error that says what data to give."""
     config = load_config(config)
-    if not auto_modalities(config) or batches is None:
+    if not auto_modalities(config):
         return plan_targets(model, config)
+    if batches is None:
+        _limits(model, config)  # a limit no layer meets is the first thing to fix
+        return plan_targets(model, config)  # names the data to give
     report = probe_layers(model, config, batches, seed)
     if log is not None:
         log(f"mmtuning: layers chosen by the probe on {report.batches} batch(es): {report.describe()}")
@@ -115,12 +118,7 @@ def probe_layers(model: nn.Module, config: Any, batches: Iterable[dict[str, Any]
     """Score every candidate layer of each `auto` modality on the first batches and choose within the limits."""
     config = load_config(config)
     modalities = auto_modalities(config)
-    candidates = plan_unprobed(model, config)
-    by_layer = {m: _modules_by_layer(candidates, m) for m in modalities}
-    costs = {m: {layer: _adapter_params(candidates, planned) for layer, planned in by_layer[m].items()}
-             for m in modalities}
-    for modality in modalities:  # a limit no layer can meet fails before any forward
-        _check_limit(costs[modality], config.spec(modality).layers.auto, f"mmtuning.{modality}.layers.auto")
+    candidates, by_layer, costs = _limits(model, config)
     wanted = max(config.spec(m).layers.auto.batches for m in modalities)
     task, general, used, tokens = _importance(model, candidates, modalities, itertools.islice(iter(batches), wanted), seed)
     report = ProbeReport(used, tokens, seed)
@@ -137,6 +135,18 @@ def probe_layers(model: nn.Module, config: Any, batches: Iterable[dict[str, Any]
                        layer in picked)
             for layer in layers])
     return report
+
+
+def _limits(model: nn.Module, config: MMTuningConfig):
+    """The candidate plan, its modules per layer and their adapter sizes; a `top_k` or `budget` that no choice of
+    layers can meet fails here, before any forward."""
+    candidates = plan_unprobed(model, config)
+    by_layer = {m: _modules_by_layer(candidates, m) for m in auto_modalities(config)}
+    costs = {m: {layer: _adapter_params(candidates, planned) for layer, planned in layers.items()}
+             for m, layers in by_layer.items()}
+    for modality, sizes in costs.items():
+        _check_limit(sizes, config.spec(modality).layers.auto, f"mmtuning.{modality}.layers.auto")
+    return candidates, by_layer, costs
 
 
 def _modules_by_layer(plan: TargetPlan, modality: str) -> dict[int, list]:

@@ -113,3 +113,45 @@ def test_the_trainer_probes_its_own_training_data_before_wrapping(tmp_path):
     assert wrapped_layers == set(expected.chosen["language"])
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_inspect_targets_probe_prints_the_chosen_layers_and_their_scores(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+    from mmtuning_plugin.demo.data import make_set
+    from mmtuning_plugin.demo.model import MODEL_DIR
+
+    lines = []
+    for index, item in enumerate(make_set("target", "eval", 6)):
+        item.image.save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "question": item.question, "answer": item.answer}))
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    argv = ["inspect-targets", str(MODEL_DIR), "--probe", str(data), "--probe-batch-size", "3",
+            "--set", "language.layers={auto: {top_k: 1}}", "--set", "vision.layers={auto: {budget: 20k}}"]
+    result = runner.invoke(app, [*argv, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    probe = report["plan"]["probe"]
+    assert probe["batches"] == 2 and probe["answer_tokens"] == 12  # one answer word + end token per item
+    language, vision = probe["modalities"]["language"], probe["modalities"]["vision"]
+    assert len(language["chosen"]) == 1 and report["modalities"]["language"]["selected_layers"] == language["chosen"]
+    assert sum(layer["params"] for layer in vision["layers"] if layer["chosen"]) <= 20_000
+    assert report["modalities"]["vision"]["selected_layers"] == vision["chosen"] != []
+
+    from rich.console import Console
+
+    from mmtuning_plugin.config import layer_span
+    from mmtuning_plugin.report import print_report
+
+    out = Console(record=True, width=120)
+    print_report(report, out)  # the table is drawn from this same JSON report
+    text = out.export_text()
+    assert "layers: auto - probe on 2 batch(es), 12 answer tokens" in text
+    chosen = text.split("Chosen:")[1]
+    assert f"vision {layer_span(vision['chosen'])}" in chosen
+    assert f"language {language['chosen'][0]}" in chosen
