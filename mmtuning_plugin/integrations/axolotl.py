@@ -208,6 +208,15 @@ def check_host_settings(cfg: Any, session: MMTuning) -> None:
         if cfg.get(key) is not None:
             raise MMTuningError(f"{key}: builds its own optimizer parameter groups, which would replace mmtuning's "
                                 f"per-modality groups; remove `{key}` from the YAML.")
+    if session.needs_probe():
+        from ..probe import auto_modalities
+
+        modality = auto_modalities(session.config)[0]
+        raise MMTuningError(f"mmtuning.{modality}.layers: auto - the Axolotl plugin cannot probe this run's batches yet "
+                            f"(Axolotl wraps the model before its collator exists). Run `mmtune inspect-targets MODEL "
+                            f"--probe DATA.jsonl --set {modality}.layers=auto` on a sample of the task and write the "
+                            f"layers it chooses (e.g. `layers: [2, 5, 7]`), or train with the transformers Trainer or "
+                            f"LLaMA-Factory integration, which probe their own batches.")
     if session.keep is not None:
         check_keep_settings(cfg, session)
     adapted = [m for m in ("vision", "projector") if session.config.spec(m).enabled]
