@@ -85,7 +85,12 @@ def wrap_probed(session: MMTuning, model: torch.nn.Module, args: Any, dataset: A
     args = args if args is not None else TrainingArguments(output_dir="trainer_output")
     batches = first_batches(dataset, collate or default_data_collator, args.per_device_train_batch_size) \
         if session.needs_probe() and dataset is not None else None
-    return session.wrap(model, probe_batches=batches, seed=args.seed)
+    wrapped = session.wrap(model, probe_batches=batches, seed=args.seed)
+    if session.require_plan().probe is not None:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).info("mmtuning: layers: auto, probed: %s", session.plan.probe.describe())
+    return wrapped
 
 
 def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:

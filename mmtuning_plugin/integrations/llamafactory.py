@@ -230,7 +230,11 @@ def wrap_with_plan(session: MMTuning, run: dict[str, Any] | None = None) -> Call
     def get_peft_model(model, peft_config, *args: Any, **kwargs: Any):
         task_type = getattr(peft_config, "task_type", None)
         probe = {"probe_batches": probe_batches(run, model), "seed": run["training_args"].seed} if run else {}
-        return session.wrap(model, **probe, **({"task_type": task_type} if task_type else {}))
+        wrapped = session.wrap(model, **probe, **({"task_type": task_type} if task_type else {}))
+        if session.require_plan().probe is not None:
+            sys.stderr.write(f"[mmtuning] layers: auto, probed on {session.plan.probe.batches} batch(es): "
+                             f"{session.plan.probe.describe()} (scores: {RUN_RECORD}, plan.probe)\n")
+        return wrapped
 
     return get_peft_model
 
