@@ -98,12 +98,24 @@ def plan_with_probe(model: nn.Module, config: Any, batches: Iterable[dict[str, A
     if batches is None:
         _limits(model, config)  # a limit no layer meets is the first thing to fix
         return plan_targets(model, config)  # names the data to give
-    report = probe_layers(model, config, batches, seed)
+    report = same_on_every_rank(probe_layers(model, config, batches, seed))
     if log is not None:
         log(f"mmtuning: layers chosen by the probe on {report.batches} batch(es): {report.describe()}")
     plan = plan_targets(model, config, probed=report.chosen)
     plan.probe = report
     return plan
+
+
+def same_on_every_rank(report: ProbeReport) -> ProbeReport:
+    """Rank 0's choice on every rank of a distributed run: each rank wraps the same modules even where floats
+    differ across devices."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return report
+    holder = [report]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def plan_unprobed(model: nn.Module, config: Any) -> TargetPlan:
