@@ -154,7 +154,9 @@ def first_batches(dataset: Any, collate: Any, size: int):
         yield collate(chunk)
 
 
-def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:
-    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer."""
+def prepare_model(model: torch.nn.Module, config: Any = None, probe_batches: Any = None,
+                  seed: int = 0) -> tuple[torch.nn.Module, MMTuning]:
+    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer.
+    `probe_batches`: collated training batches for `layers: auto` (or hand the unwrapped model to MMTuningTrainer)."""
     session = MMTuning(config)
-    return session.wrap(model), session
+    return session.wrap(model, probe_batches=probe_batches, seed=seed), session
