@@ -39,6 +39,14 @@ class MMTuning:
         self.plan = plan_with_probe(model, self.config, probe_batches, seed, log)
         return self.plan
 
+    def plan_ahead(self, model: nn.Module) -> TargetPlan:
+        """A plan before any data exists (a host's meta skeleton): `layers: auto` modalities take every layer here,
+        and plan_for with the probe's batches replaces it before wrapping."""
+        from .probe import plan_unprobed
+
+        self.plan = plan_unprobed(model, self.config)
+        return self.plan
+
     def needs_probe(self) -> bool:
         """True when `layers: auto` asks for training batches before the model can be wrapped."""
         from .probe import auto_modalities

@@ -133,6 +133,7 @@ def runs(tiny) -> dict[str, Path]:
         "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
         "llava_typical": typical_user_yaml(root, "llava_typical"),
         "llava_refused": typical_user_yaml(root, "llava_refused", r=8, alpha=64, **TYPICAL_BLOCK),
+        "llava_auto": {**with_mmtuning(base_yaml(root, "llava", "llava_auto"), language=AUTO_LANGUAGE), "max_steps": 2},
     }
     if "qwen2_vl" not in facts["models"]:
         configs.pop("qwen_qlora")
@@ -150,6 +151,25 @@ def runs(tiny) -> dict[str, Path]:
     return {"root": root, "facts": facts, **{name: root for name in commands}}
 
 
+AUTO_LANGUAGE = {"modules": "attention", "r": 8, "layers": {"auto": {"top_k": 2, "batches": 1}}}
+
+
+def test_layers_auto_probes_the_runs_first_batch_before_axolotl_wraps(runs):
+    """The probe ran on the first micro-batch of Axolotl's own dataset and collator; the report holds its
+    scores and only the chosen language layers got adapters."""
+    root = runs["root"]
+    plan = json.loads((root / "out_llava_auto" / "mmtuning_report.json").read_text())["plan"]
+    probe = plan["probe"]
+    assert probe["batches"] == 1 and probe["answer_tokens"] > 0, probe
+    language = probe["modalities"]["language"]
+    best = sorted(language["layers"], key=lambda s: (-s["score"], -s["layer"]))[:2]
+    assert language["chosen"] == sorted(s["layer"] for s in best) == plan["layers"]["language"]
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name in adapter_modules(root / "out_llava_auto")
+               if "language_model" in name}
+    assert adapted == set(language["chosen"])
+    assert "layers chosen by the probe on 1 batch(es): language layers" in (root / "llava_auto.log").read_text()
+
+
 def config_checks(root: Path, good: dict) -> list[str]:
     """`TYPE=YAML` arguments: the six recipes plus YAMLs that must be refused with a pointed message."""
     items = [f"{model_type}={RECIPES / name}" for name, model_type in RECIPE_TYPES.items()]
@@ -159,7 +179,6 @@ def config_checks(root: Path, good: dict) -> list[str]:
         "bad_layers": {"mmtuning": {**MMTUNING, "vision": {"layers": {"top": 99}}}},
         "bad_key": {"mmtuning": {**MMTUNING, "visoin": {"r": 4}}},
         "bad_freeze": {"freeze_mm_modules": True},
-        "bad_auto": {"mmtuning": {**MMTUNING, "language": {"layers": {"auto": {"top_k": 2}}}}},
     }
     for name, change in bad.items():
         config = {**good, **change, "base_model": str(root / "llava")}
@@ -301,7 +320,6 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
     ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 3 (0-2 usable"),
     ("bad_key", "mmtuning.visoin: unknown key"),
     ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
-    ("bad_auto", "mmtuning.language.layers: auto - the Axolotl plugin cannot probe this run's batches yet"),
 ])
 def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message):
     results = json.loads((runs["root"] / "configs.json").read_text())
