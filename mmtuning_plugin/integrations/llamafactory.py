@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
+from ..config import layer_span
 from ..errors import MMTuningError
 from ..host_settings import (LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse, replaced_targets,
                              targets_warning, with_host_defaults)
@@ -485,8 +486,7 @@ def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
             len(plan.modules_to_save) if modality == "projector" else 0)
         if count:
             layers = plan.layers.get(modality)
-            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
-                f" in layer {layers[0]}" if layers else "")
+            where = f" in layer{'s' if len(layers) > 1 else ''} {layer_span(layers)}" if layers else ""
             parts.append(f"{modality} {count}{where} (r={plan.config.rank(modality)})")
     groups = ", ".join(f"{g['name']} {g['params']:,}" for g in record["optimizer_groups"])
     return f"[mmtuning] plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Record: {path}"
