@@ -240,6 +240,10 @@ def _importance(model: nn.Module, plan: TargetPlan, modalities: list[str], batch
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + index)
                 logits = model(**to_model(batch, model)).logits
+            if labels.shape != logits.shape[:2]:
+                raise MMTuningError(f"layers: auto: a probe batch has labels of shape {tuple(labels.shape)} but the model "
+                                    f"returned logits for {tuple(logits.shape[:2])} positions; give the batches as the "
+                                    f"trainer collates them (labels aligned with input_ids).")
             targets = labels.to(logits.device)[:, 1:]
             mask = targets != IGNORE_INDEX
             used += 1

@@ -60,6 +60,19 @@ def test_the_probe_leaves_no_gradient_and_no_requires_grad_change(tiny):
             param.requires_grad_(True)
 
 
+def test_gradient_checkpointing_is_paused_for_the_probe_and_restored():
+    """Hosts enable checkpointing before wrapping; its recomputed forwards would hide the probe's scales."""
+    model = tiny_model("llava")
+    inputs = tiny_batch(model, batch=2).inputs
+    plain = probe_layers(model, AUTO, [inputs]).summary()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert flags
+    assert probe_layers(model, AUTO, [inputs]).summary() == plain
+    assert all(m.gradient_checkpointing is True for m in flags)
+
+
 def test_a_budget_takes_the_best_layers_that_fit_and_goes_into_the_plan(tiny):
     model, inputs = tiny
     # one language layer's LoRA (r 16, all-linear) is 16,384 parameters in this tiny model: 40k fits two
