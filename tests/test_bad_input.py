@@ -149,6 +149,14 @@ def world(tmp_path_factory):
         p[name] = inputs / f"{name}.yaml"
         p[name].write_text(text)
     tiny_config("gemma3").save_pretrained(inputs / "gemma3")  # its projector is a bare weight (no dropout)
+    # --probe data: an empty JSONL, and one good item (for the refusals that come after reading it)
+    p["probe_empty"] = inputs / "probe_empty.jsonl"
+    p["probe_empty"].write_text("\n")
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(inputs / "red.png")
+    p["probe_good"] = inputs / "probe_good.jsonl"
+    p["probe_good"].write_text(json.dumps({"image": "red.png", "question": "what colour?", "answer": "red"}) + "\n")
     # LLaMA-Factory training YAMLs (argument-level errors only: the core venv has no llamafactory)
     lf = {"lf_no_block": {k: v for k, v in LF_GOOD.items() if k != "mmtuning"},
           "lf_owned": {**LF_GOOD, "additional_target": "embed_tokens"},
@@ -253,6 +261,29 @@ CLI_CASES = [
      ["unknown schedule 'sideways'"]),
     ("set-lr-decay-projector", ["inspect-targets", "llava", "--set", "projector.lr_decay=0.5"], ["projector has no layers"]),
     ("steps-zero", ["inspect-targets", "llava", "--steps", "0"], ["--steps"]),
+    # --- layers: auto and inspect-targets --probe
+    ("auto-no-data", ["inspect-targets", "llava", "--set", "language.layers=auto"],
+     ["language.layers", "none were given", "--probe DATA.jsonl", "MMTuningTrainer", "{top: 4}"]),
+    ("auto-top-k-0", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 0}}"],
+     ["layers.auto.top_k", "0 selects no layer", "top_k: 1 or more"]),
+    ("auto-top-k-too-many", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 99}}"],
+     ["top_k: 99 asks for more layers than this modality has (32", "top_k: 32 or less"]),
+    ("auto-budget-below-a-layer", ["inspect-targets", "llava", "--set", "language.layers={auto: {budget: 10k}}"],
+     ["budget: 10,000 trainable parameters select no layer", "(layer 0) need 1,249,280", "budget: 1,249,280 or more"]),
+    ("auto-budget-text", ["inspect-targets", "llava", "--set", "language.layers={auto: {budget: lots}}"],
+     ["cannot read 'lots' as a number of parameters", "2M"]),
+    ("auto-top-k-and-budget", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 2, budget: 2M}}"],
+     ["either top_k", "not both"]),
+    ("auto-projector", ["inspect-targets", "llava", "--set", "projector.layers=auto"], ["projector.layers: auto", "vision and language"]),
+    ("probe-missing-file", ["inspect-targets", "{base}", "--probe", "/nonexistent/task.jsonl"],
+     ["--probe /nonexistent/task.jsonl: no such file", "JSONL"]),
+    ("probe-empty-file", ["inspect-targets", "{base}", "--probe", "{probe_empty}"], ["holds no items", '"question"']),
+    ("probe-model-type-only", ["inspect-targets", "llava", "--probe", "{probe_good}"],
+     ["--probe needs the model's weights", "'llava' is not a local model directory"]),
+    ("probe-model-without-processor", ["inspect-targets", "{base}", "--probe", "{probe_good}"],
+     ["--probe: could not load the model and processor from {base}", "processor saved in it"]),
+    ("probe-layers-given", ["inspect-targets", "{base}", "--probe", "{probe_good}", "--set", "language.layers=top:2"],
+     ["--probe scores the layers of a modality with `layers: auto`", "--set language.layers=auto"]),
     # --- convert remap
     ("remap-missing-adapter", ["convert", "remap", "/nonexistent/adapter", "--out", "{out}"], ["no such directory"]),
     ("remap-adapter-is-file", ["convert", "remap", "{adapter}/adapter_config.json", "--out", "{out}"], ["is a file", "{adapter}"]),
@@ -444,6 +475,13 @@ API_CASES = [
     ("api-plan-top-99", lambda: _plan({"language": {"layers": {"top": 99}}}), ["asks for top 99"]),
     ("api-plan-module", lambda: _plan({"language": {"modules": ["wq"]}}), ["'wq' matches no module"]),
     ("api-plan-unknown-key", lambda: _plan({"language": {"rank": 3}}), ["did you mean `r`"]),
+    ("api-plan-auto-no-data", lambda: _plan({"language": {"layers": "auto"}}),
+     ["none were given", "MMTuning.wrap(model, probe_batches=...)", "train_dataset"]),
+    ("api-wrap-auto-no-data", lambda: _session({"vision": {"layers": {"auto": 1}}}).wrap(tiny_model("llava")),
+     ["mmtuning.vision.layers", "none were given"]),
+    ("api-config-auto-top-0", lambda: _load_config({"language": {"layers": {"auto": {"top_k": 0}}}}), ["selects no layer"]),
+    ("api-config-auto-budget-0", lambda: _load_config({"language": {"layers": {"auto": {"budget": "0M"}}}}),
+     ["allows no trainable parameter"]),
 ]
 
 
