@@ -264,3 +264,40 @@ def test_cli_reports_bad_keep_as_exit_2(tmp_path):
     spec.write_text("mmtuning:\n  keep:\n    prompts: []\n")
     result = CliRunner().invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
     assert result.exit_code == 2 and "mmtuning.keep.prompts" in result.output
+
+
+def test_keep_under_two_process_gloo_ddp_keeps_ranks_identical_and_frozen_layers_frozen(tmp_path):
+    """tests/dist/keep_ranks.py under torchrun: the Trainer wraps the model in DDP, the keep forwards run on the
+    inner module (a second DDP forward in one step would fail) and their gradients are reduced with the task
+    loss's, so the adapters stay identical although each rank's keep rows come from its own training images."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "dist" / "keep_ranks.py"), str(tmp_path)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers: they share the new session
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    for mode in ("auto", "false"):
+        ranks = [torch.load(tmp_path / f"rank{r}_{mode}.pt") for r in (0, 1)]
+        assert all(r["world_size"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks)
+        for rank in ranks:  # step 0: LoRA B is 0, the adapters equal the base, so KL is 0
+            assert len(rank["keep"]) == 3 and all(v > 0 for v in rank["keep"][1:]), (mode, rank["keep"])
+        assert ranks[0]["keep"][1:] != ranks[1]["keep"][1:]  # each rank kept its own images
+        before, after = ranks[0]["before"], ranks[0]["after"]
+        assert all(torch.equal(value, ranks[1]["after"][name]) for name, value in after.items()), mode
+        frozen = [n for n in after if "language_model.layers." in n and ".layers.3." not in n]
+        trained = [n for n in after if ".language_model.layers.3." in n]
+        assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), mode
+        assert any(not torch.equal(before[n], after[n]) for n in trained), mode
