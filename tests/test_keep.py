@@ -3,9 +3,11 @@ integration, both targets, 4-bit bitsandbytes on CPU, gradient checkpointing and
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 from PIL import Image
 from transformers import TrainerCallback, TrainingArguments
 
@@ -268,27 +270,9 @@ def test_cli_reports_bad_keep_as_exit_2(tmp_path):
 
 def test_keep_under_two_process_gloo_ddp_keeps_ranks_identical_and_frozen_layers_frozen(tmp_path):
     """tests/dist/keep_ranks.py under torchrun: the Trainer wraps the model in DDP, the keep forwards run on the
-    inner module (a second DDP forward in one step would fail) and their gradients are reduced with the task
-    loss's, so the adapters stay identical although each rank's keep rows come from its own training images."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(root / "tests" / "dist" / "keep_ranks.py"), str(tmp_path)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers: they share the new session
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    inner module and their gradients are reduced in the task loss's backward, so the adapters stay identical
+    although each rank's keep rows come from its own training images."""
+    run_two_ranks(Path(__file__).parent / "dist" / "keep_ranks.py", tmp_path, timeout=240)
     for mode in ("auto", "false"):
         ranks = [torch.load(tmp_path / f"rank{r}_{mode}.pt") for r in (0, 1)]
         assert all(r["world_size"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks)
