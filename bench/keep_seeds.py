@@ -78,7 +78,9 @@ def measure(seed: int, arm: str, recipe: dict, steps: int, threads: int, out: Pa
                       recipes={arm: recipe})
     result = report["arms"][arm]
     return {"seed": seed, "arm": arm, "E": result["E"], "F": result["F"], "O": result["O"], "before": result["before"],
-            "after": result["after"], "curve": result["curve"], "seconds": time.time() - started, "steps": steps}
+            "after": result["after"], "curve": result["curve"], "seconds": time.time() - started, "steps": steps,
+            "trainable_params": result["trainable_params"], "step_seconds": result["step_seconds"],
+            "step_cpu_seconds": result["step_cpu_seconds"]}
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class ArmResult:
     loss: list[tuple[int, float]] = field(default_factory=list)
     adapter: str = ""
     seconds: float = 0.0
+    step_seconds: float = 0.0  # training only (evaluations excluded): wall and this process's CPU time per step
+    step_cpu_seconds: float = 0.0
     keep: dict[str, Any] = field(default_factory=dict)  # what `keep:` showed before training (prompts, base answers)
 
     @property
@@ -163,21 +165,29 @@ def run_arm(name: str, recipe: dict[str, Any], settings: DemoSettings, train: li
             processor, on_event: Event) -> ArmResult:
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-    from ..integrations.hf import MMTuningTrainer
+    from ..integrations.hf import MMTuningTrainer, first_batches
     from ..session import MMTuning
 
     started = time.time()
     block = recipe["mmtuning"]
     session = MMTuning(block, where=f"{name}.mmtuning")
     torch.manual_seed(settings.seed)
-    model = session.wrap(load_base(settings.model_dir, session, settings.four_bit))
+    collate = lambda rows: training_batch(rows, processor.tokenizer.pad_token_id)  # noqa: E731
+    probe = first_batches(train, collate, settings.batch_size) if session.needs_probe() else None  # layers: auto
+    model = session.wrap(load_base(settings.model_dir, session, settings.four_bit), probe_batches=probe,
+                         seed=settings.seed)
     tokenizer = processor.tokenizer
     checkpoints = curve_steps(settings.steps, settings.curve_points)
     result = ArmResult(name, recipe.get("label", name), block, session.plan.trainable_params() or 0,
                        before={}, after={})
 
+    eval_clock = [0.0, 0.0]  # wall, CPU seconds spent evaluating
+
     def measure(step: int) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
         accuracies = sets.measure(model, tokenizer)
+        eval_clock[0] += time.perf_counter() - wall
+        eval_clock[1] += time.process_time() - cpu
         result.curve.append({"step": step, **accuracies})
         on_event("eval", name, step, accuracies)
 
@@ -208,11 +218,14 @@ def run_arm(name: str, recipe: dict[str, Any], settings: DemoSettings, train: li
             remove_unused_columns=False, dataloader_num_workers=0,
         )
         trainer = MMTuningTrainer(model=model, args=args, train_dataset=train, mmtuning=session, processing_class=processor,
-                                  data_collator=lambda rows: training_batch(rows, tokenizer.pad_token_id),
+                                  data_collator=collate,
                                   callbacks=[Progress()])
         trainer.remove_callback(PrinterCallback)  # the demo draws its own progress bar
         on_event("start", name, settings.steps)
+        before_eval, wall, cpu = list(eval_clock), time.perf_counter(), time.process_time()
         trainer.train()
+        result.step_seconds = (time.perf_counter() - wall - (eval_clock[0] - before_eval[0])) / settings.steps
+        result.step_cpu_seconds = (time.process_time() - cpu - (eval_clock[1] - before_eval[1])) / settings.steps
     measure(settings.steps)
     result.after = dict(result.curve[-1]); result.after.pop("step")
     adapter = settings.out / name / "adapter"
