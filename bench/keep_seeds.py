@@ -1,6 +1,6 @@
 """E/F/O of `keep:` over seeds: plain LoRA, the demo recipe without keep, with `target: kl` and `target: answers`.
 
-    PYTHONPATH=. python bench/keep_seeds.py --seeds 0 1 2 3 4 [--steps 400] [--out /tmp/keep-seeds]
+    PYTHONPATH=. python bench/keep_seeds.py --seeds 0 1 2 3 4 [--steps 400] [--jobs 2] [--out /tmp/keep-seeds]
 
 Every arm is the demo's runner (same 4-bit base, training stream, steps, learning rate, 128 + 128 held-out
 items); the variants differ only in their `mmtuning:` block, derived here from recipes.yaml's `mmtuning` arm.
@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from mmtuning_plugin.demo.runner import DemoSettings, load_recipes, run_demo
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_ramp1")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="(seed, arm) runs at once, one process each")
     parser.add_argument("--out", type=Path, default=Path("/tmp/keep-seeds"))
     args = parser.parse_args()
     recipes = variants(args.targets)
@@ -51,23 +54,33 @@ def main() -> None:
     log = args.out / "results.jsonl"
     print(f"{'seed':>4} {'arm':<20} {'target b->a':>13} {'general b->a':>13} {'E':>7} {'F':>7} {'O':>7}  "
           f"per question type (after)  s", flush=True)
-    for seed in args.seeds:
-        for arm in arms:  # one arm per run_demo call: each line is written as soon as it exists
-            target = args.out / f"seed{seed}-{arm}"
-            shutil.rmtree(target, ignore_errors=True)
-            started = time.time()
-            report = run_demo(DemoSettings(steps=args.steps, seed=seed, out=target, arms=(arm,), threads=args.threads),
-                              recipes=recipes)
-            result = report["arms"][arm]
-            b, a = result["before"], result["after"]
-            line = {"seed": seed, "arm": arm, "E": result["E"], "F": result["F"], "O": result["O"], "before": b,
-                    "after": a, "seconds": time.time() - started, "steps": args.steps}
+    runs = [(seed, arm) for seed in args.seeds for arm in arms]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:  # one (seed, arm) per process at a time
+        futures = [pool.submit(measure, seed, arm, recipes[arm], args.steps, args.threads, args.out) for seed, arm in runs]
+        for future in as_completed(futures):  # each line is written as soon as it exists
+            line = future.result()
             with log.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")
+            b, a = line["before"], line["after"]
             kinds = " ".join(f"{k} {100 * v:.0f}" for k, v in a.get("by_question", {}).items())
-            print(f"{seed:>4} {arm:<20} {100 * b['target']:>5.1f}->{100 * a['target']:<6.1f} "
-                  f"{100 * b['general']:>5.1f}->{100 * a['general']:<6.1f} {result['E']:>+7.1f} {result['F']:>+7.1f} "
-                  f"{result['O']:>+7.1f}  {kinds}  {line['seconds']:.0f}", flush=True)
+            print(f"{line['seed']:>4} {line['arm']:<20} {100 * b['target']:>5.1f}->{100 * a['target']:<6.1f} "
+                  f"{100 * b['general']:>5.1f}->{100 * a['general']:<6.1f} {line['E']:>+7.1f} {line['F']:>+7.1f} "
+                  f"{line['O']:>+7.1f}  {kinds}  {line['seconds']:.0f}", flush=True)
+
+
+def measure(seed: int, arm: str, recipe: dict, steps: int, threads: int, out: Path) -> dict:
+    """One arm on one seed, exactly as `mmtune demo --seed SEED` runs it (one process, one arm)."""
+    target = out / f"seed{seed}-{arm}"
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.time()
+    report = run_demo(DemoSettings(steps=steps, seed=seed, out=target, arms=(arm,), threads=threads, jobs=1),
+                      recipes={arm: recipe})
+    result = report["arms"][arm]
+    return {"seed": seed, "arm": arm, "E": result["E"], "F": result["F"], "O": result["O"], "before": result["before"],
+            "after": result["after"], "curve": result["curve"], "seconds": time.time() - started, "steps": steps,
+            "trainable_params": result["trainable_params"], "step_seconds": result["step_seconds"],
+            "step_cpu_seconds": result["step_cpu_seconds"]}
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ draws the first as tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from .arch import MODALITIES
+
+from .config import layer_span
+from .errors import MMTuningError
 
 REPORT_FILE = "mmtuning_report.json"
 REPORT_VERSION = 1
@@ -39,12 +43,14 @@ def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
-    """The JSON report of `inspect-targets` (also what the table is drawn from)."""
+def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None,
+                   probe_batches: Any = None, seed: int = 0) -> dict[str, Any]:
+    """The JSON report of `inspect-targets` (also what the table is drawn from); with `probe_batches` the
+    `layers: auto` probe picks the layers and its scores are in `plan.probe`."""
+    from .probe import plan_with_probe
     from .schedules import schedule_plan
-    from .targets import plan_targets
 
-    plan = plan_targets(model, config)
+    plan = plan_with_probe(model, config, probe_batches, seed)
     layout = plan.layout
     modalities = {}
     for modality, row in plan_modalities(plan).items():
@@ -68,6 +74,44 @@ def inspect_report(model_name: str, model, config: dict[str, Any], steps: Option
 
         report["quant"] = memory_estimate(model, plan.config.quant, plan)
     return report
+
+
+def probe_report(model_name: str, config: dict[str, Any], data, batch_size: int, seed: int,
+                 steps: Optional[int] = None, spinner: Any = None) -> dict[str, Any]:
+    """`inspect-targets MODEL --probe DATA`: the model's weights, the probe on DATA's items as training batches
+    (inside `spinner`, the CLI's progress display, when given)."""
+    from .config import load_config
+    from .evaluate import item_batches, load_model_and_processor, read_items
+
+    items = read_items(data, "probe")
+    config, implied = probe_config(config)
+    load_config(config)  # bad settings fail before the weights load
+    model, processor = load_model_and_processor(model_name, "--probe")
+    with spinner if spinner is not None else contextlib.nullcontext():
+        report = inspect_report(model_name, model, config, steps, item_batches(items, processor, batch_size), seed)
+    if implied:
+        report["probe_note"] = (f"no `layers: auto` in the spec, so --probe scored {implied}.layers as `auto` (the top "
+                                f"half); write `{implied}.layers: {{auto: {{top_k: N}}}}` or `{{auto: {{budget: 2M}}}}` to "
+                                f"set the limit.")
+    return report
+
+
+def probe_config(config: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+    """The spec for `--probe`: as given when a modality has `layers: auto`; otherwise language.layers becomes auto
+    (when the spec leaves language's layers to their default), so `--probe DATA` alone shows the scores."""
+    from .config import load_config
+    from .probe import auto_modalities
+
+    parsed = load_config(config)
+    if auto_modalities(parsed):
+        return config, None
+    language = parsed.language
+    if not language.enabled or "layers" in language.model_fields_set:
+        raise MMTuningError("--probe scores the layers of a modality with `layers: auto`, and this spec has none; "
+                            "write e.g. --set language.layers=auto (or {auto: {top_k: 4}}), or drop --probe.")
+    block = config.get("language")
+    block = dict(block) if isinstance(block, dict) else {}
+    return {**config, "language": {**block, "layers": "auto"}}, "language"
 
 
 # --- the run report: mmtuning_report.json ------------------------------------------------------------------
@@ -189,8 +233,8 @@ def summary_line(report: dict[str, Any], path: Path) -> str:
     parts = []
     for modality, row in report["plan"]["modalities"].items():
         if row["targets"]:
-            layers = row["selected_layers"]
-            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
+            layers = row["selected_layers"]  # probed layers need not be contiguous: layer_span writes gaps
+            where = f" in layers {layer_span(layers)}" if layers and len(layers) > 1 else (
                 f" in layer {layers[0]}" if layers else "")
             parts.append(f"{modality} {row['targets']}{where} (r={row['r']})")
     groups = ", ".join(f"{g['name']} {g['params']:,}" for g in report["optimizer_groups"])

@@ -48,8 +48,30 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
         out.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
     if "quant" in report:
         print_quant(report["quant"])
+    if "probe" in plan:
+        print_probe(plan["probe"], out)
+        if "probe_note" in report:
+            out.print(f"note: {report['probe_note']}", highlight=False)
     print_schedule(report["schedule"])
 
+
+def print_probe(probe: dict[str, Any], out: Console) -> None:
+    """Each probed layer's share of task and of general importance, their ratio, and the chosen ones."""
+    table = Table(title=f"layers: auto - probe on {probe['batches']} batch(es), {probe['answer_tokens']} answer tokens "
+                        f"(general: {probe['general']})", title_justify="left")
+    for column in ("modality", "layer", "task %", "general %", "score", "adapter params", "chosen"):
+        table.add_column(column, justify="left" if column in ("modality", "chosen") else "right")
+    for modality, row in probe["modalities"].items():
+        for index, layer in enumerate(row["layers"]):
+            label = modality if index == 0 else f"[dim]{row['limit']}[/]" if index == 1 else ""
+            table.add_row(label, str(layer["layer"]),
+                          f"{100 * layer['task']:.1f}", f"{100 * layer['general']:.1f}", f"{layer['score']:.3f}",
+                          human(layer["params"]), "yes" if layer["chosen"] else "")
+        table.add_section()
+    out.print(table)
+    out.print("score = task share / general share; above 1 the task leans on the layer more than the model's current "
+              "answers do. Chosen: " + "; ".join(f"{m} {layer_span(r['chosen'])}" for m, r in probe["modalities"].items()),
+              highlight=False)
 
 
 def print_quant(quant: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ class MMTuning:
         self.log: Callable[[str], None] = _default_log
         self.plan: TargetPlan | None = None
         self._planned_on: int | None = None
+        self._planned_ahead = False  # plan_ahead's every-layer stand-in for a `layers: auto` plan
         self.losses = LossSuite(self.config.losses)
         self.keep = None
         if self.config.keep is not None:  # reads keep files now: bad keep input fails before weights load
@@ -109,11 +110,15 @@ class MMTuning:
 
         return {"quantization_config": BitsAndBytesConfig(**kwargs)}
 
-    def after_load(self, model: nn.Module) -> TargetPlan:
-        """The loaded (not yet wrapped) model: plan on its real names, check its quantization against `quant:`, run
+    def after_load(self, model: nn.Module, probe_batches: Any = None, seed: int = 0, log: Any = None) -> TargetPlan:
+        """The loaded (not yet wrapped) model: plan on its real names (probing `probe_batches` under `layers: auto`;
+        without them every layer stands in until `wrap` gets them), check its quantization against `quant:`, run
         mmtuning's k-bit preparation where the host leaves it to mmtuning, refuse `full` training of packed modules."""
         self.enter("loaded")
-        plan = self.plan_for(model)
+        if self.needs_probe() and probe_batches is None:
+            plan = self.plan_ahead(model)
+        else:
+            plan = self.plan_for(model, probe_batches, seed, log)
         if self.config.quant is not None:
             self.verify_quantized(model)
             self.quant_verified = True
@@ -133,15 +138,40 @@ class MMTuning:
 
     # --- adapters (phase 4) ----------------------------------------------------------------------------
 
-    def plan_for(self, model: nn.Module) -> TargetPlan:
-        self.plan = plan_targets(model, self.config)
+    def plan_for(self, model: nn.Module, probe_batches: Any = None, seed: int = 0, log: Any = None) -> TargetPlan:
+        """The exact plan for `model`. Under `layers: auto` the probe (probe.py) first scores the layers on
+        `probe_batches` (the first collated training batches, labels included) on this unwrapped model."""
+        from .probe import plan_with_probe
+
+        self.plan = plan_with_probe(model, self.config, probe_batches, seed, log)
         self._planned_on = id(model)
+        self._planned_ahead = False
         return self.plan
 
-    def wrap(self, model: nn.Module, adapter_name: str = "default", **peft_overrides: Any):
-        """Plan (unless `after_load` just planned this model), wrap with PEFT and verify: the PeftModel to train."""
+    def plan_ahead(self, model: nn.Module) -> TargetPlan:
+        """A plan before any data exists (a host's meta skeleton, or `after_load` before the probe's batches):
+        `layers: auto` modalities take every layer here, and plan_for with the probe's batches replaces it before
+        wrapping."""
+        from .probe import plan_unprobed
+
+        self.plan = plan_unprobed(model, self.config)
+        self._planned_on = id(model)
+        self._planned_ahead = self.needs_probe()
+        return self.plan
+
+    def needs_probe(self) -> bool:
+        """True when `layers: auto` asks for training batches before the model can be wrapped."""
+        from .probe import auto_modalities
+
+        return bool(auto_modalities(self.config))
+
+    def wrap(self, model: nn.Module, adapter_name: str = "default", probe_batches: Any = None, seed: int = 0,
+             **peft_overrides: Any):
+        """Plan (unless `after_load` just planned this model exactly; probing `probe_batches` under `layers: auto`),
+        wrap with PEFT and verify: the PeftModel a trainer should train."""
         self.enter("adapters")
-        plan = self.plan if self.plan is not None and self._planned_on == id(model) else self.plan_for(model)
+        planned = self.plan is not None and self._planned_on == id(model) and not self._planned_ahead
+        plan = self.plan if planned else self.plan_for(model, probe_batches, seed)
         if plan.modules_to_save:
             from .quant import check_modules_to_save
 

@@ -1,0 +1,90 @@
+"""The survey's three tuning paradigms on the demo: E/F/O, trainable parameters and step time per method,
+each with and without `keep:`.
+
+    PYTHONPATH=. python bench/paradigms.py --seeds 0 1 2 [--steps 400] [--jobs 2] [--out /tmp/paradigms]
+
+Every arm is the demo's runner (`mmtune demo`'s 4-bit tiny LLaVA, training stream, steps, learning rate and
+128 + 128 held-out items); the methods differ only in their `mmtuning:` block (METHODS below). "+ keep" adds
+the demo recipe's `keep:` block unchanged. One JSON line per (seed, arm) goes to OUT/results.jsonl as soon as
+it exists. Step time is training only (evaluations excluded), wall and CPU seconds of the arm's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from keep_seeds import measure  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from mmtuning_plugin.demo.runner import load_recipes
+
+LAST_LANGUAGE_LAYER = "model.language_model.layers.3"  # the demo model has 4 language layers
+
+# paradigm, method -> the mmtuning: block (None: take it from recipes.yaml by that name)
+METHODS: dict[str, tuple[str, dict | None]] = {
+    "plain_lora": ("reparameterization", None),
+    "mmtuning": ("reparameterization", None),
+    "ia3": ("additive", {"method": "ia3", "vision": False, "projector": {}, "language": {"modules": "all-linear"}}),
+    "layernorm": ("selective", {"vision": False, "projector": {"selective": "full"}, "language": {"selective": "layernorm"}}),
+    "bias": ("selective", {"vision": {"selective": "bias", "layers": {"top": 1}}, "projector": {"selective": "bias"},
+                           "language": {"selective": "layernorm"}}),
+    "top1_full": ("selective", {"vision": False, "projector": {"selective": "full"},
+                                "language": {"selective": "full", "layers": {"top": 1}},
+                                "quant": {"preset": "balanced", "keep_16bit": [LAST_LANGUAGE_LAYER]}}),
+    "spider": ("selective", {"vision": False, "projector": {"selective": "full"},
+                             "language": {"selective": {"method": "spider", "mask_ratio": 0.1}, "layers": {"top": 1}},
+                             "quant": {"preset": "balanced", "keep_16bit": [LAST_LANGUAGE_LAYER]}}),
+    "layers_auto": ("reparameterization", None),  # the recipe with `language.layers: {auto: {top_k: 2}}`
+}
+
+
+def arms() -> dict[str, dict]:
+    recipes = load_recipes()
+    keep = recipes["mmtuning"]["mmtuning"]["keep"]
+    out: dict[str, dict] = {}
+    for name, (paradigm, block) in METHODS.items():
+        if block is None:
+            base = recipes["mmtuning" if name == "layers_auto" else name]["mmtuning"]
+            block = copy.deepcopy(base)
+            if name == "layers_auto":
+                block["language"] = {**block["language"], "layers": {"auto": {"top_k": 2}}}
+        block = {k: v for k, v in copy.deepcopy(block).items() if k != "keep"}
+        if "quant" not in block and name != "plain_lora":
+            block["quant"] = "balanced"
+        out[name] = {"label": name, "paradigm": paradigm, "mmtuning": block}
+        out[f"{name}+keep"] = {"label": f"{name} + keep", "paradigm": paradigm, "mmtuning": {**block, "keep": keep}}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(arms())}")
+    parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) runs at once, one process each")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/paradigms"))
+    args = parser.parse_args()
+    recipes = arms()
+    chosen = args.arms or list(recipes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "results.jsonl"
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = [pool.submit(measure, seed, arm, recipes[arm], args.steps, 1, args.out)
+                   for seed in args.seeds for arm in chosen]
+        for future in as_completed(futures):
+            line = future.result()
+            line["paradigm"] = recipes[line["arm"]]["paradigm"]
+            with log.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+            print(f"{line['seed']:>4} {line['arm']:<18} E {line['E']:+6.1f} F {line['F']:+6.1f} O {line['O']:+6.1f} "
+                  f"trainable {line['trainable_params']:>8} step {line['step_seconds']:.3f}s "
+                  f"(cpu {line['step_cpu_seconds']:.3f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
