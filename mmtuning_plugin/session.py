@@ -48,6 +48,9 @@ class MMTuning:
 
     def verify(self, model: nn.Module, adapter_name: str = "default") -> None:
         """Check a model a host wrapped itself (from `peft_config(plan)`) against the plan, then attach."""
+        from .selective.runtime import settle_selected
+
+        settle_selected(model, self.require_plan())  # a host's PEFT trains modules_to_save copies whole
         verify_wrapped(model, self.require_plan(), adapter_name)
         self.attach(model)
 
