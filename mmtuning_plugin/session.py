@@ -107,10 +107,13 @@ class MMTuning:
         return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
-        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses."""
+        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), SPIDER's
+        update mask, losses."""
         from .schedules import schedule_callback
+        from .selective.spider import spider_callback  # a no-op unless a modality uses `selective: spider`
 
-        return [schedule_callback(self), *self.losses.callbacks(), *([self.keep.callback()] if self.keep else [])]
+        return [schedule_callback(self), spider_callback(self), *self.losses.callbacks(),
+                *([self.keep.callback()] if self.keep else [])]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
         """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.
