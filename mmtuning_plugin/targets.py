@@ -161,8 +161,7 @@ class TargetPlan:
             "r": self.r,
             "alpha": self.alpha,
             "trainable_params": self.trainable_params(),
-            "selective": {m: {"method": s.method, "modules": [i.name for i in self.selected_of(m)]}
-                          for m in MODALITIES if (s := self.config.spec(m).selective) is not None and self.config.spec(m).enabled},
+            "selective": {s.modality: s.method for s in self.selected},
         }
 
 
