@@ -138,13 +138,14 @@ def _refuse_packed(base: nn.Module, layout: ModelLayout, config: MMTuningConfig,
         f"{where}.selective: {method} trains {len(packed)} module(s) of {modality} whole or their bias through a "
         f"trainable copy, but they load quantized ({modality}: {precision}): {shown}. A packed quantized weight "
         f"cannot be copied and trained. Keep {modality} 16-bit (`quant: {{{modality}: none}}`), keep those layers "
-        f"16-bit (`quant: {{keep_16bit: [...]}}`, e.g. `layers.{_layer_hint(selected, packed)}`), or use "
+        f"16-bit (add `{_block_of(packed[-1])}` to `quant.keep_16bit`), or use "
         f"`selective: layernorm` or adapters (remove `selective`) on {modality}.")
 
 
-def _layer_hint(selected: list[SelectedModule], packed: list[str]) -> str:
-    layers = sorted({s.layer for s in selected if s.name in packed and s.layer is not None})
-    return str(layers[-1]) if layers else "N"
+def _block_of(name: str) -> str:
+    """The numbered layer a module sits in (`model.language_model.layers.31`), or the module itself."""
+    match = re.match(r"(.*\.\d+)\.", name)
+    return match.group(1) if match else name
 
 
 def summary(selected: list[SelectedModule]) -> dict[str, Any]:
