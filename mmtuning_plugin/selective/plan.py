@@ -111,7 +111,7 @@ def _blocks(base: nn.Module, stacks: tuple[str, ...]) -> list[str]:
 
 
 def _nothing_found(layout: ModelLayout, modality: str, method: str, layers: list[int] | None, where: str) -> str:
-    place = f"layers {layer_span(layers)} of {modality}" if layers is not None else modality
+    place = f"layer{'s' if len(layers) > 1 else ''} {layer_span(layers)} of {modality}" if layers else modality
     what = {"layernorm": "has no normalization layer with weights",
             "bias": "has no bias (neither its selected Linear modules nor its norms have one)",
             }.get(method, "has no Linear module")
