@@ -92,9 +92,8 @@ def selective_row(plan, modality: str) -> Optional[dict[str, Any]]:
 def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     out = out or console
     table = Table(title=f"{report['model']} ({report['model_type']}, map: {report['map_source']})", title_justify="left")
-    numeric = ("modules", "params", "trainable", "train bytes", "optimizer")
-    for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", *numeric[2:]):
-        table.add_column(column, justify="right" if column in numeric else "left")
+    for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", "trainable"):
+        table.add_column(column, justify="right" if column in ("modules", "params", "trainable") else "left")
     for modality, row in report["modalities"].items():
         on, selective = row["enabled"], row.get("selective")
         table.add_row(
@@ -106,21 +105,13 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
             human(row["params"]),
             f"{row['r']}/{row['alpha']:g}" if on and not selective else "-",
             human(row["trainable_params"]) if on else "0",
-            _bytes(row["trainable_bytes"]) if on else "0",
-            _bytes(row["optimizer_state_bytes"]) if on else "0",
         )
     plan = report["plan"]
-    rows = report["modalities"].values()
     table.add_section()
     table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
-                  human(sum(r["params"] for r in rows)), "", human(plan["trainable_params"]),
-                  *(_bytes(_sum(r[key] for r in rows if r["enabled"])) for key in ("trainable_bytes", "optimizer_state_bytes")))
+                  human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
     out.print(table)
-    for modality, row in report["modalities"].items():
-        if row["enabled"] and row.get("selective"):
-            print_selective(modality, row["selective"], out)
-    if plan["target_parameters"]:
-        out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
+    print_training_memory(report["modalities"], out)
     selected = {m for row in report["modalities"].values() for m in (row.get("selective") or {}).get("modules", [])}
     whole = [m for m in plan["modules_to_save"] if m not in selected]
     if whole:
@@ -129,6 +120,39 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
         print_quant(report["quant"])
     print_schedule(report["schedule"])
 
+
+
+def print_training_memory(modalities: dict[str, Any], out: Console) -> None:
+    """What training adds per modality: trainable tensors (fp32 value + gradient), Adam's two fp32 states, and
+    what a selective method adds (copied-but-frozen tensors, SPIDER's mask state); then one line per method."""
+    table = Table(title="training memory (Adam: 2 fp32 states per trainable parameter)", title_justify="left")
+    for column in ("modality", "trainable", "bytes", "optimizer", "extra"):
+        table.add_column(column, justify="left" if column == "modality" else "right")
+    rows = {m: r for m, r in modalities.items() if r["enabled"]}
+    for modality, row in rows.items():
+        extra = _extra_bytes(row.get("selective"))
+        table.add_row(modality, human(row["trainable_params"]), _bytes(row["trainable_bytes"]),
+                      _bytes(row["optimizer_state_bytes"]), _extra_text(extra))
+    table.add_section()
+    table.add_row("total", human(_sum(r["trainable_params"] for r in rows.values())),
+                  *(_bytes(_sum(r[key] for r in rows.values())) for key in ("trainable_bytes", "optimizer_state_bytes")),
+                  _extra_text(sum(_extra_bytes(r.get("selective")) for r in rows.values())))
+    out.print(table)
+    for modality, row in rows.items():
+        if row.get("selective"):
+            print_selective(modality, row["selective"], out)
+
+
+def _extra_text(value: int) -> str:
+    return human_bytes(value) if value else "-"
+
+
+def _extra_bytes(selective: Optional[dict[str, Any]], dtype_bytes: int = 2) -> int:
+    """A selective method's memory beyond trainable and optimizer bytes: the copy's frozen tensors (16-bit)
+    and SPIDER's state."""
+    if not selective:
+        return 0
+    return selective["frozen_copy_params"] * dtype_bytes + selective.get("extra_state_bytes", 0)
 
 
 def print_selective(modality: str, row: dict[str, Any], out: Console) -> None:
