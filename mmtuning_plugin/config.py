@@ -529,7 +529,8 @@ def validate_losses(value: Any) -> dict[str, LossOptions]:
 SELECTIVE_METHODS: dict[str, str] = {
     "layernorm": "the weights and biases of the normalization layers in the selected layers (LayerNorm tuning)",
     "bias": "the biases of the selected Linear modules and of the norms in the selected layers (BitFit)",
-    "full": "the whole weights of the selected Linear modules (e.g. `layers: {top: 2}`: the top two layers)",
+    "full": "every weight of the selected layers: their Linear modules and norms (e.g. `layers: {top: 2}`: the top "
+            "two layers whole); with `modules:`, only those Linear modules",
     "spider": "like `full`, but each step updates only the weights whose accumulated gradient importance exceeds "
               "their pre-trained magnitude (SPIDER, ICML 2025), at most `mask_ratio` of them",
 }

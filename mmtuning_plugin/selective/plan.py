@@ -49,8 +49,10 @@ def plan_selective(model: nn.Module, layout: ModelLayout, config: MMTuningConfig
     elif method == "bias":
         found = [(leaf.name, leaf.layer, base.get_submodule(leaf.name)) for leaf in linears] + norms
         candidates = [(name, layer, ("bias",)) for name, layer, module in found if _has(module, "bias")]
-    else:  # full, spider: the whole Linear
-        candidates = [(leaf.name, leaf.layer, _own(base.get_submodule(leaf.name))) for leaf in linears]
+    else:  # full, spider: whole Linear modules, and the layers' norms unless `modules:` names what to train
+        found = [(leaf.name, leaf.layer, base.get_submodule(leaf.name)) for leaf in linears]
+        found += [] if "modules" in config.spec(modality).model_fields_set else norms
+        candidates = [(name, layer, _own(module)) for name, layer, module in found]
     selected = [_selected(base, name, modality, layer, method, trained) for name, layer, trained in candidates if trained]
     if not selected:
         raise MMTuningError(_nothing_found(layout, modality, method, layers, where))
