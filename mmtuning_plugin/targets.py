@@ -235,6 +235,11 @@ def _plan_projector(model, layout: ModelLayout, config: MMTuningConfig, where: s
     if spec.full:
         return [], [], list(layout.modality_map.projector)
     if spec.selective is not None:  # its own Linear modules and norms (selective/plan.py); no bare adapter
+        if bare and spec.selective.method in ("full", "spider"):
+            raise MMTuningError(
+                f"{where}.selective: {spec.selective.method} trains Linear modules and norms, but the projector of "
+                f"'{layout.model_type}' is the bare weight {bare[0][0]}, which it would leave out; write "
+                f"`projector: {{full: true}}` to train it whole, or `selective: layernorm` for its norm.")
         return (_select(leaves, spec, where, layout) if leaves else []), [], []
     if not leaves and not bare:
         raise MMTuningError(
