@@ -81,6 +81,16 @@ class TargetPlan:
         return [m.name for m in self.modules]
 
     @property
+    def peft_target_modules(self) -> list[str] | str | None:
+        """`target_modules` for PEFT: PEFT's dummy marker when only modules_to_save train (selective tuning,
+        `projector: {full: true}`), since PEFT refuses a config that targets nothing."""
+        if self.modules_to_save and not self.modules and not self.parameters:
+            from peft.utils.constants import DUMMY_TARGET_MODULES
+
+            return DUMMY_TARGET_MODULES
+        return self.target_modules or None
+
+    @property
     def target_parameters(self) -> list[str]:
         return [p.name for p in self.parameters]
 
@@ -322,12 +332,9 @@ def peft_config(plan: TargetPlan, **overrides: Any):
     """A PEFT config that wraps exactly `plan.target_modules` (full names, so no suffix surprises)."""
     from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 
-    from peft.utils.constants import DUMMY_TARGET_MODULES
-
     config = plan.config
-    only_saved = not plan.target_modules and not plan.target_parameters  # modules_to_save only (selective, full)
     common: dict[str, Any] = {
-        "target_modules": DUMMY_TARGET_MODULES if only_saved else plan.target_modules or None,
+        "target_modules": plan.peft_target_modules,
         "modules_to_save": plan.modules_to_save or None,
     }
     if config.method == "lora":
