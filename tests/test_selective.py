@@ -173,3 +173,20 @@ def test_inspect_targets_reports_trainable_bytes_optimizer_state_and_spider_memo
                                      "--set", "language.selective=spider"])
     text = " ".join(table.output.split())
     assert "language: selective spider on 9 modules" in text and "mask state 1.51 GiB" in text
+
+
+def test_verify_refuses_a_selected_module_whose_original_or_planned_tensor_changed_state():
+    from mmtuning_plugin.errors import PlanMismatchError
+
+    model, session = prepare_model(tiny_model("llava"), MIXED)
+    original = model.base_model.model.model.multi_modal_projector.linear_1.original_module.weight
+    original.requires_grad_(True)  # e.g. a host unfreezing base weights by name
+    with pytest.raises(PlanMismatchError, match=r"train but the selective plan keeps frozen.*linear_1.weight \(the original"):
+        session.verify(model)
+    original.requires_grad_(False)
+    norm = model.base_model.model.model.language_model.layers[3].input_layernorm.modules_to_save["default"].weight
+    norm.requires_grad_(False)
+    with pytest.raises(PlanMismatchError, match=r"selected tensors that do not train.*layers.3.input_layernorm.weight"):
+        session.verify(model)
+    norm.requires_grad_(True)
+    session.verify(model)

@@ -31,11 +31,12 @@ def selective_problems(model: nn.Module, plan: Any, adapter_name: str = "default
     wanted = {f"{s.name}.{local}": s for s in plan.selected for local in s.trained}
     trains, frozen_wrong, missing = set(), [], []
     marker = f".modules_to_save.{adapter_name}."
+    names = {s.name for s in plan.selected}
     for name, param in model.named_parameters():
-        owner = module_of(name)
-        if not any(owner == s.name for s in plan.selected):
+        prefix, local = name.rsplit(".", 1)
+        owner = module_of(prefix)  # the copy (`.modules_to_save.default`) or the original (`.original_module`)
+        if owner not in names:
             continue
-        local = name.rsplit(".", 1)[-1]
         key = f"{owner}.{local}"
         if marker in name:
             if key in wanted and param.requires_grad:
