@@ -111,7 +111,7 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
                   human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
     out.print(table)
-    print_training_memory(report["modalities"], out)
+    print_training_memory(report["modalities"], out, table="quant" not in report or _any_selective(report))
     selected = {m for row in report["modalities"].values() for m in (row.get("selective") or {}).get("modules", [])}
     whole = [m for m in plan["modules_to_save"] if m not in selected]
     if whole:
@@ -122,13 +122,26 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
 
 
 
-def print_training_memory(modalities: dict[str, Any], out: Console) -> None:
+def _any_selective(report: dict[str, Any]) -> bool:
+    return any(row.get("selective") for row in report["modalities"].values())
+
+
+def print_training_memory(modalities: dict[str, Any], out: Console, table: bool = True) -> None:
     """What training adds per modality: trainable tensors (fp32 value + gradient), Adam's two fp32 states, and
-    what a selective method adds (copied-but-frozen tensors, SPIDER's mask state); then one line per method."""
+    what a selective method adds (copied-but-frozen tensors, SPIDER's mask state); then one line per method.
+    `table=False` (the quant table already shows trainable and optimizer bytes): the lines only."""
+    rows = {m: r for m, r in modalities.items() if r["enabled"]}
+    if table:
+        _training_memory_table(rows, out)
+    for modality, row in rows.items():
+        if row.get("selective"):
+            print_selective(modality, row["selective"], out)
+
+
+def _training_memory_table(rows: dict[str, Any], out: Console) -> None:
     table = Table(title="training memory (Adam: 2 fp32 states per trainable parameter)", title_justify="left")
     for column in ("modality", "trainable", "bytes", "optimizer", "extra"):
         table.add_column(column, justify="left" if column == "modality" else "right")
-    rows = {m: r for m, r in modalities.items() if r["enabled"]}
     for modality, row in rows.items():
         extra = _extra_bytes(row.get("selective"))
         table.add_row(modality, human(row["trainable_params"]), _bytes(row["trainable_bytes"]),
@@ -138,9 +151,6 @@ def print_training_memory(modalities: dict[str, Any], out: Console) -> None:
                   *(_bytes(_sum(r[key] for r in rows.values())) for key in ("trainable_bytes", "optimizer_state_bytes")),
                   _extra_text(sum(_extra_bytes(r.get("selective")) for r in rows.values())))
     out.print(table)
-    for modality, row in rows.items():
-        if row.get("selective"):
-            print_selective(modality, row["selective"], out)
 
 
 def _extra_text(value: int) -> str:
