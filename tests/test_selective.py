@@ -190,3 +190,29 @@ def test_verify_refuses_a_selected_module_whose_original_or_planned_tensor_chang
         session.verify(model)
     norm.requires_grad_(True)
     session.verify(model)
+
+
+def test_spider_steps_are_deterministic_and_leave_masked_weights_exactly_in_place():
+    from mmtuning_plugin.selective.spider import MaskedTensor, SpiderMask
+
+    def run():
+        torch.manual_seed(0)
+        original = torch.nn.Linear(16, 16)
+        copy = torch.nn.Linear(16, 16)
+        copy.load_state_dict(original.state_dict())
+        spider = SpiderMask([MaskedTensor("w", "language", copy.weight, original.weight.detach(), 0.25)])
+        optimizer = torch.optim.AdamW([copy.weight], lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            before = copy.weight.detach().clone()
+            copy(torch.randn(4, 16)).pow(2).sum().backward()
+            spider.before_step()
+            mask = spider.tensors[0].mask
+            optimizer.step()
+            spider.after_step()
+            optimizer.zero_grad()
+            changed = copy.weight.detach() != before
+            assert not changed[~mask].any() and int(mask.sum()) <= 64  # a quarter of 256 at most
+        return copy.weight.detach().clone(), spider.applied["language"]
+
+    (first, ratios), (second, again) = run(), run()
+    assert torch.equal(first, second) and ratios == again and all(0 < r <= 0.25 for r in ratios)
