@@ -16,7 +16,7 @@ from .convert.cli import convert_app
 from .errors import MMTuningError, user_message
 from .eval_cli import eval_command
 from .integrations.llamafactory_cli import app as llamafactory_app
-from .report import inspect_report, print_report
+from .report import inspect_report, print_report, probe_report
 from .spec_input import read_spec
 
 app = typer.Typer(
@@ -48,6 +48,9 @@ def inspect_targets(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization policy (all-4bit, balanced, language-4bit, none): adds memory per modality."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total training steps, to show a schedule's fractions as steps."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="JSONL of task items ({\"image\", \"question\", \"answer\"} per line, as `mmtune eval` reads): run the `layers: auto` probe on them (MODEL must be a model directory with weights) and show each layer's scores. Without `layers: auto` in the spec, language.layers becomes auto."),
+    probe_batch_size: int = typer.Option(4, "--probe-batch-size", min=1, help="Items per probe batch."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the probe's forwards."),
 ) -> None:
     """Show which modules of each modality get adapters, with layer ranges and parameter counts."""
     from .loading import load_skeleton
@@ -56,7 +59,10 @@ def inspect_targets(
         config = read_spec(spec, sets)
         if quant is not None:
             config["quant"] = quant_option(quant, config.get("quant"))
-        report = inspect_report(model, load_skeleton(model), config, steps)
+        if probe is None:
+            report = inspect_report(model, load_skeleton(model), config, steps)
+        else:
+            report = probe_report(model, config, probe, probe_batch_size, seed, steps, quiet=as_json)
     except MMTuningError as error:
         fail(str(error))
     if as_json:
@@ -119,7 +125,9 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the training stream and adapter init (eval items are fixed)."),
     out: Path = typer.Option(Path("mmtune-demo"), "--out", help="Directory for adapters, results.json and curves.png."),
     four_bit: bool = typer.Option(True, "--four-bit/--no-four-bit", help="Load the base model in 4-bit NF4 (QLoRA)."),
-    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch."),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch, per arm."),
+    jobs: int = typer.Option(0, "--jobs", min=0, help="Arms trained at once, one process each (0: one per CPU core, "
+                                                       "up to the number of arms; 1: one after the other)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object (no tables, no progress)."),
 ) -> None:
     """Fine-tune the embedded tiny VLM on a new task twice (plain LoRA vs. mmtuning's recipe) and score
@@ -131,7 +139,7 @@ def demo(
         fail(f"mmtune demo needs pillow, tokenizers and matplotlib ({error}); install them with "
              f"pip install 'mmtuning-plugin[demo]'.")
 
-    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads)
+    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads, jobs=jobs)
     view = None if as_json else DemoConsole(console, settings)
     try:
         if view:

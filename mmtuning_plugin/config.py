@@ -150,19 +150,85 @@ EXTRAS_BY_MODALITY = {"vision": ("patch_embed",), "projector": (), "language": (
 _RANGE = re.compile(r"^(-?\d+)\s*-\s*(-?\d+)$")
 
 
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def parameter_count(value: Any) -> int:
+    """`2M`, `1.5m`, `500k`, `2e6` or a plain integer as a number of parameters."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of parameters; write e.g. 2M or 500k")
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgb]?)\s*", str(value).lower().replace("_", ""))
+    if match is None:
+        raise ValueError(f"cannot read {value!r} as a number of parameters; write e.g. 2M, 500k or 2000000")
+    return int(round(float(match.group(1)) * _UNITS[match.group(2)]))
+
+
+class AutoLayers(BaseModel):
+    """`layers: {auto: {...}}`: the layers are chosen by a short gradient probe on the first training batches
+    (mmtuning_plugin/probe.py, docs/layers-auto.md), which scores each layer's task importance against its general
+    importance. Give `top_k` or `budget` (at most one); `layers: auto` alone picks the top half."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: Optional[int] = Field(default=None, description="Choose this many layers, the best-scoring first.")
+    budget: Optional[int] = Field(
+        default=None, description="Trainable-parameter budget of this modality's adapters (`2M`, `500k`): the best-"
+        "scoring layers whose adapters fit in it (`include:` modules come on top).")
+    batches: int = Field(
+        default=4, ge=1, description="Training batches the probe runs on (one forward each). One probe serves every "
+        "`auto` modality, on the largest `batches` among them.")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a whole number of layers; write e.g. {{auto: {{top_k: 4}}}}")
+        if value < 1:
+            raise ValueError(f"{value} selects no layer; write top_k: 1 or more, or turn the modality off (`false`)")
+        return value
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        count = parameter_count(value)
+        if count < 1:
+            raise ValueError(f"{value!r} allows no trainable parameter; write a budget such as 2M, or turn "
+                             f"the modality off (`false`)")
+        return count
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "AutoLayers":
+        if self.top_k is not None and self.budget is not None:
+            raise ValueError("give either top_k (a number of layers) or budget (trainable parameters), not both")
+        return self
+
+    def describe(self) -> str:
+        if self.budget is not None:
+            return f"auto, budget {self.budget:,}"
+        return f"auto, top {self.top_k}" if self.top_k is not None else "auto, top half"
+
+
 class LayerSelection(BaseModel):
     """Which numbered layers of a modality get adapters.
 
     Written as `all`, `{top: N}` / `top:N`, `{bottom: N}` / `bottom:N`, `{fraction: 0.5}` (the top half),
-    or a list of indices and inclusive ranges such as `[0, 1, "4-7", -1]` / `"0-3,7"`.
+    a list of indices and inclusive ranges such as `[0, 1, "4-7", -1]` / `"0-3,7"`, or `auto` /
+    `{auto: {top_k: N}}` / `{auto: {budget: 2M}}` (chosen by a gradient probe, see `AutoLayers`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["all", "top", "bottom", "fraction", "indices"] = "all"
+    mode: Literal["all", "top", "bottom", "fraction", "indices", "auto"] = "all"
     count: int | None = Field(default=None, ge=1)
     fraction: float | None = Field(default=None, gt=0, le=1)
     indices: tuple[int, ...] | None = None
+    auto: AutoLayers | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +237,8 @@ class LayerSelection(BaseModel):
             return value
         if value is None or value == "all" or value == {}:
             return {"mode": "all"}
+        if value == "auto" or (isinstance(value, dict) and "auto" in value):
+            return _parse_auto(value)
         if isinstance(value, bool):
             raise ValueError("write `all`, `{top: N}`, `{bottom: N}`, `{fraction: F}` or a list of indices, not true/false")
         if isinstance(value, int):
@@ -187,6 +255,12 @@ class LayerSelection(BaseModel):
         """The selected indices among a modality's `num_layers` usable layers (`total` counts unused ones too:
         layers after the one a model reads its vision features from, which never get a gradient)."""
         total = num_layers if total is None else total
+        if self.mode == "auto":
+            raise MMTuningError(f"{where}: `layers: auto` chooses layers with a gradient probe on training batches, "
+                                f"and none were given here. Give the probe data: pass the unwrapped model to "
+                                f"MMTuningTrainer with its train_dataset (it probes the first batches), call "
+                                f"MMTuning.wrap(model, probe_batches=...), or run `mmtune inspect-targets MODEL "
+                                f"--probe DATA.jsonl`; or write the layers yourself (e.g. {{top: 4}}).")
         if total > num_layers and self.mode == "indices":
             late = [i for i in self.indices if num_layers <= i < total]
             if late:
@@ -216,6 +290,8 @@ class LayerSelection(BaseModel):
         return sorted({i % num_layers for i in self.indices})
 
     def describe(self) -> str:
+        if self.mode == "auto":
+            return self.auto.describe()
         if self.mode == "all":
             return "all"
         if self.mode in ("top", "bottom"):
@@ -240,6 +316,22 @@ def _indices_of(item: Any) -> list[int]:
         if re.fullmatch(r"-?\d+", item.strip()):
             return [int(item)]
     raise ValueError(f"cannot read layer index {item!r}; write a number or an inclusive range like '4-7'")
+
+
+def _parse_auto(value: Any) -> dict:
+    """`auto` or `{auto: {top_k: N}}` / `{auto: {budget: 2M}}` (`{auto: N}` is short for top_k N)."""
+    if value == "auto":
+        return {"mode": "auto", "auto": {}}
+    if set(value) != {"auto"}:
+        raise ValueError(f"layers {value!r}: `auto` stands alone; write {{auto: {{top_k: N}}}} or {{auto: {{budget: 2M}}}}")
+    options = value["auto"]
+    if options is None or options is True:
+        options = {}
+    elif isinstance(options, int) and not isinstance(options, bool):
+        options = {"top_k": options}
+    elif not isinstance(options, (dict, AutoLayers)):
+        raise ValueError(f"layers {{auto: {options!r}}}: write {{auto: {{top_k: N}}}} or {{auto: {{budget: 2M}}}}")
+    return {"mode": "auto", "auto": options}
 
 
 def _parse_layer_string(text: str) -> dict:
@@ -605,7 +697,8 @@ class ModalitySpec(BaseModel):
     layers: LayerSelection = Field(
         default_factory=LayerSelection,
         description="Which layers: `all`, `{top: N}`, `{bottom: N}`, `{fraction: F}` (top share) or indices/ranges "
-        "like `[0, \"4-7\", -1]`. For the projector only where it has layers of its own (BLIP-2's Q-Former); an error elsewhere.",
+        "like `[0, \"4-7\", -1]`, or `auto` / `{auto: {top_k: N}}` / `{auto: {budget: 2M}}`: chosen by a gradient "
+        "probe on the first training batches (AutoLayers, docs/layers-auto.md). For the projector only where it has layers of its own (BLIP-2's Q-Former); an error elsewhere.",
     )
     include: list[Literal["patch_embed", "embed_tokens", "lm_head"]] = Field(
         default_factory=list,
@@ -836,6 +929,9 @@ class MMTuningConfig(BaseModel):
             if wrong:
                 raise ValueError(f"{modality}.include: {wrong} do not belong to {modality}; allowed: {list(allowed) or 'none'}")
             check_selective(modality, spec)
+            if spec.layers.mode == "auto" and modality == "projector":
+                raise ValueError("projector.layers: auto ranks vision and language layers; write the projector's layers "
+                                 "yourself (or remove `layers` from it)")
             if spec.full and modality != "projector":
                 raise ValueError(f"{modality}.full: only the projector can be trained whole; use adapters on {modality}")
         if self.projector.full and self.quant is not None and self.quant.projector != "none":

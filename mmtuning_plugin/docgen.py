@@ -75,6 +75,7 @@ def default_text(field: Any) -> str:
 
 
 def _models_in_order(root: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every documented model reachable from `root`, also through value models (LayerSelection -> AutoLayers)."""
     seen: list[type[BaseModel]] = []
 
     def visit(model: type[BaseModel]) -> None:
@@ -83,11 +84,11 @@ def _models_in_order(root: type[BaseModel]) -> list[type[BaseModel]]:
         seen.append(model)
         for field in model.model_fields.values():
             for candidate in [field.annotation, *typing.get_args(field.annotation)]:
-                if isinstance(candidate, type) and issubclass(candidate, BaseModel) and _documented(candidate):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                     visit(candidate)
 
     visit(root)
-    return seen
+    return [model for model in seen if model is root or _documented(model)]
 
 
 def config_markdown() -> str:

@@ -58,6 +58,24 @@ def read_items(path: Path, name: str) -> list[EvalItem]:
     return items
 
 
+def item_batches(items: Sequence[EvalItem], processor, batch_size: int = 4):
+    """Items as training batches (the probe's data): the question under the processor's chat template, the answer
+    and end token after it, labels on the answer only, right padding. A generator: only batches read are built."""
+    from .keep.rows import answer_batch, open_image, processed_row, template_renderer, user_messages
+
+    render = template_renderer(processor)
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(items), batch_size):
+        rows = []
+        for item in items[start: start + batch_size]:
+            row = processed_row(user_messages(item.question, 1), [open_image(item.image)], processor, render)
+            row.answer_ids = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(row)
+        batch, labels = answer_batch(rows, pad)
+        yield {**batch, "labels": labels}
+
+
 @torch.no_grad()
 def generate_answers(model, processor, items: Sequence[EvalItem], max_new_tokens: int = 16, batch_size: int = 16,
                      on_batch: Callable[[int], None] | None = None) -> list[str]:
@@ -117,6 +135,26 @@ def score_sets(model, processor, sets: dict[str, list[EvalItem]], match: str, ma
         report["sets"][name] = row
     report.update(efo(measured["before"], measured["after"]))
     return report
+
+
+def load_model_and_processor(model_dir: str, what: str):
+    """A local model directory's weights (float32) and its processor, which must have a chat template."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not Path(model_dir).is_dir():
+        raise MMTuningError(f"{what} needs the model's weights, and '{model_dir}' is not a local model directory; "
+                            f"pass the directory the model (config.json, weights, processor) was saved to.")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MMTuningError(f"{what}: could not load the model and processor from {model_dir} ({first}); pass a "
+                            f"directory with the weights and the processor saved in it.") from None
+    if getattr(processor, "chat_template", None) is None:
+        raise MMTuningError(f"{model_dir}: the processor has no chat template, so questions cannot be asked the way the "
+                            f"model is trained; save one with the processor.")
+    return model, processor
 
 
 def load_adapter_model(adapter: Path, base: str | None, four_bit: bool):

@@ -10,7 +10,7 @@ one in one message. Each host file names its keys in a `HostKeys` row and calls 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from .errors import MMTuningError
 
@@ -23,24 +23,27 @@ MODALITIES = ("vision", "projector", "language")
 
 @dataclass(frozen=True)
 class HostKeys:
-    """One host's names: block key -> host key for the defaults, the host keys the plan replaces, and what the
-    host itself offers instead of mmtuning's k-bit preparation (which runs only in the transformers Trainer)."""
+    """One host's names: block key -> host key for the defaults, the host keys the plan replaces, what the
+    host itself offers instead of mmtuning's k-bit preparation (which runs only in the transformers Trainer), and
+    the keys naming the model (first set one wins)."""
 
     host: str
     defaults: dict[str, str]
     targets: tuple[str, ...]
     kbit_instead: str
+    model: tuple[str, ...] = ()
 
 
 AXOLOTL = HostKeys("Axolotl", {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                "use_dora": "peft_use_dora", "use_rslora": "peft_use_rslora"},
                    ("lora_target_modules", "lora_target_linear"),
-                   "Axolotl runs PEFT's prepare_model_for_kbit_training itself; use its `gradient_checkpointing: true`")
+                   "Axolotl runs PEFT's prepare_model_for_kbit_training itself; use its `gradient_checkpointing: true`",
+                   ("base_model_config", "base_model"))
 LLAMAFACTORY = HostKeys("LLaMA-Factory", {"r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                           "use_dora": "use_dora", "use_rslora": "use_rslora"},
                         ("lora_target",),
                         "LLaMA-Factory prepares the model itself; use its `disable_gradient_checkpointing` and "
-                        "`upcast_layernorm`")
+                        "`upcast_layernorm`", ("model_name_or_path",))
 # `quant:` settings that only mmtuning's own k-bit preparation applies (quant/kbit.py, called by the transformers
 # Trainer integration): a host that prepares the model itself would accept and drop them, so they are refused.
 KBIT_ONLY = ("checkpoint_vision", "checkpoint_language", "checkpoint_reentrant", "fp32_norms", "upcast_16bit")
@@ -61,15 +64,48 @@ def with_host_defaults(block: Mapping[str, Any] | None, settings: Mapping[str, A
                        conflicts: list[str]) -> dict[str, Any]:
     """The block with the host's values where it leaves them unset; contradictions are appended to `conflicts`."""
     block = plain(block or {})
+    taken = []
     for ours, theirs in keys.defaults.items():
         value = settings.get(theirs)
         if value is None or (value is False and ours.startswith("use_")):
             continue
         if ours not in block or block[ours] is None:
             block[ours] = value
+            taken.append(ours)
         elif not same(block[ours], value):
             conflicts.append(f"`{theirs}: {value}` vs `mmtuning.{ours}: {block[ours]}` (keep one)")
+    if "dropout" in taken and block["dropout"]:
+        conflicts += filter(None, [dropout_without_a_place(block, settings, keys)])
     return block
+
+
+def dropout_without_a_place(block: dict[str, Any], settings: Mapping[str, Any], keys: HostKeys) -> Optional[str]:
+    """The host's dropout where the plan adapts a bare projector weight (Gemma 3), which PEFT's target_parameters
+    wrapper cannot drop out: named as the host key the user wrote, not as the block's `dropout` the plan would
+    name. Only model types whose map has bare projector weights are planned here (on the meta device); a model
+    or block that cannot be read is left to the host's own checks, which run next."""
+    from .arch import registered_maps
+    from .loading import build_skeleton, load_model_config
+    from .targets import plan_targets
+
+    name = next((str(settings.get(key)) for key in keys.model if settings.get(key)), None)
+    if name is None:
+        return None
+    try:
+        model_config = load_model_config(name)
+        modality_map = registered_maps().get(model_config.model_type)
+        if modality_map is None or not modality_map.projector_parameters:
+            return None
+        plan = plan_targets(build_skeleton(model_config), {**block, "dropout": 0.0})
+    except (OSError, ValueError):  # MMTuningError included: the host loads the model and the block next, and says
+        return None
+    if not plan.parameters:
+        return None
+    host_key = keys.defaults["dropout"]
+    return (f"`{host_key}: {block['dropout']}` ({model_config.model_type}'s projector is the bare weight "
+            f"{plan.parameters[0].name}, and PEFT's target_parameters wrapper that adapts it has no dropout; write "
+            f"`{host_key}: 0` or remove it, or keep the dropout for the other modules by training the projector "
+            f"whole, `mmtuning.projector: {{full: true}}`, or not at all, `mmtuning.projector: false`)")
 
 
 def plain(value: Any) -> Any:

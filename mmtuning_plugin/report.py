@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.table import Table
 
 from .config import layer_span
 from .console import console, human, human_bytes
+from .errors import MMTuningError
 
 KIND_LABELS = {"attention": "attn", "projector": "linear", "patch_embed": "patch", "embed_tokens": "embed", "lm_head": "head"}
 
@@ -21,13 +23,15 @@ def _layers_text(selected: Optional[list[int]], total: int) -> str:
     return f"{layer_span(selected)} of {total}"
 
 
-def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
-    """The JSON report of `inspect-targets` (also what the table is drawn from)."""
+def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None,
+                   probe_batches: Any = None, seed: int = 0) -> dict[str, Any]:
+    """The JSON report of `inspect-targets` (also what the table is drawn from); with `probe_batches` the
+    `layers: auto` probe picks the layers and its scores are in `plan.probe`."""
     from .arch import MODALITIES
+    from .probe import plan_with_probe
     from .schedules import schedule_plan
-    from .targets import plan_targets
 
-    plan = plan_targets(model, config)
+    plan = plan_with_probe(model, config, probe_batches, seed)
     layout = plan.layout
     modalities = {}
     for modality in MODALITIES:
@@ -89,6 +93,44 @@ def selective_row(plan, modality: str) -> Optional[dict[str, Any]]:
     return row
 
 
+def probe_report(model_name: str, config: dict[str, Any], data, batch_size: int, seed: int,
+                 steps: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
+    """`inspect-targets MODEL --probe DATA`: the model's weights, the probe on DATA's items as training batches."""
+    from .config import load_config
+    from .console import errors
+    from .evaluate import item_batches, load_model_and_processor, read_items
+
+    items = read_items(data, "probe")
+    config, implied = probe_config(config)
+    load_config(config)  # bad settings fail before the weights load
+    model, processor = load_model_and_processor(model_name, "--probe")
+    with contextlib.nullcontext() if quiet else errors.status(f"probing layers on {data}", spinner="dots"):
+        report = inspect_report(model_name, model, config, steps, item_batches(items, processor, batch_size), seed)
+    if implied:
+        report["probe_note"] = (f"no `layers: auto` in the spec, so --probe scored {implied}.layers as `auto` (the top "
+                                f"half); write `{implied}.layers: {{auto: {{top_k: N}}}}` or `{{auto: {{budget: 2M}}}}` to "
+                                f"set the limit.")
+    return report
+
+
+def probe_config(config: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+    """The spec for `--probe`: as given when a modality has `layers: auto`; otherwise language.layers becomes auto
+    (when the spec leaves language's layers to their default), so `--probe DATA` alone shows the scores."""
+    from .config import load_config
+    from .probe import auto_modalities
+
+    parsed = load_config(config)
+    if auto_modalities(parsed):
+        return config, None
+    language = parsed.language
+    if not language.enabled or "layers" in language.model_fields_set:
+        raise MMTuningError("--probe scores the layers of a modality with `layers: auto`, and this spec has none; "
+                            "write e.g. --set language.layers=auto (or {auto: {top_k: 4}}), or drop --probe.")
+    block = config.get("language")
+    block = dict(block) if isinstance(block, dict) else {}
+    return {**config, "language": {**block, "layers": "auto"}}, "language"
+
+
 def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     out = out or console
     table = Table(title=f"{report['model']} ({report['model_type']}, map: {report['map_source']})", title_justify="left")
@@ -111,6 +153,8 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
                   human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
     out.print(table)
+    if plan["target_parameters"]:
+        out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
     print_training_memory(report["modalities"], out, table="quant" not in report or _any_selective(report))
     selected = {m for row in report["modalities"].values() for m in (row.get("selective") or {}).get("modules", [])}
     whole = [m for m in plan["modules_to_save"] if m not in selected]
@@ -118,7 +162,30 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
         out.print(f"trained whole (modules_to_save): {', '.join(whole)}")
     if "quant" in report:
         print_quant(report["quant"])
+    if "probe" in plan:
+        print_probe(plan["probe"], out)
+        if "probe_note" in report:
+            out.print(f"note: {report['probe_note']}", highlight=False)
     print_schedule(report["schedule"])
+
+
+def print_probe(probe: dict[str, Any], out: Console) -> None:
+    """Each probed layer's share of task and of general importance, their ratio, and the chosen ones."""
+    table = Table(title=f"layers: auto - probe on {probe['batches']} batch(es), {probe['answer_tokens']} answer tokens "
+                        f"(general: {probe['general']})", title_justify="left")
+    for column in ("modality", "layer", "task %", "general %", "score", "adapter params", "chosen"):
+        table.add_column(column, justify="left" if column in ("modality", "chosen") else "right")
+    for modality, row in probe["modalities"].items():
+        for index, layer in enumerate(row["layers"]):
+            label = modality if index == 0 else f"[dim]{row['limit']}[/]" if index == 1 else ""
+            table.add_row(label, str(layer["layer"]),
+                          f"{100 * layer['task']:.1f}", f"{100 * layer['general']:.1f}", f"{layer['score']:.3f}",
+                          human(layer["params"]), "yes" if layer["chosen"] else "")
+        table.add_section()
+    out.print(table)
+    out.print("score = task share / general share; above 1 the task leans on the layer more than the model's current "
+              "answers do. Chosen: " + "; ".join(f"{m} {layer_span(r['chosen'])}" for m, r in probe["modalities"].items()),
+              highlight=False)
 
 
 

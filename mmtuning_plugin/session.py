@@ -31,13 +31,33 @@ class MMTuning:
 
     # --- targets -----------------------------------------------------------------------------------
 
-    def plan_for(self, model: nn.Module) -> TargetPlan:
-        self.plan = plan_targets(model, self.config)
+    def plan_for(self, model: nn.Module, probe_batches: Any = None, seed: int = 0, log: Any = None) -> TargetPlan:
+        """The exact plan for `model`. Under `layers: auto` the probe (probe.py) first scores the layers on
+        `probe_batches` (the first collated training batches, labels included) on this unwrapped model."""
+        from .probe import plan_with_probe
+
+        self.plan = plan_with_probe(model, self.config, probe_batches, seed, log)
         return self.plan
 
-    def wrap(self, model: nn.Module, adapter_name: str = "default", **peft_overrides: Any):
-        """Plan, wrap with PEFT and verify: the PeftModel a trainer should train."""
-        plan = self.plan_for(model)
+    def plan_ahead(self, model: nn.Module) -> TargetPlan:
+        """A plan before any data exists (a host's meta skeleton): `layers: auto` modalities take every layer here,
+        and plan_for with the probe's batches replaces it before wrapping."""
+        from .probe import plan_unprobed
+
+        self.plan = plan_unprobed(model, self.config)
+        return self.plan
+
+    def needs_probe(self) -> bool:
+        """True when `layers: auto` asks for training batches before the model can be wrapped."""
+        from .probe import auto_modalities
+
+        return bool(auto_modalities(self.config))
+
+    def wrap(self, model: nn.Module, adapter_name: str = "default", probe_batches: Any = None, seed: int = 0,
+             **peft_overrides: Any):
+        """Plan (probing `probe_batches` under `layers: auto`), wrap with PEFT and verify: the PeftModel a trainer
+        should train."""
+        plan = self.plan_for(model, probe_batches, seed)
         if plan.modules_to_save:
             from .quant import check_modules_to_save
 

@@ -69,6 +69,7 @@ class TargetPlan:
     layout: ModelLayout
     full_params: int = 0  # parameters trained whole through modules_to_save
     selected: list[SelectedModule] = field(default_factory=list)  # selective tuning (also in modules_to_save)
+    probe: Any = None  # the `layers: auto` probe's scores (probe.ProbeReport), when it chose layers
 
     @property
     def dropout(self) -> float:
@@ -172,6 +173,7 @@ class TargetPlan:
             "alpha": self.alpha,
             "trainable_params": self.trainable_params(),
             "selective": {s.modality: s.method for s in self.selected},
+            **({"probe": self.probe.summary()} if self.probe is not None else {}),
         }
 
 
@@ -192,8 +194,10 @@ def _module_trainable(planned: PlannedModule, config: MMTuningConfig) -> int:
 # --- planning -------------------------------------------------------------------------------------
 
 
-def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap | None = None) -> TargetPlan:
-    """Resolve `config` (a MMTuningConfig or its dict) against `model` into an exact plan."""
+def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap | None = None,
+                 probed: dict[str, list[int]] | None = None) -> TargetPlan:
+    """Resolve `config` (a MMTuningConfig or its dict) against `model` into an exact plan. `probed`: the layers of
+    `layers: auto` modalities, picked by the probe (probe.py); without it such a modality is an error."""
     config = load_config(config)
     layout = resolve_layout(model, modality_map)
     modules: list[PlannedModule] = []
@@ -215,8 +219,8 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
             if layout.layer_counts.get("projector"):  # the Q-Former's selected layers, for reports and schedules
                 layers[modality] = sorted({leaf.layer for leaf in chosen if leaf.layer is not None})
         else:
-            layers[modality] = spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers",
-                                                   total=layout.layer_counts[modality])
+            layers[modality] = sorted(probed[modality]) if probed and modality in probed else \
+                spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers", total=layout.layer_counts[modality])
             in_layers = [leaf for leaf in layout.leaves_of(modality) if leaf.layer in layers[modality]]
             chosen = _select(in_layers, spec, where, layout) + _extras(layout, modality, spec, where)
         if spec.selective is not None:  # the modality's own weights train instead of adapters

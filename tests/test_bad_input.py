@@ -103,6 +103,7 @@ def world(tmp_path_factory):
         "pattern_list": ("", _edit_json("adapter_config.json", lambda d: {**d, "rank_pattern": [1]})),
         "no_base_name": ("", _edit_json("adapter_config.json", lambda d: {**d, "base_model_name_or_path": None})),
         "peft_ia3": ("", _edit_json("adapter_config.json", lambda d: {**d, "peft_type": "IA3"})),
+        "dora": ("", _edit_json("adapter_config.json", lambda d: {**d, "use_dora": True})),
         "weights_binary": ("", _write("adapter_model.safetensors", BINARY)),
         "weights_empty": ("", _write("adapter_model.safetensors", b"")),
         "weights_missing": ("", lambda f: (f / "adapter_model.safetensors").unlink()),
@@ -147,12 +148,22 @@ def world(tmp_path_factory):
     for name, text in specs.items():
         p[name] = inputs / f"{name}.yaml"
         p[name].write_text(text)
+    tiny_config("gemma3").save_pretrained(inputs / "gemma3")  # its projector is a bare weight (no dropout)
+    # --probe data: an empty JSONL, and one good item (for the refusals that come after reading it)
+    p["probe_empty"] = inputs / "probe_empty.jsonl"
+    p["probe_empty"].write_text("\n")
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(inputs / "red.png")
+    p["probe_good"] = inputs / "probe_good.jsonl"
+    p["probe_good"].write_text(json.dumps({"image": "red.png", "question": "what colour?", "answer": "red"}) + "\n")
     # LLaMA-Factory training YAMLs (argument-level errors only: the core venv has no llamafactory)
     lf = {"lf_no_block": {k: v for k, v in LF_GOOD.items() if k != "mmtuning"},
           "lf_owned": {**LF_GOOD, "additional_target": "embed_tokens"},
           "lf_contradiction": {**LF_GOOD, "lora_rank": 32, "mmtuning": {**LF_GOOD["mmtuning"], "r": 8}}, "lf_full": {**LF_GOOD, "finetuning_type": "full"},
           "lf_stage": {**LF_GOOD, "stage": "kto_pair_x"}, "lf_block_rank": {**LF_GOOD, "mmtuning": {"language": {"rank": 4}}},
           "lf_block_list": {**LF_GOOD, "mmtuning": [1, 2]}, "lf_good": LF_GOOD,
+          "lf_gemma_dropout": {**LF_GOOD, "model_name_or_path": str(inputs / "gemma3"), "lora_dropout": 0.05},
           "lf_off_layers": {**LF_GOOD, "mmtuning": {"vision": {"enabled": False, "layers": "top:2"}}}}
     for name, data in lf.items():
         p[name] = _yaml(inputs / f"{name}.yaml", data)
@@ -274,6 +285,29 @@ CLI_CASES = [
      ["unknown schedule 'sideways'"]),
     ("set-lr-decay-projector", ["inspect-targets", "llava", "--set", "projector.lr_decay=0.5"], ["projector has no layers"]),
     ("steps-zero", ["inspect-targets", "llava", "--steps", "0"], ["--steps"]),
+    # --- layers: auto and inspect-targets --probe
+    ("auto-no-data", ["inspect-targets", "llava", "--set", "language.layers=auto"],
+     ["language.layers", "none were given", "--probe DATA.jsonl", "MMTuningTrainer", "{top: 4}"]),
+    ("auto-top-k-0", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 0}}"],
+     ["layers.auto.top_k", "0 selects no layer", "top_k: 1 or more"]),
+    ("auto-top-k-too-many", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 99}}"],
+     ["top_k: 99 asks for more layers than this modality has (32", "top_k: 32 or less"]),
+    ("auto-budget-below-a-layer", ["inspect-targets", "llava", "--set", "language.layers={auto: {budget: 10k}}"],
+     ["budget: 10,000 trainable parameters select no layer", "(layer 0) need 1,249,280", "budget: 1,249,280 or more"]),
+    ("auto-budget-text", ["inspect-targets", "llava", "--set", "language.layers={auto: {budget: lots}}"],
+     ["cannot read 'lots' as a number of parameters", "2M"]),
+    ("auto-top-k-and-budget", ["inspect-targets", "llava", "--set", "language.layers={auto: {top_k: 2, budget: 2M}}"],
+     ["either top_k", "not both"]),
+    ("auto-projector", ["inspect-targets", "llava", "--set", "projector.layers=auto"], ["projector.layers: auto", "vision and language"]),
+    ("probe-missing-file", ["inspect-targets", "{base}", "--probe", "/nonexistent/task.jsonl"],
+     ["--probe /nonexistent/task.jsonl: no such file", "JSONL"]),
+    ("probe-empty-file", ["inspect-targets", "{base}", "--probe", "{probe_empty}"], ["holds no items", '"question"']),
+    ("probe-model-type-only", ["inspect-targets", "llava", "--probe", "{probe_good}"],
+     ["--probe needs the model's weights", "'llava' is not a local model directory"]),
+    ("probe-model-without-processor", ["inspect-targets", "{base}", "--probe", "{probe_good}"],
+     ["--probe: could not load the model and processor from {base}", "processor saved in it"]),
+    ("probe-layers-given", ["inspect-targets", "{base}", "--probe", "{probe_good}", "--set", "language.layers=top:2"],
+     ["--probe scores the layers of a modality with `layers: auto`", "--set language.layers=auto"]),
     # --- convert remap
     ("remap-missing-adapter", ["convert", "remap", "/nonexistent/adapter", "--out", "{out}"], ["no such directory"]),
     ("remap-adapter-is-file", ["convert", "remap", "{adapter}/adapter_config.json", "--out", "{out}"], ["is a file", "{adapter}"]),
@@ -370,6 +404,24 @@ CLI_CASES = [
     ("combine-other-base", ["convert", "combine", ADAPTER, "{base_qwen_name}", "--out", "{out}"], ["different base models"]),
     ("combine-null-alpha", ["convert", "combine", ADAPTER, "{alpha_null}", "--out", "{out}"], ["lora_alpha: null"]),
     ("combine-out-is-input", ["convert", "combine", ADAPTER, "{adapter2}", "--out", "{adapter2}", "--force"], ["overlaps the input"]),
+    # --- convert export (the world's adapter has rank 4, which vLLM does not serve)
+    ("export-dora", ["convert", "export", "{dora}", "--for", "vllm", "--base", "{base}", "--out", "{out}"],
+     ["DoRA adapter", "merge_and_unload", "use_dora: false"]),
+    ("export-rank", ["convert", "export", ADAPTER, "--for", "vllm", "--base", "{base}", "--out", "{out}"],
+     ["vLLM serves LoRA ranks 1, 8, 16", "rank 4 (model.language_model.layers.0.self_attn.q_proj", "nearest allowed: 1 or 8",
+      "--pad-ranks"]),
+    ("export-no-base", ["convert", "export", ADAPTER, "--for", "vllm", "--out", "{out}"], ["Missing option", "--base"]),
+    ("export-no-for", ["convert", "export", ADAPTER, "--base", "{base}", "--out", "{out}"], ["Missing option", "--for"]),
+    ("export-for-unknown", ["convert", "export", ADAPTER, "--for", "tgi", "--base", "{base}", "--out", "{out}"],
+     ["--for 'tgi'", "--for vllm", "--for transformers"]),
+    ("export-tower-for-transformers", ["convert", "export", ADAPTER, "--for", "transformers", "--tower-lora", "--base",
+                                      "{base}", "--out", "{out}"], ["--tower-lora", "--for vllm"]),
+    ("export-base-missing", ["convert", "export", ADAPTER, "--for", "transformers", "--base", "/nonexistent/base", "--out",
+                             "{out}"], ["--base", "no such directory"]),
+    ("export-out-exists", ["convert", "export", ADAPTER, "--for", "transformers", "--base", "{base}", "--out", "{empty_dir}"],
+     ["already exists", "--force"]),
+    ("export-out-in-base", ["convert", "export", ADAPTER, "--for", "vllm", "--pad-ranks", "--base", "{base}", "--out",
+                            "{base}/served"], ["overlaps the input"]),
     # --- demo (refused before any training)
     ("demo-out-user-files", ["demo", "--steps", "1", "--out", "{inputs}"], ["not an earlier demo's output"]),
     ("demo-out-file", ["demo", "--steps", "1", "--out", "{a_file}"], ["not an earlier demo's output"]),
@@ -385,6 +437,8 @@ CLI_CASES = [
     ("lf-no-block", ["llamafactory", "train", "{lf_no_block}"], ["no `mmtuning:` block"]),
     ("lf-owned-key", ["llamafactory", "train", "{lf_owned}"], ["additional_target", "conflict"]),
     ("lf-contradiction", ["llamafactory", "train", "{lf_contradiction}"], ["`lora_rank: 32` vs `mmtuning.r: 8`"]),
+    ("lf-gemma3-dropout", ["llamafactory", "train", "{lf_gemma_dropout}"],
+     ["`lora_dropout: 0.05` (gemma3's projector is the bare weight", "write `lora_dropout: 0` or remove it"]),
     ("lf-finetuning-full", ["llamafactory", "train", "{lf_full}"], ["finetuning_type: full"]),
     ("lf-stage", ["llamafactory", "train", "{lf_stage}"], ["stage: kto_pair_x"]),
     ("lf-block-rank", ["llamafactory", "train", "{lf_block_rank}"], ["language.rank", "did you mean `r`"]),
@@ -450,6 +504,13 @@ API_CASES = [
      ["mask_ratio -0.5 is outside (0, 1]"]),
     ("api-plan-full-4bit", lambda: _plan({"quant": "balanced", "language": {"selective": "spider"}}),
      ["load quantized (language: nf4)", "quant: {language: none}"]),
+    ("api-plan-auto-no-data", lambda: _plan({"language": {"layers": "auto"}}),
+     ["none were given", "MMTuning.wrap(model, probe_batches=...)", "train_dataset"]),
+    ("api-wrap-auto-no-data", lambda: _session({"vision": {"layers": {"auto": 1}}}).wrap(tiny_model("llava")),
+     ["mmtuning.vision.layers", "none were given"]),
+    ("api-config-auto-top-0", lambda: _load_config({"language": {"layers": {"auto": {"top_k": 0}}}}), ["selects no layer"]),
+    ("api-config-auto-budget-0", lambda: _load_config({"language": {"layers": {"auto": {"budget": "0M"}}}}),
+     ["allows no trainable parameter"]),
 ]
 
 

@@ -432,3 +432,111 @@ def test_layout_tables_round_trip_every_module_of_every_family():
     assert rename("model.vision_tower.encoder.layers.0.mlp.fc1", llava, "5.x", "<=4.51") == \
         "vision_tower.vision_model.encoder.layers.0.mlp.fc1"
     assert rename("lm_head", llava, "5.x", "<=4.51") == "language_model.lm_head"
+
+
+def _greedy(model, model_dir: Path, image) -> list[int]:
+    """Ten greedy tokens for one image question, with the processor saved in `model_dir` (as a server reads it)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is in the image ?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        tokens = model.generate(**batch, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    return tokens[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_export_for_vllm_and_transformers_decodes_like_the_original_adapter(tmp_path):
+    """Greedy decoding in transformers: base + original adapter (vision, projector, language LoRA, vision at another
+    rank) == the `--for transformers` merged model == the `--for vllm` base copy + LM-only adapter, token for token."""
+    import numpy as np
+    from PIL import Image
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from mmtuning_plugin.convert.export import export
+    from mmtuning_plugin.testing.tiny_processing import save_tiny_checkpoint
+
+    base_dir = save_tiny_checkpoint("llava", tmp_path / "base")
+    torch.manual_seed(3)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS["llava"], init_lora_weights=False,
+                        rank_pattern={r"model\.vision_tower\..*": 4}, alpha_pattern={r"model\.vision_tower\..*": 4})
+    original = get_peft_model(AutoModelForImageTextToText.from_pretrained(base_dir), config).eval()
+    with torch.no_grad():  # non-zero B everywhere, large enough to change greedy tokens
+        for name, p in original.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    original.save_pretrained(tmp_path / "adapter")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    expected = _greedy(original, base_dir, image)
+    with original.disable_adapter():
+        assert _greedy(original, base_dir, image) != expected  # the deltas matter: the test can fail
+
+    merged = export(tmp_path / "adapter", base_dir, tmp_path / "hf", "transformers", progress=False)
+    assert merged["merged_modalities"] == ["language", "projector", "vision"] and merged["merged_modules"] == 17
+    assert "tokenizer.json" in merged["processor_files"] and "processor_config.json" in merged["processor_files"]
+    merged_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    assert _greedy(merged_model, tmp_path / "hf", image) == expected
+
+    served = export(tmp_path / "adapter", base_dir, tmp_path / "vllm", "vllm", progress=False)
+    assert (served["adapter_modalities"], served["merged_modalities"]) == (["language"], ["projector", "vision"])
+    assert served["ranks"] == [8] and "--max-lora-rank 8" in served["serve"]
+    written = json.loads((tmp_path / "vllm" / "adapter" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"], written["modules_to_save"]) == (8, 16, {}, None)
+    assert all(".language_model." in m for m in written["target_modules"])
+    base_copy = AutoModelForImageTextToText.from_pretrained(tmp_path / "vllm" / "base")
+    lm_only = PeftModel.from_pretrained(base_copy, tmp_path / "vllm" / "adapter").eval()
+    assert _greedy(lm_only, tmp_path / "vllm" / "base", image) == expected
+    # the tower and projector deltas live in the base copy: the LM-only adapter on the bare base decodes otherwise
+    bare = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "vllm" / "adapter")
+    assert _greedy(bare.eval(), base_dir, image) != expected
+    # the merged directory holds PEFT's own merge_and_unload, weight for weight
+    peft_merged = original.merge_and_unload().state_dict()
+    ours = merged_model.state_dict()
+    assert set(ours) == set(peft_merged)
+    for name, tensor in peft_merged.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_export_for_vllm_pads_ranks_merges_modules_to_save_and_keeps_tower_lora_when_asked(tmp_path):
+    """Rank 4 is refused by name (vLLM serves 1, 8, 16, ...); --pad-ranks pads it with zeros (exact); a
+    modules_to_save tensor lands in the base copy; --tower-lora keeps every LoRA module, mixed ranks folded to
+    one r/alpha. Each artifact, loaded by PEFT, computes the original adapter's logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmtuning_plugin.convert.export import export
+
+    setup = Setup(tmp_path, "llava", r=4, modules_to_save=["lm_head"], rank_pattern={r"model\.vision_tower\..*": 1})
+    with torch.no_grad():  # a trained copy of lm_head that differs from the base
+        next(m for n, m in setup.peft.named_modules() if n.endswith("lm_head.modules_to_save.default")).weight.add_(0.5)
+    setup.peft.save_pretrained(setup.dir)
+    config = json.loads((setup.dir / "adapter_config.json").read_text())
+    (setup.dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(setup.base_dir)}))
+    expected = _logits(setup.peft, setup.inputs)
+    with pytest.raises(MMTuningError) as refused:
+        export(setup.dir, setup.base_dir, tmp_path / "never", "vllm", progress=False)
+    message = " ".join(str(refused.value).split())
+    assert "rank 4 (model.language_model.layers.0.self_attn.q_proj" in message and "nearest allowed: 1 or 8" in message
+    assert "--pad-ranks" in message and not (tmp_path / "never").exists()
+
+    def served(out: Path) -> torch.Tensor:
+        base_copy = AutoModelForImageTextToText.from_pretrained(out / "base")
+        model = get_peft_model(base_copy, LoraConfig.from_pretrained(str(out / "adapter"))).eval()
+        result = set_peft_model_state_dict(model, load_peft_weights(str(out / "adapter")))
+        assert result.unexpected_keys == [] and not [k for k in result.missing_keys if "lora_" in k]
+        return _logits(model, setup.inputs)
+
+    lm = export(setup.dir, setup.base_dir, tmp_path / "lm", "vllm", pad_ranks=True, progress=False)
+    assert (lm["ranks"], len(lm["padded_modules"]), lm["replaced_tensors"]) == ([8], 8, 1)
+    written = json.loads((tmp_path / "lm" / "adapter" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"], written["modules_to_save"]) == (8, 8, {}, None)
+    torch.testing.assert_close(served(tmp_path / "lm"), expected, atol=1e-4, rtol=1e-4)
+
+    tower = export(setup.dir, setup.base_dir, tmp_path / "tower", "vllm", tower_lora=True, pad_ranks=True, progress=False)
+    assert tower["adapter_modalities"] == ["language", "projector", "vision"] and tower["ranks"] == [1, 8]
+    assert (tower["merged_modules"], tower["replaced_tensors"]) == (0, 1)
+    assert "--enable-tower-connector-lora" in tower["serve"] and "--max-lora-rank 8" in tower["serve"]
+    written = json.loads((tmp_path / "tower" / "adapter" / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == written["r"] == 8  # scaling 1 in vLLM, which reads no alpha_pattern
+    torch.testing.assert_close(served(tmp_path / "tower"), expected, atol=1e-4, rtol=1e-4)

@@ -54,3 +54,35 @@ def test_kbit_settings_the_host_would_drop_are_named_only_when_written(keys):
     assert all(keys.host in p for p in problems)
     assert kbit_settings_not_applied(load_config({"quant": "balanced"}), keys) == []
     assert kbit_settings_not_applied(load_config({}), keys) == []
+
+
+@pytest.mark.parametrize("keys", [AXOLOTL, LLAMAFACTORY], ids=lambda k: k.host)
+def test_host_dropout_on_a_bare_projector_weight_is_refused_by_the_key_the_user_wrote(keys, tmp_path):
+    """Gemma 3's projector is a bare weight (PEFT target_parameters, no dropout): a typical `lora_dropout: 0.05`
+    is named as `lora_dropout`, never as the block's `dropout` the user did not write, with what to write instead."""
+    from mmtuning_plugin.loading import build_skeleton
+    from mmtuning_plugin.session import MMTuning
+    from mmtuning_plugin.testing.tiny import tiny_config
+
+    tiny_config("gemma3").save_pretrained(tmp_path / "gemma3")
+    model = {keys.model[-1]: str(tmp_path / "gemma3")}
+    conflicts: list[str] = []
+    with_host_defaults({"vision": {"layers": {"top": 2}}}, {**TYPICAL[keys.host], **model}, keys, conflicts)
+    with pytest.raises(MMTuningError) as error:
+        refuse(conflicts, "train.yml", keys.host)
+    message = " ".join(str(error.value).split())
+    assert "`lora_dropout: 0.05` (gemma3's projector is the bare weight model.multi_modal_projector." in message
+    assert "write `lora_dropout: 0` or remove it" in message and "`mmtuning.projector: {full: true}`" in message
+    assert "`dropout" not in message and "mmtuning.dropout" not in message
+    # each way out the message offers plans, with no other conflict
+    for block, settings in (({}, {"lora_dropout": 0}), ({"projector": {"full": True}}, {"lora_dropout": 0.05}),
+                            ({"projector": False}, {"lora_dropout": 0.05})):
+        conflicts = []
+        fixed = with_host_defaults(block, {**settings, **model}, keys, conflicts)
+        assert conflicts == [], (block, settings)
+        MMTuning(fixed).plan_for(build_skeleton(tiny_config("gemma3")))
+    # a model whose projector is Linear keeps the host's dropout without a word
+    tiny_config("llava").save_pretrained(tmp_path / "llava")
+    conflicts = []
+    block = with_host_defaults({}, {**TYPICAL[keys.host], keys.model[-1]: str(tmp_path / "llava")}, keys, conflicts)
+    assert conflicts == [] and block["dropout"] == 0.05

@@ -3,9 +3,11 @@ integration, both targets, 4-bit bitsandbytes on CPU, gradient checkpointing and
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 from PIL import Image
 from transformers import TrainerCallback, TrainingArguments
 
@@ -264,3 +266,22 @@ def test_cli_reports_bad_keep_as_exit_2(tmp_path):
     spec.write_text("mmtuning:\n  keep:\n    prompts: []\n")
     result = CliRunner().invoke(app, ["inspect-targets", "llava", "--spec", str(spec)])
     assert result.exit_code == 2 and "mmtuning.keep.prompts" in result.output
+
+
+def test_keep_under_two_process_gloo_ddp_keeps_ranks_identical_and_frozen_layers_frozen(tmp_path):
+    """tests/dist/keep_ranks.py under torchrun: the Trainer wraps the model in DDP, the keep forwards run on the
+    inner module and their gradients are reduced in the task loss's backward, so the adapters stay identical
+    although each rank's keep rows come from its own training images."""
+    run_two_ranks(Path(__file__).parent / "dist" / "keep_ranks.py", tmp_path, timeout=240)
+    for mode in ("auto", "false"):
+        ranks = [torch.load(tmp_path / f"rank{r}_{mode}.pt") for r in (0, 1)]
+        assert all(r["world_size"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks)
+        for rank in ranks:  # step 0: LoRA B is 0, the adapters equal the base, so KL is 0
+            assert len(rank["keep"]) == 3 and all(v > 0 for v in rank["keep"][1:]), (mode, rank["keep"])
+        assert ranks[0]["keep"][1:] != ranks[1]["keep"][1:]  # each rank kept its own images
+        before, after = ranks[0]["before"], ranks[0]["after"]
+        assert all(torch.equal(value, ranks[1]["after"][name]) for name, value in after.items()), mode
+        frozen = [n for n in after if "language_model.layers." in n and ".layers.3." not in n]
+        trained = [n for n in after if ".language_model.layers.3." in n]
+        assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), mode
+        assert any(not torch.equal(before[n], after[n]) for n in trained), mode

@@ -1,14 +1,11 @@
 """Two CPU processes (torchrun, gloo) train QLoRA adapters on 4-bit vision and projector layers in step."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 
 from mmtuning_plugin.testing.tiny import tiny_model
 
@@ -20,19 +17,7 @@ def test_two_ranks_keep_4bit_vision_and_projector_adapters_identical(tmp_path):
     model_dir, out_dir = tmp_path / "model", tmp_path / "out"
     out_dir.mkdir()
     tiny_model("qwen2_vl", dtype=torch.bfloat16).save_pretrained(model_dir)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(RANK_SCRIPT), str(model_dir), str(out_dir)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers: they share the new session
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    run_two_ranks(RANK_SCRIPT, model_dir, out_dir, timeout=150)
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:
         assert result["world_size"] == 2

@@ -171,7 +171,9 @@ def test_inactive_layers_are_bit_identical_after_optimizer_steps_with_weight_dec
 
 
 def test_grad_mode_keeps_requires_grad_and_still_leaves_inactive_layers_untouched():
-    """The DDP-without-find_unused route: backward computes every grad, the scheduler drops inactive ones."""
+    """The DDP-without-find_unused route: backward computes every grad, the scheduler zeroes inactive ones as they
+    arrive (so gradient clipping, which the Trainer runs before on_pre_optimizer_step, counts only active layers)
+    and drops them before the step."""
     torch.manual_seed(0)
     session = MMTuning({"language": {"schedule": {"type": "top_down", "start": 1, "every": 100}}})
     model = session.wrap(tiny_model("llava"))
@@ -183,6 +185,8 @@ def test_grad_mode_keeps_requires_grad_and_still_leaves_inactive_layers_untouche
         scheduler.apply(step)
         model(**batch.inputs).loss.backward()
         assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+        inactive = [p for n, p in model.named_parameters() if "lora_" in n and layer_of(n, LANGUAGE) in (0, 1, 2)]
+        assert all(p.grad is not None and not p.grad.any() for p in inactive)  # what clipping sees: zeros
         scheduler.drop_inactive_grads()
         optimizer.step()
         optimizer.zero_grad()

@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.selective": 5,  # selective tuning: plans base modules (reads quant), freezes, SPIDER's mask
     "mmtuning_plugin.losses": 5,
     "mmtuning_plugin.keep": 5,  # the keep term: rows, sources, the adapter-off base
+    "mmtuning_plugin.probe": 5,  # `layers: auto`: the gradient probe that picks layers before wrapping
     "mmtuning_plugin.evaluate": 6,  # E/F/O of an adapter on user files (mmtune eval, the demo)
     "mmtuning_plugin.session": 6,
     "mmtuning_plugin.host_settings": 6,  # a host's own LoRA keys as the block's defaults: one rule for all hosts
@@ -44,6 +45,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.testing": 7,
     "mmtuning_plugin.docgen": 7,
     "mmtuning_plugin.convert": 7,
+    "mmtuning_plugin.convert.export": 7,  # what vLLM or transformers loads: split and merge composed
     "mmtuning_plugin.integrations": 7,
     "mmtuning_plugin.demo": 7,
     "mmtuning_plugin.cli": 8,

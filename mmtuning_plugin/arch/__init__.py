@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import MODALITIES
 from ..errors import MMTuningError
+from ..model_config import get_dotted, set_dotted
 from .history import ONLY_CURRENT, History
 
 
@@ -123,13 +124,10 @@ SUB_CONFIG_DEFAULT = "<sub-config class default>"
 def apply_config_fixes(config: Any, fixes: dict[str, Any]) -> Any:
     """Apply a map's `default_config_fixes` to a transformers config (in place; returned for chaining)."""
     for dotted, value in fixes.items():
-        *parents, leaf = dotted.split(".")
-        target = config
-        for part in parents:
-            target = getattr(target, part)
         if value == SUB_CONFIG_DEFAULT:
-            value = target.sub_configs[leaf]()
-        setattr(target, leaf, value)
+            parent, _, leaf = dotted.rpartition(".")
+            value = (get_dotted(config, parent) if parent else config).sub_configs[leaf]()
+        set_dotted(config, dotted, value)
     return config
 
 

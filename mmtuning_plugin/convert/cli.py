@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import typer
 
 convert_app = typer.Typer(
-    help="Convert LoRA adapters: remap layouts across transformers versions, merge, resize, split, combine.",
+    help="Convert LoRA adapters: remap layouts across transformers versions, merge, resize, split, combine, export for serving.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -191,3 +191,43 @@ def combine_command(
 
     _run(action, as_json, lambda s: _show_errors(s, "total_svd_relative_error", "svd_relative_error",
                                                  f"combine ({s['method']}, weights {s['weights']})"))
+
+
+def _show_export(s: dict[str, Any]) -> None:
+    merged = (f"merged {s['merged_modules']} modules ({', '.join(s['merged_modalities']) or '-'})"
+              + (f" and {s['replaced_tensors']} modules_to_save tensors" if s["replaced_tensors"] else ""))
+    if s["for"] == "transformers":
+        _say(f"{merged} into {s['shards']} shards ({s['bytes_written'] / 1e6:.1f} MB, dtype {s['dtype']})\n"
+             f"processor files: {', '.join(s['processor_files']) or 'none'}\nwrote {s['out']}")
+    else:
+        if s["base_out"]:
+            _say(f"base copy: {merged}, processor files: {', '.join(s['processor_files']) or 'none'}\n  wrote {s['base_out']}")
+        if s["adapter_out"]:
+            padded = f", {len(s['padded_modules'])} padded to an allowed rank" if s["padded_modules"] else ""
+            _say(f"adapter: {s['adapter_modules']} LoRA modules ({', '.join(s['adapter_modalities'])}), rank "
+                 f"{', '.join(map(str, s['ranks']))}{padded}, no modules_to_save\n  wrote {s['adapter_out']}")
+        _say(f"serve with: {s['serve']}")
+    for note in s["notes"]:
+        _say(f"note: {note}")
+
+
+@convert_app.command("export")
+def export_command(
+    adapter: Path = typer.Argument(..., help="PEFT adapter directory."),
+    target: str = typer.Option(..., "--for", help="vllm: an LM-only adapter plus a base copy with the vision tower "
+                                                 "and projector deltas merged; transformers: one merged model."),
+    base: Path = typer.Option(..., "--base", help="Base model directory with safetensors weights (and its processor files)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    tower_lora: bool = typer.Option(False, "--tower-lora", help="vllm: keep the vision and projector LoRA in the "
+                                                               "adapter too, for vLLM's --enable-tower-connector-lora."),
+    pad_ranks: bool = typer.Option(False, "--pad-ranks", help="vllm: pad ranks vLLM refuses (e.g. 4) with zeros up to "
+                                                             "the next rank it serves (8); exact."),
+    dtype: str = typer.Option("auto", "--dtype", help="Dtype of the merged weights: auto (keep), bf16, fp16, fp32."),
+    source: Optional[str] = FROM,
+    force: bool = FORCE,
+    as_json: bool = JSON,
+) -> None:
+    """Write what vLLM serves (LM-only adapter + merged base copy) or one merged transformers model."""
+    from .export import export
+
+    _run(lambda: export(adapter, base, out, target, tower_lora, pad_ranks, dtype, force, source), as_json, _show_export)

@@ -5,8 +5,8 @@ read from its shard, the module's delta added (in float32) and written out befor
 
 QLoRA adapters were trained against the *dequantized 4-bit* weights, not the original 16-bit ones. With
 `four_bit="nf4"` (or "fp4") every Linear weight bitsandbytes would have quantized (all but `skip_4bit`,
-default lm_head, as transformers does) is round-tripped through bitsandbytes' quantize_4bit/dequantize_4bit
-before the delta is added, so the merged model computes what the adapter saw in training.
+default lm_head, as transformers does) is round-tripped through bitsandbytes' 4-bit quantization
+(`quant.bnb.roundtrip_4bit`) before the delta is added, so the merged model computes what the adapter saw in training.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import FOUR_BIT
 from ..errors import MMTuningError
+from ..quant.bnb import BNB_BLOCKSIZES, roundtrip_4bit
 from .placement import safe_output
 from .adapter import Adapter, Factors, read_adapter
 from .base import BaseArchitecture, detect_layout, extra_param_name, load_base, renamed_adapter, verify
@@ -39,17 +41,12 @@ class FourBit:
     skip: tuple[str, ...] = ("lm_head",)
 
 
-# bitsandbytes' quantize_4bit accepts these block sizes (0.50; other values raise "invalid blocksize").
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
-
-
 def check_four_bit(four_bit: FourBit) -> None:
-    if four_bit.quant_type not in QUANT_TYPES:
+    if four_bit.quant_type not in FOUR_BIT:
         raise MMTuningError(f"--dequantize-4bit {four_bit.quant_type!r}: write nf4 or fp4 (bnb_4bit_quant_type).")
-    if four_bit.blocksize not in BLOCKSIZES:
+    if four_bit.blocksize not in BNB_BLOCKSIZES:
         raise MMTuningError(f"--blocksize {four_bit.blocksize}: bitsandbytes quantizes 4-bit weights in blocks of "
-                            f"{', '.join(map(str, BLOCKSIZES))}; write the one used in training (default 64).")
+                            f"{', '.join(map(str, BNB_BLOCKSIZES))}; write the one used in training (default 64).")
 
 
 def check_device(name: str) -> torch.device:
@@ -131,15 +128,6 @@ def key_spelling(names: list[str], keys: set[str], family: LayoutFamily, model_d
                         f"it is not the adapter's base model. Pass the base model directory the adapter was trained on.")
 
 
-def quantize_roundtrip(weight: torch.Tensor, four_bit: FourBit) -> torch.Tensor:
-    """The weight as a bitsandbytes 4-bit layer computes with it (quantize, then dequantize)."""
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=four_bit.blocksize,
-                                       compress_statistics=four_bit.double_quant, quant_type=four_bit.quant_type)
-    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
-
-
 def _quantized_weights(base: BaseArchitecture, four_bit: FourBit) -> list[str]:
     return [f"{name}.weight" for name, module in base.modules.items()
             if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) or name.startswith(s + ".")
@@ -173,7 +161,8 @@ def merge_into(model_dir: Path, out: Path, base: BaseArchitecture, adapter: Adap
             elif name is not None and tensor.is_floating_point():
                 original = tensor.dtype
                 if four_bit and name in quantized:
-                    tensor = quantize_roundtrip(tensor.to(device), four_bit).cpu()
+                    tensor = roundtrip_4bit(tensor.to(device), four_bit.quant_type, four_bit.blocksize,
+                                            four_bit.double_quant).cpu()
                     counts["roundtripped"] += 1
                 if name in deltas:
                     delta = deltas[name].delta().to(device).view(tensor.shape)

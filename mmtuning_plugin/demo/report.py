@@ -16,7 +16,9 @@ class DemoConsole:
         self.console = console
         self.settings = settings
         self.progress: Progress | None = None
-        self.task = None
+        self.tasks: dict[str, Any] = {}  # arm -> its progress task (arms may train at once)
+        self.accuracy: dict[str, str] = {}
+        self.finished: set[str] = set()
 
     def intro(self) -> None:
         from ..report import inspect_report, print_report
@@ -25,7 +27,7 @@ class DemoConsole:
         s = self.settings
         self.console.print(
             f"[bold]mmtune demo[/]  seed {s.seed}, {s.steps} steps x batch {s.batch_size} per arm, "
-            f"{'4-bit NF4 base (QLoRA)' if s.four_bit else '32-bit base'}, {s.threads} thread(s)\n"
+            f"{'4-bit NF4 base (QLoRA)' if s.four_bit else '32-bit base'}, {s.threads} thread(s) per arm\n"
             f"task: the embedded tiny LLaVA knows colours and shapes; it learns [bold]where the shape is[/]. "
             f"Scored by greedy generation on {s.eval_items} held-out items per set.")
         skeleton = load_skeleton(str(s.model_dir))
@@ -35,29 +37,31 @@ class DemoConsole:
 
     def event(self, kind: str, arm: str, *args: Any) -> None:
         if kind == "start":
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=self.console)
-            self.task = self.progress.add_task(f"training {arm}", total=args[0], acc=self._acc)
-            self.progress.start()
+            if self.progress is None:
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=self.console)
+                self.progress.start()
+            self.tasks[arm] = self.progress.add_task(f"training {arm}", total=args[0],
+                                                     acc=self.accuracy.get(arm, ""))
         elif kind == "keep":
             from ..keep import describe
 
             for line in describe(args[0]):
                 self.console.print(line, highlight=False, markup=False)
-        elif kind == "step" and self.progress:
-            self.progress.update(self.task, completed=args[0])
+        elif kind == "step" and arm in self.tasks:
+            self.progress.update(self.tasks[arm], completed=args[0])
         elif kind == "eval":
             step, accuracies = args
-            self._acc = f"target {100 * accuracies['target']:.0f}%  general {100 * accuracies['general']:.0f}%"
-            if self.progress:
-                self.progress.update(self.task, acc=self._acc)
+            self.accuracy[arm] = f"target {100 * accuracies['target']:.0f}%  general {100 * accuracies['general']:.0f}%"
+            if arm in self.tasks:
+                self.progress.update(self.tasks[arm], acc=self.accuracy[arm])
             else:
-                self.console.print(f"{arm}: before training  {self._acc}")
-        elif kind == "done" and self.progress:
-            self.progress.stop()
-            self.progress = None
-
-    _acc = ""
+                self.console.print(f"{arm}: before training  {self.accuracy[arm]}")
+        elif kind == "done" and arm in self.tasks:
+            self.finished.add(arm)
+            if self.finished >= set(self.tasks):
+                self.progress.stop()
+                self.progress, self.tasks, self.finished = None, {}, set()
 
     def skills(self, report: dict[str, Any]) -> None:
         """Accuracy per question type before -> after: which skills each arm kept."""

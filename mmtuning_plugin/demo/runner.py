@@ -39,7 +39,8 @@ class DemoSettings:
     four_bit: bool = True
     eval_items: int = 128  # per set (target, general), held out, fixed across seeds
     curve_points: int = 4  # accuracy measured at this many evenly spaced steps, 0 and the last included
-    threads: int = 1
+    threads: int = 1  # per arm
+    jobs: int = 0  # arms trained at once, one process each; 0 = as many as there are CPU cores (and arms)
     out: Path = Path("mmtune-demo")
     model_dir: Path = MODEL_DIR
     arms: tuple[str, ...] = ("plain_lora", "mmtuning")
@@ -124,14 +125,16 @@ def load_processor(model_dir: Path):
 
 
 def load_base(model_dir: Path, session, four_bit: bool):
-    """The embedded model, 4-bit NF4 unless disabled; the session's quantization policy wins when it has one."""
+    """The embedded model, 4-bit NF4 unless disabled; the session's quantization policy wins when it has one.
+    4-bit matmuls always compute in float32 here, like the rest of the demo: a recipe's `compute_dtype`
+    (bfloat16 by default, right on a GPU) runs about 8x slower on CPUs without bf16 instructions."""
     from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if four_bit:
         policy = session.bnb_config_kwargs(AutoConfig.from_pretrained(str(model_dir)))
-        bnb = policy or {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                         "bnb_4bit_compute_dtype": torch.float32, "llm_int8_skip_modules": ["lm_head"]}
+        bnb = policy or {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head"]}
+        bnb = {**bnb, "bnb_4bit_compute_dtype": torch.float32}
         kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), **kwargs)
     keep_cpu_4bit_trainable(model)
@@ -226,6 +229,64 @@ def eval_sets(processor, items: int) -> EvalSets:
                     general=encode(processor, make_set("general", "eval", items, seed=0)))
 
 
+def demo_data(settings: DemoSettings) -> tuple[Any, EvalSets, list[Encoded]]:
+    """The processor, the held-out sets and the seed's training stream: the same for every arm."""
+    processor = load_processor(settings.model_dir)
+    train = encode(processor, make_set("target", "train", settings.steps * settings.batch_size, seed=settings.seed))
+    return processor, eval_sets(processor, settings.eval_items), train
+
+
+def parallel_jobs(settings: DemoSettings) -> int:
+    import os
+
+    return min(settings.jobs or (os.cpu_count() or 1) // settings.threads or 1, len(settings.arms))
+
+
+def run_arms_in_processes(settings: DemoSettings, recipes: dict[str, dict[str, Any]], on_event: Event) -> list[ArmResult]:
+    """One process per arm, so a 2-core machine trains both arms at once. Each process rebuilds the same
+    data and seeds itself as the sequential path does, so the numbers do not depend on `jobs`; its events
+    come back through a queue and reach `on_event` in this process (the progress bars)."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP start-up can hang the child
+    events = context.Queue()
+
+    def forward_events() -> None:
+        for event in iter(events.get, None):
+            on_event(*event)
+
+    forwarder = threading.Thread(target=forward_events, daemon=True)
+    forwarder.start()
+    try:
+        with ProcessPoolExecutor(parallel_jobs(settings), mp_context=context, initializer=_arm_process_start,
+                                 initargs=(events,)) as pool:
+            futures = [pool.submit(_arm_process, arm, recipes[arm], settings) for arm in settings.arms]
+            return [future.result() for future in futures]
+    finally:
+        events.put(None)
+        forwarder.join()
+
+
+_events = None  # in an arm's process: the queue its events go back through
+
+
+def _arm_process_start(events) -> None:
+    import warnings
+
+    global _events
+    _events = events
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_libraries()
+
+
+def _arm_process(name: str, recipe: dict[str, Any], settings: DemoSettings) -> ArmResult:
+    torch.set_num_threads(settings.threads)
+    processor, sets, train = demo_data(settings)
+    return run_arm(name, recipe, settings, train, sets, processor, lambda *event: _events.put(event))
+
+
 def run_demo(settings: DemoSettings, on_event: Event | None = None,
              recipes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Both arms, the E/F/O table's numbers, adapters, results.json and the plot under `settings.out`.
@@ -241,11 +302,12 @@ def run_demo(settings: DemoSettings, on_event: Event | None = None,
     old_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        processor = load_processor(settings.model_dir)
-        sets = eval_sets(processor, settings.eval_items)
-        train = encode(processor, make_set("target", "train", settings.steps * settings.batch_size, seed=settings.seed))
         settings.out.mkdir(parents=True, exist_ok=True)
-        arms = [run_arm(arm, recipes[arm], settings, train, sets, processor, on_event) for arm in settings.arms]
+        if parallel_jobs(settings) > 1:
+            arms = run_arms_in_processes(settings, recipes, on_event)
+        else:
+            processor, sets, train = demo_data(settings)
+            arms = [run_arm(arm, recipes[arm], settings, train, sets, processor, on_event) for arm in settings.arms]
     finally:
         torch.set_num_threads(old_threads)
     from .plot import plot_curves
@@ -253,7 +315,7 @@ def run_demo(settings: DemoSettings, on_event: Event | None = None,
     report = {
         "seed": settings.seed,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-        "eval": {"target_items": len(sets.target), "general_items": len(sets.general),
+        "eval": {"target_items": settings.eval_items, "general_items": settings.eval_items,
                  "method": "greedy generation, exact match, held-out items"},
         "arms": {a.name: {**{k: v for k, v in asdict(a).items() if k != "name"}, **a.scores} for a in arms},
         "seconds": time.time() - started,

@@ -9,8 +9,9 @@
 
 The plugin translates mmtuning's exact target plan into Axolotl's own LoRA settings (so Axolotl builds the
 PEFT model as usual), then checks at each later hook that nothing changed it. Hook order (Axolotl 0.21):
-`register` (raw YAML, before validation: targets, quantization skip list) -> `pre_lora_load` (plan again on
-the real model) -> `post_model_load` (PEFT wrapped exactly the plan) -> `get_trainer_cls` (per-modality
+`register` (raw YAML, before validation: targets, quantization skip list) -> `load_datasets` (only under
+`layers: auto`: Axolotl's own loading, kept for the probe) -> `pre_lora_load` (plan again on the real model,
+probing its first batches under `layers: auto`) -> `post_model_load` (PEFT wrapped exactly the plan) -> `get_trainer_cls` (per-modality
 optimizer groups and extra loss terms) -> `add_callbacks_*` (schedules, the run report) ->
 `post_trainer_create` (no freezing option undid the plan). Without an `mmtuning:` block every hook
 returns at once: Axolotl auto-registers installed plugins on every run.
@@ -38,7 +39,7 @@ from ..host_settings import (AXOLOTL, describe_plan, effective_settings, kbit_se
 from ..names import modality_of_parameter, module_of
 from ..session import MMTuning
 from ..targets import TargetPlan
-from .hf import MMTuningTrainerMixin
+from .hf import MMTuningTrainerMixin, first_batches
 
 LOG = logging.getLogger("axolotl.integrations.mmtuning")  # under Axolotl's logger: shown at INFO
 BLOCK = "mmtuning"
@@ -82,6 +83,7 @@ class MMTuningPlugin(BasePlugin):
     def __init__(self) -> None:
         super().__init__()
         self.session: MMTuning | None = None
+        self.dataset_meta: Any = None  # Axolotl's loaded datasets, kept under `layers: auto` for the probe
         self._choosing_trainer = False
 
     def get_input_args(self) -> str:
@@ -109,7 +111,7 @@ class MMTuningPlugin(BasePlugin):
         model_config = load_host_model_config(cfg)
         from ..loading import build_skeleton
 
-        plan = self.session.plan_for(build_skeleton(model_config))
+        plan = self.session.plan_ahead(build_skeleton(model_config))
         replaced = replaced_targets(cfg, AXOLOTL)
         if replaced:
             LOG.warning("mmtuning: %s", targets_warning(replaced, plan, AXOLOTL.host))
@@ -117,6 +119,9 @@ class MMTuningPlugin(BasePlugin):
         LOG.info("mmtuning: %s planned for %s; Axolotl's LoRA settings now name them exactly",
                  describe_plan(plan), plan.model_type)
         LOG.info("mmtuning: effective LoRA settings: %s", effective_settings(self.session.config))
+        if self.session.needs_probe():
+            LOG.info("mmtuning: layers: auto - every layer is planned until the probe chooses on the run's first "
+                     "batches, before wrapping")
         for key in LORA_KERNEL_KEYS:
             if cfg.get(key) is None:
                 cfg[key] = False
@@ -131,12 +136,26 @@ class MMTuningPlugin(BasePlugin):
 
     # --- model -------------------------------------------------------------------------------------------
 
+    def load_datasets(self, cfg: Any, preprocess: bool = False):
+        """Under `layers: auto`: Axolotl's own dataset loading (the same call Axolotl makes), kept so that the probe
+        reads the run's first rows before the wrap. Otherwise None: Axolotl loads them itself."""
+        self.dataset_meta = None
+        if not self.active(cfg) or preprocess or not self.require_session(cfg).needs_probe():
+            return None
+        from axolotl.common.datasets import load_datasets
+
+        self.dataset_meta = load_datasets(cfg=cfg)
+        return self.dataset_meta
+
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
-        """Plan again on the model Axolotl really built (its class decides the names) and use that plan."""
+        """Plan again on the model Axolotl really built (its class decides the names) and use that plan; under
+        `layers: auto` the probe first scores the layers on the run's first batches."""
         if not self.active(cfg):
             return
         session = self.require_session(cfg)
-        write_lora_settings(cfg, session.plan_for(model))
+        meta = self.dataset_meta
+        batches = probe_batches(cfg, model, meta.train_dataset) if session.needs_probe() and meta else None
+        write_lora_settings(cfg, session.plan_for(model, batches, seed=cfg.get("seed") or 0, log=LOG.info))
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
         """PEFT wrapped exactly the planned modules, parameters and ranks (else PlanMismatchError)."""
@@ -319,6 +338,24 @@ def hand_over_keep_template(session: MMTuning, trainer: Any) -> None:
         session.use_keep_template(processor=strategy.processor, chat_template=strategy.chat_template, log=LOG.info)
     else:
         session.use_keep_template(processor=trainer.processing_class, log=LOG.info)
+
+
+def probe_batches(cfg: Any, model: Any, dataset: Any):
+    """The run's first micro-batches, collated by the collator Axolotl's trainer builder builds for this config
+    (its multimodal chat collator under `processor_type`), from the tokenizer and processor Axolotl loads."""
+    from axolotl.core.builders.causal import HFCausalTrainerBuilder
+    from axolotl.loaders import load_processor, load_tokenizer
+    from axolotl.utils.chat_templates import get_chat_template_from_config
+
+    tokenizer = load_tokenizer(cfg)
+    processor = load_processor(cfg, tokenizer) if cfg.get("processor_type") else None
+    args = SimpleNamespace(  # the training-argument fields build_collator reads
+        pretraining=bool(cfg.get("pretraining_dataset")), sample_packing=bool(cfg.get("sample_packing")),
+        eval_sample_packing=bool(cfg.get("eval_sample_packing")), image_size=cfg.get("image_size"),
+        image_resize_algorithm=cfg.get("image_resize_algorithm"),
+        chat_template=get_chat_template_from_config(cfg=cfg, tokenizer=tokenizer) if cfg.get("chat_template") else None)
+    collator = HFCausalTrainerBuilder(cfg, model, tokenizer, processor).build_collator(args, padding=True)
+    return first_batches(dataset, collator, cfg.get("micro_batch_size") or 1)
 
 
 def lora_settings(plan: TargetPlan) -> dict[str, Any]:

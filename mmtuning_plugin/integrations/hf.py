@@ -65,10 +65,32 @@ def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any
 
 
 class MMTuningTrainer(MMTuningTrainerMixin, Trainer):
-    def __init__(self, *args: Any, mmtuning: MMTuning, **kwargs: Any):
+    """Give it the model wrapped by `mmtuning.wrap(model)`, or the unwrapped model: then it plans and wraps here,
+    and under `layers: auto` the probe first scores the layers on the first batches of `train_dataset` as
+    `data_collator` collates them."""
+
+    def __init__(self, model: Any = None, args: Any = None, data_collator: Any = None, train_dataset: Any = None,
+                 *rest: Any, mmtuning: MMTuning, **kwargs: Any):
         self.mmtuning = mmtuning
+        if mmtuning.plan is None and model is not None and not hasattr(model, "peft_config"):
+            model = wrap_probed(mmtuning, model, args, train_dataset, data_collator)
         callbacks = list(kwargs.pop("callbacks", None) or []) + mmtuning.callbacks()
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        super().__init__(model, args, data_collator, train_dataset, *rest, callbacks=callbacks, **kwargs)
+
+
+def wrap_probed(session: MMTuning, model: torch.nn.Module, args: Any, dataset: Any, collate: Any):
+    """`session.wrap` with the first training batches as the probe's data (read only under `layers: auto`)."""
+    from transformers import TrainingArguments, default_data_collator
+
+    args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+    batches = first_batches(dataset, collate or default_data_collator, args.per_device_train_batch_size) \
+        if session.needs_probe() and dataset is not None else None
+    wrapped = session.wrap(model, probe_batches=batches, seed=args.seed)
+    if session.require_plan().probe is not None:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).info("mmtuning: layers: auto, probed: %s", session.plan.probe.describe())
+    return wrapped
 
 
 def extra_loss_scale(trainer: Trainer, num_items_in_batch: Any) -> float:
@@ -114,8 +136,11 @@ def prepare_keep(trainer: Trainer) -> Any:
 
 def training_batches(trainer: Trainer):
     """Collated batches of the training set's first rows, in order (no sampler, no RNG draw)."""
-    dataset, collate = trainer.train_dataset, trainer.data_collator
-    size = trainer.args.per_device_train_batch_size
+    return first_batches(trainer.train_dataset, trainer.data_collator, trainer.args.per_device_train_batch_size)
+
+
+def first_batches(dataset: Any, collate: Any, size: int):
+    """`dataset`'s rows in order, collated `size` at a time (a generator: only the batches read are built)."""
     if dataset is None:
         return
     rows = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
@@ -129,7 +154,9 @@ def training_batches(trainer: Trainer):
         yield collate(chunk)
 
 
-def prepare_model(model: torch.nn.Module, config: Any = None) -> tuple[torch.nn.Module, MMTuning]:
-    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer."""
+def prepare_model(model: torch.nn.Module, config: Any = None, probe_batches: Any = None,
+                  seed: int = 0) -> tuple[torch.nn.Module, MMTuning]:
+    """Wrap `model` per the `mmtuning:` settings; returns the PeftModel and the session for the trainer.
+    `probe_batches`: collated training batches for `layers: auto` (or hand the unwrapped model to MMTuningTrainer)."""
     session = MMTuning(config)
-    return session.wrap(model), session
+    return session.wrap(model, probe_batches=probe_batches, seed=seed), session

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
+from ..config import layer_span
 from ..errors import MMTuningError
 from ..host_settings import (LLAMAFACTORY, effective_settings, kbit_settings_not_applied, refuse, replaced_targets,
                              targets_warning, with_host_defaults)
@@ -89,6 +90,13 @@ PATCHES: dict[str, Patch] = {
         "LLaMA-Factory builds the BitsAndBytesConfig here with no skip list, so vision tower and projector "
         "are quantized; mmtuning adds its exact `llm_int8_skip_modules` (and any other policy kwargs) to the "
         "config this function just built, before the model loads.",
+    ),
+    "probe data": Patch(
+        "llamafactory.train.sft.workflow", "get_dataset",
+        "Under `layers: auto` the probe needs the run's first training batches before the model is wrapped, which "
+        "LLaMA-Factory does inside load_model, right after this call built the tokenized dataset. The replacement "
+        "returns the same dataset module and records it with its template, so the wrap can collate the first rows "
+        "with the collator class and arguments the workflow uses next. Only patched under `layers: auto`.",
     ),
     "trainer": Patch(
         "", "",  # per stage, from TRAINER_BY_STAGE
@@ -166,6 +174,9 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     if stage not in TRAINER_BY_STAGE:
         raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "
                             f"stages: {', '.join(TRAINER_BY_STAGE)}.")
+    if session.needs_probe() and stage != "sft":
+        raise MMTuningError(f"{where}: `layers: auto` probes the run's first training batches, which mmtuning reads "
+                            f"in stage: sft only; train with stage: sft, or write the layers yourself (e.g. {{top: 4}}).")
     if session.keep is not None and stage != "sft":
         raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
                             f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
@@ -213,14 +224,52 @@ def replaced(module_name: str, name: str, replacement: Any) -> Iterator[Any]:
         setattr(module, name, original)
 
 
-def wrap_with_plan(session: MMTuning) -> Callable:
-    """Replacement for `get_peft_model(model, peft_config)`: wrap with mmtuning's plan, keep the task type."""
+def wrap_with_plan(session: MMTuning, run: dict[str, Any] | None = None) -> Callable:
+    """Replacement for `get_peft_model(model, peft_config)`: wrap with mmtuning's plan, keep the task type. Under
+    `layers: auto` the probe runs first on the run's first training batches (`run`: what get_dataset saw)."""
 
     def get_peft_model(model, peft_config, *args: Any, **kwargs: Any):
         task_type = getattr(peft_config, "task_type", None)
-        return session.wrap(model, **({"task_type": task_type} if task_type else {}))
+        probe = {"probe_batches": probe_batches(run, model), "seed": run["training_args"].seed} if run else {}
+        wrapped = session.wrap(model, **probe, **({"task_type": task_type} if task_type else {}))
+        if session.require_plan().probe is not None:
+            sys.stderr.write(f"[mmtuning] layers: auto, probed on {session.plan.probe.batches} batch(es): "
+                             f"{session.plan.probe.describe()} (scores: {RUN_RECORD}, plan.probe)\n")
+        return wrapped
 
     return get_peft_model
+
+
+def recording_dataset(original: Callable, run: dict[str, Any]) -> Callable:
+    """Replacement for the sft workflow's `get_dataset`: the same dataset module, its arguments recorded in `run`."""
+    import inspect
+
+    def get_dataset(*args: Any, **kwargs: Any):
+        module = original(*args, **kwargs)
+        run.update(inspect.signature(original).bind(*args, **kwargs).arguments, dataset=module.get("train_dataset"))
+        return module
+
+    return get_dataset
+
+
+def probe_batches(run: dict[str, Any], model: Any):
+    """The first training batches, collated by the sft workflow's collator class with the workflow's arguments."""
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.train.sft import workflow
+
+    from .hf import first_batches
+
+    if run.get("dataset") is None:
+        return None  # the plan then says that `layers: auto` got no data, and what to give
+    model_args, data_args, training_args = run["model_args"], run["data_args"], run["training_args"]
+    tokenizer_module = {"tokenizer": run["tokenizer"], "processor": run.get("processor")}
+    collator = workflow.SFTDataCollatorWith4DAttentionMask(
+        template=run["template"], model=model, pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else run["tokenizer"].pad_token_id,
+        block_diag_attn=model_args.block_diag_attn, neat_packing=data_args.neat_packing,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        compute_dtype=model_args.compute_dtype, **tokenizer_module)
+    return first_batches(run["dataset"], collator, training_args.per_device_train_batch_size)
 
 
 def add_quantization_policy(session: MMTuning, original: Callable) -> Callable:
@@ -393,8 +442,13 @@ def patched(session: MMTuning, stage: str) -> Iterator[None]:
     import importlib
 
     with contextlib.ExitStack() as stack:
+        run: dict[str, Any] | None = None
+        if session.needs_probe():
+            run, data = {}, PATCHES["probe data"]
+            original = getattr(importlib.import_module(data.module), data.name)
+            stack.enter_context(replaced(data.module, data.name, recording_dataset(original, run)))
         targets = PATCHES["targets"]
-        stack.enter_context(replaced(targets.module, targets.name, wrap_with_plan(session)))
+        stack.enter_context(replaced(targets.module, targets.name, wrap_with_plan(session, run)))
         quant = PATCHES["quantization"]
         original = getattr(importlib.import_module(quant.module), quant.name)
         stack.enter_context(replaced(quant.module, quant.name, add_quantization_policy(session, original)))
@@ -432,8 +486,7 @@ def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
             len(plan.modules_to_save) - len(plan.selected) if modality == "projector" else 0)
         if count:
             layers = plan.layers.get(modality)
-            where = f" in layers {layers[0]}-{layers[-1]}" if layers and len(layers) > 1 else (
-                f" in layer {layers[0]}" if layers else "")
+            where = f" in layer{'s' if len(layers) > 1 else ''} {layer_span(layers)}" if layers else ""
             parts.append(f"{modality} {count}{where} (r={plan.config.rank(modality)})")
     groups = ", ".join(f"{g['name']} {g['params']:,}" for g in record["optimizer_groups"])
     return f"[mmtuning] plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Record: {path}"
@@ -516,7 +569,7 @@ def plan_ahead(job: Job):
     from transformers import AutoConfig
 
     from ..loading import build_skeleton
-    from ..targets import plan_targets
+    from ..probe import plan_unprobed
 
     try:
         model_config = AutoConfig.from_pretrained(str(job.args.get("model_name_or_path")), local_files_only=True,
@@ -524,7 +577,7 @@ def plan_ahead(job: Job):
         skeleton = build_skeleton(model_config)
     except Exception:  # not downloaded yet, or not buildable from its config: LLaMA-Factory loads it first
         return None
-    return plan_targets(skeleton, job.session.config)
+    return plan_unprobed(skeleton, job.session.config)  # `layers: auto` layers are probed once data exists
 
 
 def announce(job: Job, plan) -> None:

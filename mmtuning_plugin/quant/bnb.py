@@ -1,6 +1,6 @@
 """bitsandbytes specifics, in one place: its 4-bit storage layout (for the memory estimate), the
-`BitsAndBytesConfig` kwargs of a quantization plan, how a loaded module or weight tells its precision, and the
-bytes a loaded model really holds (quantization constants included)."""
+`BitsAndBytesConfig` kwargs of a quantization plan, how a loaded module or weight tells its precision, the
+bytes a loaded model really holds (quantization constants included), and the 4-bit round trip a merge applies."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ BNB_NESTED_BLOCKSIZE = 256
 BNB_CODE_BYTES = 16 * 4
 
 BNB_NESTED_CODE_BYTES = 256 * 4 + 4
+# quantize_4bit accepts these block sizes (0.50; other values raise "invalid blocksize").
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Parameter and module classes of packed (quantized) weights.
 PACKED_PARAMETERS = ("Params4bit", "Int8Params")
 
@@ -120,3 +122,14 @@ def original_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype a weight had before 4-bit packing (its own dtype when not packed)."""
     quant_state = getattr(weight, "quant_state", None)
     return quant_state.dtype if quant_state is not None else weight.dtype
+
+
+def roundtrip_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = BNB_BLOCKSIZE,
+                   double_quant: bool = True) -> torch.Tensor:
+    """The weight as a bitsandbytes 4-bit layer computes with it (quantize, then dequantize): what a QLoRA
+    adapter was trained against, so a merge adds its delta to this rather than to the 16-bit original."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                       quant_type=quant_type)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)

@@ -17,7 +17,9 @@ logger = logging.getLogger("mmtuning.schedule")
 class LayerScheduler:
     """Applies a `SchedulePlan` to a model, host-free: `apply(step)` before the forward of an update,
     `drop_inactive_grads()` before the optimizer step. `mode="requires_grad"` also skips the backward of
-    inactive stages; `mode="grad"` only drops their grads (for DDP without find_unused_parameters)."""
+    inactive stages; `mode="grad"` (for DDP without find_unused_parameters) lets DDP see every grad but zeroes
+    inactive ones as they are computed, so gradient clipping and the logged grad_norm (the Trainer clips
+    before `on_pre_optimizer_step`) count only the active stage, then drops them before the step."""
 
     def __init__(self, model: nn.Module, plan, schedule: SchedulePlan, total_steps: Optional[int],
                  mode: Literal["requires_grad", "grad"] = "requires_grad"):
@@ -28,6 +30,8 @@ class LayerScheduler:
         self.slots = {name: slot for name, slot in slots.items() if slot.modality in schedule.stages}
         self.current: Optional[dict[str, Active]] = None
         self.inactive: list[nn.Parameter] = []
+        self._inactive_ids: set[int] = set()
+        self._gates = [param.register_hook(self._gate(param)) for param in self.params.values()] if mode == "grad" else []
         for stages in schedule.stages.values():  # fail at train begin, not mid-run
             for stage in stages:
                 resolve_at(stage.at, total_steps)
@@ -44,11 +48,17 @@ class LayerScheduler:
             return None
         on = self.active_names(step)
         self.inactive = [p for name, p in self.params.items() if name not in on]
+        self._inactive_ids = {id(p) for p in self.inactive}
         if self.mode == "requires_grad":
             for name, param in self.params.items():
                 param.requires_grad_(name in on)
         self.current = active
         return active
+
+    def _gate(self, param: nn.Parameter):
+        def zero_if_inactive(grad):
+            return grad.new_zeros(()).expand_as(grad) if id(param) in self._inactive_ids else grad
+        return zero_if_inactive
 
     def drop_inactive_grads(self) -> None:
         for param in self.inactive:
@@ -58,6 +68,9 @@ class LayerScheduler:
         """Everything trainable again (after training: saving, merging and evaluation see a normal model)."""
         for param in self.params.values():
             param.requires_grad_(True)
+        for gate in self._gates:
+            gate.remove()
+        self._gates = []
 
 
 def _is_on(slot: Slot, active: Active) -> bool:

@@ -133,6 +133,7 @@ def runs(tiny) -> dict[str, Path]:
         "llava_bare": {**base_yaml(root, "llava", "llava_bare"), "lora_target_linear": True},
         "llava_typical": typical_user_yaml(root, "llava_typical"),
         "llava_refused": typical_user_yaml(root, "llava_refused", r=8, alpha=64, **TYPICAL_BLOCK),
+        "llava_auto": {**with_mmtuning(base_yaml(root, "llava", "llava_auto"), language=AUTO_LANGUAGE), "max_steps": 2},
     }
     if "qwen2_vl" not in facts["models"]:
         configs.pop("qwen_qlora")
@@ -148,6 +149,25 @@ def runs(tiny) -> dict[str, Path]:
                            *config_checks(root, configs["llava_lora"])]
     run_all(root, commands)
     return {"root": root, "facts": facts, **{name: root for name in commands}}
+
+
+AUTO_LANGUAGE = {"modules": "attention", "r": 8, "layers": {"auto": {"top_k": 2, "batches": 1}}}
+
+
+def test_layers_auto_probes_the_runs_first_batch_before_axolotl_wraps(runs):
+    """The probe ran on the first micro-batch of Axolotl's own dataset and collator; the report holds its
+    scores and only the chosen language layers got adapters."""
+    root = runs["root"]
+    plan = json.loads((root / "out_llava_auto" / "mmtuning_report.json").read_text())["plan"]
+    probe = plan["probe"]
+    assert probe["batches"] == 1 and probe["answer_tokens"] > 0, probe
+    language = probe["modalities"]["language"]
+    best = sorted(language["layers"], key=lambda s: (-s["score"], -s["layer"]))[:2]
+    assert language["chosen"] == sorted(s["layer"] for s in best) == plan["layers"]["language"]
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name in adapter_modules(root / "out_llava_auto")
+               if "language_model" in name}
+    assert adapted == set(language["chosen"])
+    assert "layers chosen by the probe on 1 batch(es): language layers" in (root / "llava_auto.log").read_text()
 
 
 def config_checks(root: Path, good: dict) -> list[str]:

@@ -127,6 +127,21 @@ def test_lora_run_adapts_projector_and_vision_as_planned_with_one_group_per_moda
     assert groups["language"]["tensors"] == 2 * len(expected["language"])
 
 
+@needs_lf
+def test_layers_auto_probes_the_runs_own_first_batches_before_wrapping(tiny):
+    block = {"projector": False, "language": {"modules": "attention", "r": 4, "layers": {"auto": {"top_k": 1, "batches": 2}}}}
+    out = train(tiny, "auto", block, "max_steps=1")
+    probe = json.loads((out / lf.RUN_RECORD).read_text())["plan"]["probe"]
+    # 4 rows, 2 per batch: both batches probed, every answer token of the dataset ("a red circle ." + end) counted
+    assert probe["batches"] == 2 and probe["answer_tokens"] >= 4 * 4, probe
+    language = probe["modalities"]["language"]
+    assert len(language["chosen"]) == 1 and [s["layer"] for s in language["layers"]] == [0, 1, 2, 3]
+    best = max(language["layers"], key=lambda s: (s["score"], s["layer"]))
+    assert language["chosen"] == [best["layer"]]
+    layers = {int(m.split(".layers.")[1].split(".")[0]) for m in adapted_modules(adapter_tensors(out))}
+    assert layers == set(language["chosen"])
+
+
 TYPICAL_LORA = {"lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all"}
 
 
