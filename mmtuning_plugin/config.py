@@ -678,6 +678,10 @@ def check_selective(modality: str, spec: "ModalitySpec") -> None:
         raise ValueError(f"{', '.join(f'{modality}.{k}' for k in given)}: adapter settings, but {modality} is tuned "
                          f"selectively (selective: {method}) and gets no adapter; remove them, or remove `selective` "
                          f"to put adapters on {modality}")
+    if spec.layers.mode == "auto":
+        raise ValueError(f"{modality}.layers: auto scores layers by the adapters it would put there, and {modality} is "
+                         f"tuned selectively (selective: {method}); choose its layers yourself (e.g. `{{top: 2}}`), or "
+                         f"remove `selective` to let the probe pick adapter layers")
     if method == "layernorm" and "modules" in spec.model_fields_set:
         raise ValueError(f"{modality}.modules: chooses Linear modules, but selective: layernorm trains the norms of the "
                          f"selected layers; remove `modules`, or use `selective: bias` / `full` on those modules")

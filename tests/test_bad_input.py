@@ -276,6 +276,8 @@ CLI_CASES = [
                                     "--set", "language.modules=mlp"], ["language.modules", "selective: layernorm"]),
     ("set-selective-full-bare-projector", ["inspect-targets", "gemma3", "--set", "projector.selective=full"],
      ["bare weight model.multi_modal_projector.mm_input_projection_weight", "projector: {full: true}"]),
+    ("set-selective-layers-auto", ["inspect-targets", "llava", "--set", "language.selective=full", "--set", "language.layers=auto"],
+     ["language.layers: auto", "tuned selectively", "{top: 2}"]),
     ("set-selective-unknown", ["inspect-targets", "llava", "--set", "language.selective=lora"], ["language.selective.method", "'layernorm'"]),
     ("set-parent-scalar", ["inspect-targets", "llava", "--set", "r=4", "--set", "r.x=1"], ["not a block of settings"]),
     ("set-loss-unknown", ["inspect-targets", "llava", "--set", "losses.ancor={weight: 1}"], ["unknown loss 'ancor'"]),
