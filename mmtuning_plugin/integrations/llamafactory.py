@@ -482,8 +482,8 @@ def summary_line(session: MMTuning, record: dict[str, Any], path: Path) -> str:
     plan = session.require_plan()
     parts = []
     for modality in ("vision", "projector", "language"):
-        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality)) + (
-            len(plan.modules_to_save) if modality == "projector" else 0)
+        count = len(plan.modules_of(modality)) + len(plan.parameters_of(modality)) + len(plan.selected_of(modality)) + (
+            len(plan.modules_to_save) - len(plan.selected) if modality == "projector" else 0)
         if count:
             layers = plan.layers.get(modality)
             where = f" in layer{'s' if len(layers) > 1 else ''} {layer_span(layers)}" if layers else ""
