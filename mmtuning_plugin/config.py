@@ -616,8 +616,79 @@ def validate_losses(value: Any) -> dict[str, LossOptions]:
     return result
 
 
+# --- selective tuning (`selective:`) -------------------------------------------------------------------
+
+SELECTIVE_METHODS: dict[str, str] = {
+    "layernorm": "the weights and biases of the normalization layers in the selected layers (LayerNorm tuning)",
+    "bias": "the biases of the selected Linear modules and of the norms in the selected layers (BitFit)",
+    "full": "every weight of the selected layers: their Linear modules and norms (e.g. `layers: {top: 2}`: the top "
+            "two layers whole); with `modules:`, only those Linear modules",
+    "spider": "like `full`, but each step updates only the weights whose accumulated gradient importance exceeds "
+              "their pre-trained magnitude (SPIDER, ICML 2025), at most `mask_ratio` of them",
+}
+# Modality keys that shape adapters only: given next to `selective:` they would do nothing.
+ADAPTER_ONLY_KEYS = ("r", "alpha", "include", "full")
+
+
+class SelectiveSpec(BaseModel):
+    """Selective tuning of one modality (`selective:`): the modality's own weights train, with no adapter on it.
+    `layers:` and `modules:` choose where. The trained modules are PEFT `modules_to_save`, so the saved adapter
+    holds them and loads like any other. Write a method name (`selective: layernorm`) or a block
+    (`selective: {method: spider, mask_ratio: 0.1}`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["layernorm", "bias", "full", "spider"] = Field(
+        description="What trains: " + "; ".join(f"`{k}`: {v}" for k, v in SELECTIVE_METHODS.items()) + ".")
+    mask_ratio: Optional[float] = Field(
+        default=None,
+        description="`spider` only: the largest share of the selected weights one step may update, in (0, 1] "
+        "(default 1: every weight whose task importance exceeds its pre-trained magnitude).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"method": value}
+        return value
+
+    @model_validator(mode="after")
+    def _ratio(self) -> "SelectiveSpec":
+        ratio = self.mask_ratio
+        if ratio is not None and self.method != "spider":
+            raise ValueError(f"mask_ratio belongs to method spider (importance-masked updates); remove it, or write "
+                             f"`{{method: spider, mask_ratio: {ratio:g}}}`")
+        if ratio is not None and (isinstance(ratio, bool) or not 0 < ratio <= 1):
+            raise ValueError(f"mask_ratio {ratio:g} is outside (0, 1]; it is the share of the selected weights a step "
+                             f"may update: write e.g. 0.1 (a tenth), or 1 (no cap)")
+        return self
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 if self.mask_ratio is None else self.mask_ratio
+
+
+def check_selective(modality: str, spec: "ModalitySpec") -> None:
+    """Refuse adapter keys next to `selective:` (they would do nothing) and `modules:` with `layernorm`."""
+    if spec.selective is None:
+        return
+    method = spec.selective.method
+    given = [key for key in ADAPTER_ONLY_KEYS if key in spec.model_fields_set and getattr(spec, key) not in (False, [])]
+    if given:
+        raise ValueError(f"{', '.join(f'{modality}.{k}' for k in given)}: adapter settings, but {modality} is tuned "
+                         f"selectively (selective: {method}) and gets no adapter; remove them, or remove `selective` "
+                         f"to put adapters on {modality}")
+    if spec.layers.mode == "auto":
+        raise ValueError(f"{modality}.layers: auto scores layers by the adapters it would put there, and {modality} is "
+                         f"tuned selectively (selective: {method}); choose its layers yourself (e.g. `{{top: 2}}`), or "
+                         f"remove `selective` to let the probe pick adapter layers")
+    if method == "layernorm" and "modules" in spec.model_fields_set:
+        raise ValueError(f"{modality}.modules: chooses Linear modules, but selective: layernorm trains the norms of the "
+                         f"selected layers; remove `modules`, or use `selective: bias` / `full` on those modules")
+
+
 class ModalitySpec(BaseModel):
-    """Adapters for one modality (vision encoder, projector or language model)."""
+    """Adapters (or selective tuning) for one modality (vision encoder, projector or language model)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -656,6 +727,11 @@ class ModalitySpec(BaseModel):
     lr_decay: float | None = Field(
         default=None, gt=0, le=1,
         description="Layer-wise LR decay: layer i trains at lr x lr_decay^(top targeted layer - i), one group per layer.",
+    )
+    selective: Optional[SelectiveSpec] = Field(
+        default=None,
+        description="Train this modality's own weights instead of adapters (docs/selective.md): `layernorm`, "
+        "`bias`, `full`, or `{method: spider, mask_ratio: 0.1}`; `layers`/`modules` choose where.",
     )
 
     @field_validator("modules")
@@ -856,6 +932,7 @@ class MMTuningConfig(BaseModel):
             wrong = [item for item in spec.include if item not in allowed]
             if wrong:
                 raise ValueError(f"{modality}.include: {wrong} do not belong to {modality}; allowed: {list(allowed) or 'none'}")
+            check_selective(modality, spec)
             if spec.layers.mode == "auto" and modality == "projector":
                 raise ValueError("projector.layers: auto ranks vision and language layers; write the projector's layers "
                                  "yourself (or remove `layers` from it)")

@@ -24,7 +24,8 @@ VERSIONED = ("mmtuning", "torch", "transformers", "peft", "bitsandbytes", "accel
 
 
 def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
-    """Per modality: what the plan adapts (exact names), its layers, kinds, rank, alpha and trainable size."""
+    """Per modality: what the plan adapts (exact names), its layers, kinds, rank, alpha, trainable size and the bytes
+    training adds, and what a selective method trains instead of adapters (None without one)."""
     rows = {}
     for modality in MODALITIES:
         planned = plan.modules_of(modality)
@@ -39,6 +40,8 @@ def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
             "r": plan.config.rank(modality),
             "alpha": plan.config.scale_alpha(modality),
             "trainable_params": plan.trainable_params(modality),
+            **training_bytes(plan.trainable_params(modality)),
+            "selective": selective_row(plan, modality),
         }
     return rows
 
@@ -74,6 +77,32 @@ def inspect_report(model_name: str, model, config: dict[str, Any], steps: Option
 
         report["quant"] = memory_estimate(model, plan.config.quant, plan)
     return report
+
+
+def training_bytes(trainable: Optional[int]) -> dict[str, Optional[int]]:
+    """Bytes of the trainable tensors (fp32 value and gradient) and of Adam's two fp32 states, per parameter."""
+    from .quant.memory import ADAM_STATE_BYTES, TRAINABLE_BYTES
+
+    known = trainable is not None
+    return {"trainable_bytes": trainable * TRAINABLE_BYTES if known else None,
+            "optimizer_state_bytes": trainable * ADAM_STATE_BYTES if known else None}
+
+
+def selective_row(plan, modality: str) -> Optional[dict[str, Any]]:
+    """A selective modality's method, modules, trained tensors and extra memory: the modules_to_save copy's
+    untrained tensors and, for spider, its accumulator and step snapshot."""
+    from .selective.spider import extra_state_bytes
+
+    selected = plan.selected_of(modality)
+    if not selected:
+        return None
+    spec = plan.config.spec(modality).selective
+    trained = sum(s.trained_params for s in selected)
+    row = {"method": spec.method, "modules": [s.name for s in selected], "trained_params": trained,
+           "frozen_copy_params": sum(s.module_params for s in selected) - trained}
+    if spec.method == "spider":
+        row.update(mask_ratio=spec.ratio, extra_state_bytes=extra_state_bytes(trained))
+    return row
 
 
 def probe_report(model_name: str, config: dict[str, Any], data, batch_size: int, seed: int,
@@ -232,10 +261,13 @@ def summary_line(report: dict[str, Any], path: Path) -> str:
     """One log line: what got adapters per modality, and the optimizer's groups."""
     parts = []
     for modality, row in report["plan"]["modalities"].items():
-        if row["targets"]:
+        selective = row["selective"]
+        count = row["targets"] + (len(selective["modules"]) if selective else 0)
+        if count:
             layers = row["selected_layers"]  # probed layers need not be contiguous: layer_span writes gaps
             where = f" in layers {layer_span(layers)}" if layers and len(layers) > 1 else (
                 f" in layer {layers[0]}" if layers else "")
-            parts.append(f"{modality} {row['targets']}{where} (r={row['r']})")
+            how = f"selective {selective['method']}" if selective else f"r={row['r']}"
+            parts.append(f"{modality} {count}{where} ({how})")
     groups = ", ".join(f"{g['name']} {g['params']:,}" for g in report["optimizer_groups"])
     return f"plan verified: {'; '.join(parts)}. Optimizer groups (params): {groups}. Report: {path}"

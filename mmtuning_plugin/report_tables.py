@@ -27,14 +27,15 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     for column in ("modality", "layers", "kinds", "modules", "params", "r/alpha", "trainable"):
         table.add_column(column, justify="right" if column in ("modules", "params", "trainable") else "left")
     for modality, row in report["modalities"].items():
-        on = row["enabled"]
+        on, selective = row["enabled"], row.get("selective")
         table.add_row(
             modality if on else f"[dim]{modality} (off)[/]",
             _layers_text(row["selected_layers"], row["layers"]) if on else _layers_text(None, row["layers"]),
-            ",".join(KIND_LABELS.get(k, k) for k in row["kinds"]) or "-",
+            (selective["method"] if selective else ",".join(KIND_LABELS.get(k, k) for k in row["kinds"])) or "-",
+            f"{len(selective['modules'])} whole" if selective else
             f"{len(row['targeted'])}/{max(len(row['modules']), len(row['targeted']))}",
             human(row["params"]),
-            f"{row['r']}/{row['alpha']:g}" if on else "-",
+            f"{row['r']}/{row['alpha']:g}" if on and not selective else "-",
             human(row["trainable_params"]) if on else "0",
         )
     plan = report["plan"]
@@ -44,8 +45,11 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     out.print(table)
     if plan["target_parameters"]:
         out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
-    if plan["modules_to_save"]:
-        out.print(f"trained whole (modules_to_save): {', '.join(plan['modules_to_save'])}")
+    print_training_memory(report["modalities"], out, table="quant" not in report or _any_selective(report))
+    selected = {m for row in report["modalities"].values() for m in (row.get("selective") or {}).get("modules", [])}
+    whole = [m for m in plan["modules_to_save"] if m not in selected]
+    if whole:
+        out.print(f"trained whole (modules_to_save): {', '.join(whole)}")
     if "quant" in report:
         print_quant(report["quant"])
     if "probe" in plan:
@@ -72,6 +76,70 @@ def print_probe(probe: dict[str, Any], out: Console) -> None:
     out.print("score = task share / general share; above 1 the task leans on the layer more than the model's current "
               "answers do. Chosen: " + "; ".join(f"{m} {layer_span(r['chosen'])}" for m, r in probe["modalities"].items()),
               highlight=False)
+
+
+def _any_selective(report: dict[str, Any]) -> bool:
+    return any(row.get("selective") for row in report["modalities"].values())
+
+
+def print_training_memory(modalities: dict[str, Any], out: Console, table: bool = True) -> None:
+    """What training adds per modality: trainable tensors (fp32 value + gradient), Adam's two fp32 states, and
+    what a selective method adds (copied-but-frozen tensors, SPIDER's mask state); then one line per method.
+    `table=False` (the quant table already shows trainable and optimizer bytes): the lines only."""
+    rows = {m: r for m, r in modalities.items() if r["enabled"]}
+    if table:
+        _training_memory_table(rows, out)
+    for modality, row in rows.items():
+        if row.get("selective"):
+            print_selective(modality, row["selective"], out)
+
+
+def _training_memory_table(rows: dict[str, Any], out: Console) -> None:
+    table = Table(title="training memory (Adam: 2 fp32 states per trainable parameter)", title_justify="left")
+    for column in ("modality", "trainable", "bytes", "optimizer", "extra"):
+        table.add_column(column, justify="left" if column == "modality" else "right")
+    for modality, row in rows.items():
+        extra = _extra_bytes(row.get("selective"))
+        table.add_row(modality, human(row["trainable_params"]), _bytes(row["trainable_bytes"]),
+                      _bytes(row["optimizer_state_bytes"]), _extra_text(extra))
+    table.add_section()
+    table.add_row("total", human(_sum(r["trainable_params"] for r in rows.values())),
+                  *(_bytes(_sum(r[key] for r in rows.values())) for key in ("trainable_bytes", "optimizer_state_bytes")),
+                  _extra_text(sum(_extra_bytes(r.get("selective")) for r in rows.values())))
+    out.print(table)
+
+
+def _extra_text(value: int) -> str:
+    return human_bytes(value) if value else "-"
+
+
+def _extra_bytes(selective: Optional[dict[str, Any]], dtype_bytes: int = 2) -> int:
+    """A selective method's memory beyond trainable and optimizer bytes: the copy's frozen tensors (16-bit)
+    and SPIDER's state."""
+    if not selective:
+        return 0
+    return selective["frozen_copy_params"] * dtype_bytes + selective.get("extra_state_bytes", 0)
+
+
+def print_selective(modality: str, row: dict[str, Any], out: Console) -> None:
+    """One line per selective modality: what trains, the copy's untrained share, SPIDER's mask and state."""
+    line = (f"{modality}: selective {row['method']} on {len(row['modules'])} modules (modules_to_save), "
+            f"{human(row['trained_params'])} trained")
+    if row["frozen_copy_params"]:
+        line += f", {human(row['frozen_copy_params'])} more copied but frozen"
+    if row["method"] == "spider":
+        line += (f"; mask ratio <= {row['mask_ratio']:g} per step, mask state {human_bytes(row['extra_state_bytes'])} "
+                 f"(fp32 |grad| sums + step snapshot)")
+    out.print(line, highlight=False)
+
+
+def _bytes(value: Optional[int]) -> str:
+    return "?" if value is None else human_bytes(value)
+
+
+def _sum(values) -> Optional[int]:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
 
 
 def print_quant(quant: dict[str, Any]) -> None:

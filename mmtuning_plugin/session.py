@@ -183,6 +183,9 @@ class MMTuning:
     def verify(self, model: nn.Module, adapter_name: str = "default") -> None:
         """Check a model a host wrapped itself (from `peft_config(plan)`) against the plan, then attach."""
         self.enter("adapters")
+        from .selective.runtime import settle_selected
+
+        settle_selected(model, self.require_plan())  # a host's PEFT trains modules_to_save copies whole
         verify_wrapped(model, self.require_plan(), adapter_name)
         self.attach(model)
 
@@ -248,12 +251,13 @@ class MMTuning:
         return schedule_plan(self.require_plan())
 
     def callbacks(self) -> list[Any]:
-        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), losses,
-        keep, and the run report (phase 6)."""
+        """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), SPIDER's
+        update mask, losses, keep, and the run report (phase 6)."""
         from .schedules import schedule_callback
+        from .selective.spider import spider_callback  # a no-op unless a modality uses `selective: spider`
 
-        return [schedule_callback(self), *self.losses.callbacks(), *([self.keep.callback()] if self.keep else []),
-                report_callback(self)]
+        return [schedule_callback(self), spider_callback(self), *self.losses.callbacks(),
+                *([self.keep.callback()] if self.keep else []), report_callback(self)]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
         """Named loss terms to add to the task loss (alignment, regularizers); empty when none configured.

@@ -19,6 +19,8 @@ from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, un
 from .config import KINDS, MMTuningConfig, load_config
 from .errors import MMTuningError, PlanMismatchError
 from .names import module_of
+from .selective.plan import SelectedModule, plan_selective
+from .selective.runtime import selective_problems, settle_selected
 
 DEFAULT_DROPOUT = 0.05
 # Module kinds each method can adapt (PEFT 0.21): IA3/LoHa/LoKr have no Embedding layer.
@@ -66,6 +68,7 @@ class TargetPlan:
     layers: dict[str, list[int]]
     layout: ModelLayout
     full_params: int = 0  # parameters trained whole through modules_to_save
+    selected: list[SelectedModule] = field(default_factory=list)  # selective tuning (also in modules_to_save)
     probe: Any = None  # the `layers: auto` probe's scores (probe.ProbeReport), when it chose layers
 
     @property
@@ -77,6 +80,16 @@ class TargetPlan:
     @property
     def target_modules(self) -> list[str]:
         return [m.name for m in self.modules]
+
+    @property
+    def peft_target_modules(self) -> list[str] | str | None:
+        """`target_modules` for PEFT: PEFT's dummy marker when only modules_to_save train (selective tuning,
+        `projector: {full: true}`), since PEFT refuses a config that targets nothing."""
+        if self.modules_to_save and not self.modules and not self.parameters:
+            from peft.utils.constants import DUMMY_TARGET_MODULES
+
+            return DUMMY_TARGET_MODULES
+        return self.target_modules or None
 
     @property
     def target_parameters(self) -> list[str]:
@@ -119,10 +132,21 @@ class TargetPlan:
 
     def modality_of(self, name: str) -> str | None:
         """Modality of a planned module or parameter name (for optimizer groups, reports)."""
-        for item in [*self.modules, *self.parameters]:
+        for item in [*self.modules, *self.parameters, *self.selected]:
             if item.name == name:
                 return item.modality
         return None
+
+    def selected_of(self, modality: str) -> list[SelectedModule]:
+        return [s for s in self.selected if s.modality == modality]
+
+    def frozen_in_copy(self, parameter_name: str) -> bool:
+        """A tensor of a selected module's trainable copy that its method does not train (`bias`: the weight)."""
+        if ".modules_to_save." not in parameter_name:
+            return False
+        owner = module_of(parameter_name)
+        local = parameter_name.rsplit(".", 1)[-1]
+        return any(s.name == owner and local not in s.trained for s in self.selected)
 
     def trainable_params(self, modality: str | None = None) -> int | None:
         """Adapter parameters PEFT will create (exact for lora/dora/ia3/loha; None for lokr)."""
@@ -133,7 +157,7 @@ class TargetPlan:
         total += sum(p.r * (p.shape[0] + p.shape[1]) for p in self.parameters if modality in (None, p.modality))
         if modality in (None, "projector"):
             total += self.full_params
-        return total
+        return total + sum(s.trained_params for s in self.selected if modality in (None, s.modality))
 
     def summary(self) -> dict[str, Any]:
         """The `plan` object of `inspect-targets --json`."""
@@ -148,6 +172,7 @@ class TargetPlan:
             "r": self.r,
             "alpha": self.alpha,
             "trainable_params": self.trainable_params(),
+            "selective": {s.modality: s.method for s in self.selected},
             **({"probe": self.probe.summary()} if self.probe is not None else {}),
         }
 
@@ -178,6 +203,7 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
     modules: list[PlannedModule] = []
     parameters: list[PlannedParameter] = []
     modules_to_save: list[str] = []
+    selected: list[SelectedModule] = []
     layers: dict[str, list[int]] = {}
     base = unwrap(model)
     for modality in MODALITIES:
@@ -197,10 +223,14 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
                 spec.layers.resolve(layout.usable_layers[modality], f"{where}.layers", total=layout.layer_counts[modality])
             in_layers = [leaf for leaf in layout.leaves_of(modality) if leaf.layer in layers[modality]]
             chosen = _select(in_layers, spec, where, layout) + _extras(layout, modality, spec, where)
+        if spec.selective is not None:  # the modality's own weights train instead of adapters
+            selected += plan_selective(base, layout, config, modality, chosen, layers.get(modality), where)
+            continue
         modules += [PlannedModule(leaf, r, alpha) for leaf in chosen]
     _check_method_support(modules, parameters, config)
     full = sum(p.numel() for name in modules_to_save for p in base.get_submodule(name).parameters())
-    plan = TargetPlan(layout.model_type, config, modules, parameters, modules_to_save, layers, layout, full)
+    plan = TargetPlan(layout.model_type, config, modules, parameters, modules_to_save + [s.name for s in selected],
+                      layers, layout, full, selected)
     if not plan.modules and not plan.parameters and not plan.modules_to_save:
         raise MMTuningError("The mmtuning settings select no module at all; enable a modality with modules in it.")
     return plan
@@ -218,6 +248,13 @@ def _plan_projector(model, layout: ModelLayout, config: MMTuningConfig, where: s
     bare = [(n, tuple(model.get_parameter(n).shape)) for n in layout.modality_map.projector_parameters]
     if spec.full:
         return [], [], list(layout.modality_map.projector)
+    if spec.selective is not None:  # its own Linear modules and norms (selective/plan.py); no bare adapter
+        if bare and spec.selective.method in ("full", "spider"):
+            raise MMTuningError(
+                f"{where}.selective: {spec.selective.method} trains Linear modules and norms, but the projector of "
+                f"'{layout.model_type}' is the bare weight {bare[0][0]}, which it would leave out; write "
+                f"`projector: {{full: true}}` to train it whole, or `selective: layernorm` for its norm.")
+        return (_select(leaves, spec, where, layout) if leaves else []), [], []
     if not leaves and not bare:
         raise MMTuningError(
             f"{where}: the projector of '{layout.model_type}' ({', '.join(layout.modality_map.projector)}) has no "
@@ -301,15 +338,13 @@ def peft_config(plan: TargetPlan, **overrides: Any):
 
     config = plan.config
     common: dict[str, Any] = {
-        "target_modules": plan.target_modules or None,
+        "target_modules": plan.peft_target_modules,
         "modules_to_save": plan.modules_to_save or None,
     }
     if config.method == "lora":
         kwargs = dict(common, r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
                       use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=plan.rank_pattern,
                       alpha_pattern=plan.alpha_pattern, target_parameters=plan.target_parameters or None)
-        if not plan.target_modules and not plan.target_parameters:
-            kwargs["target_modules"] = []  # modules_to_save only
         return LoraConfig(**{**kwargs, **overrides})
     if config.method == "ia3":
         return IA3Config(**{**common, "feedforward_modules": [], **overrides})
@@ -330,6 +365,7 @@ def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default"
         # bare parameters, which it does apply; verify_wrapped below checks every rank itself.
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         peft_model = get_peft_model(model, peft_config(plan, **overrides), adapter_name=adapter_name)
+    settle_selected(peft_model, plan)
     verify_wrapped(peft_model, plan, adapter_name)
     return peft_model
 
@@ -389,6 +425,8 @@ def verify_wrapped(model: nn.Module, plan: TargetPlan, adapter_name: str = "defa
     missing_whole = sorted(set(plan.modules_to_save) - found.modules_to_save)
     if missing_whole:
         problems.append(f"modules planned to train whole but not wrapped: {_few(missing_whole)}")
+    else:
+        problems += selective_problems(model, plan, adapter_name)
     if problems:
         raise PlanMismatchError(
             "PEFT did not wrap what mmtuning planned for "

@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.targets": 5,
     "mmtuning_plugin.quant": 5,
     "mmtuning_plugin.schedules": 5,
+    "mmtuning_plugin.selective": 5,  # selective tuning: plans base modules (reads quant), freezes, SPIDER's mask
     "mmtuning_plugin.losses": 5,
     "mmtuning_plugin.keep": 5,  # the keep term: rows, sources, the adapter-off base
     "mmtuning_plugin.probe": 5,  # `layers: auto`: the gradient probe that picks layers before wrapping

@@ -361,7 +361,7 @@ def lora_settings(plan: TargetPlan) -> dict[str, Any]:
         "lora_r": plan.r,
         "lora_alpha": plan.alpha,
         "lora_dropout": plan.dropout,
-        "lora_target_modules": plan.target_modules,
+        "lora_target_modules": plan.peft_target_modules or [],
         "lora_target_parameters": plan.target_parameters or None,
         "lora_rank_pattern": plan.rank_pattern or None,
         "lora_alpha_pattern": plan.alpha_pattern or None,

@@ -66,7 +66,7 @@ class Keep:
         vision side never reach an adapter on their way to the logits."""
         if self.sources.has_images:
             return
-        if not plan.modules_of("language") and not plan.parameters_of("language"):
+        if not plan.modules_of("language") and not plan.parameters_of("language") and not plan.selected_of("language"):
             raise MMTuningError(
                 f"{self.where}: the keep prompts carry no images (images: none) and there are no language-model "
                 f"adapters, so no adapter sits on their path to the logits and the keep term could change nothing. "

@@ -103,7 +103,9 @@ def active_of(stages: list[Stage], step: int, total_steps: Optional[int]) -> Act
 
 
 def targeted_layers(plan, modality: str) -> list[int]:
-    return sorted({m.leaf.layer for m in plan.modules_of(modality) if m.leaf.layer is not None})
+    """Layers with adapters or selectively trained modules in `modality`."""
+    layers = [m.leaf.layer for m in plan.modules_of(modality)] + [s.layer for s in plan.selected_of(modality)]
+    return sorted({layer for layer in layers if layer is not None})
 
 
 def schedule_plan(plan) -> SchedulePlan:
@@ -132,10 +134,10 @@ class Slot:
 
 def parameter_slots(model: nn.Module, plan) -> dict[str, Slot]:
     """Every trainable (or adapter) parameter -> its modality and layer (None outside numbered layers)."""
-    layer_of = {m.name: m.leaf.layer for m in plan.modules}
+    layer_of = {m.name: m.leaf.layer for m in plan.modules} | {s.name: s.layer for s in plan.selected}
     slots = {}
     for name, param in model.named_parameters():
-        if not (param.requires_grad or is_adapter_parameter(name)):
+        if not (param.requires_grad or is_adapter_parameter(name)) or plan.frozen_in_copy(name):
             continue
         modality = modality_of_parameter(plan, name) or "other"
         slots[name] = Slot(modality, layer_of.get(module_of(name)))

@@ -437,3 +437,37 @@ def test_axolotl_merge_lora_equals_peft_merge_in_every_modality(typical_merge):
         assert row["missing"] == [], kind
         assert row["weights"] > 0 and row["equal_to_peft"] == row["weights"], (kind, row)
         assert row["changed_from_base"] == row["weights"], (kind, row)
+
+
+# Selective tuning (docs/selective.md) under `axolotl train`: no adapter at all, only base weights trained
+# through modules_to_save (LayerNorm tuning on vision layer 2, the projector whole, SPIDER on the top LM layer).
+SELECTIVE = {"vision": {"layers": {"top": 1}, "selective": "layernorm"}, "projector": {"selective": "full"},
+             "language": {"layers": {"top": 1}, "selective": {"method": "spider", "mask_ratio": 0.5}}}
+
+
+@pytest.fixture(scope="module")
+def selective_run(tiny) -> Path:
+    root, _ = tiny
+    config = with_mmtuning(base_yaml(root, "llava", "llava_selective"))
+    config["mmtuning"] = copy.deepcopy(SELECTIVE)
+    (root / "llava_selective.yml").write_text(yaml.safe_dump(config))
+    run_all(root, {"llava_selective": [*axolotl_cli(), str(root / "llava_selective.yml"), "--launcher", "python"]})
+    return root
+
+
+def test_selective_run_saves_exactly_the_planned_weights_with_one_group_per_modality(selective_run):
+    from safetensors.torch import load_file
+
+    out = selective_run / "out_llava_selective"
+    saved = {k.removeprefix("base_model.model.") for k in load_file(str(out / "adapter_model.safetensors"))}
+    vision, top = "model.vision_tower.encoder.layers.2.", "model.language_model.layers.3."
+    expected = {vision + f"{norm}.{t}" for norm in ("layer_norm1", "layer_norm2") for t in ("weight", "bias")}
+    expected |= {f"model.multi_modal_projector.linear_{i}.{t}" for i in (1, 2) for t in ("weight", "bias")}
+    expected |= {top + f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                               "input_layernorm", "post_attention_layernorm")}
+    assert saved == expected
+    report = json.loads((out / "mmtuning_report.json").read_text())
+    assert {g["name"]: g["tensors"] for g in report["optimizer_groups"]} == {"vision": 4, "projector": 4, "language": 9}
+    values = losses(selective_run / "llava_selective.log")
+    assert len(values) == STEPS and all(math.isfinite(v) for v in values)

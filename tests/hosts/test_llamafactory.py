@@ -496,3 +496,33 @@ def test_plan_errors_surface_from_the_config_before_weights_load(tmp_path):
     with pytest.raises(MMTuningError, match=r"mmtuning.vision.layers: asks for top 9 layers but there are only 3 \(0-2 usable"):
         lf.plan_ahead(job)
     lf.plan_ahead(lf.split_config({"model_name_or_path": str(tmp_path / "missing"), "mmtuning": {}}))  # not on disk: later
+
+
+# Selective tuning (docs/selective.md) through LLaMA-Factory: LayerNorm tuning on the last vision layer LLaVA
+# reads, the projector whole, the top language layer with SPIDER's masked updates.
+SELECTIVE_BLOCK = {"vision": {"layers": [-1], "selective": "layernorm"}, "projector": {"selective": "full"},
+                   "language": {"layers": {"top": 1}, "selective": {"method": "spider", "mask_ratio": 0.5}}}
+
+
+@needs_lf
+def test_selective_run_saves_exactly_the_planned_weights_with_one_group_per_modality(tiny):
+    from transformers import AutoModelForImageTextToText
+
+    out = train(tiny, "selective", SELECTIVE_BLOCK)
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    vision = f"model.vision_tower.encoder.layers.{config['vision_config']['num_hidden_layers'] - 2}."
+    top = f"model.language_model.layers.{config['text_config']['num_hidden_layers'] - 1}."
+    expected = {vision + f"{norm}.{t}" for norm in ("layer_norm1", "layer_norm2") for t in ("weight", "bias")}
+    expected |= {f"model.multi_modal_projector.linear_{i}.{t}" for i in (1, 2) for t in ("weight", "bias")}
+    expected |= {top + f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                               "input_layernorm", "post_attention_layernorm")}
+    tensors = {k.removeprefix("base_model.model."): v for k, v in adapter_tensors(out).items()}
+    assert set(tensors) == expected
+    base = AutoModelForImageTextToText.from_pretrained(tiny / "model").state_dict()  # the checkpoint's layout is older
+    assert not tensors["model.multi_modal_projector.linear_1.weight"].equal(base["model.multi_modal_projector.linear_1.weight"])
+    moved = (tensors[top + "self_attn.q_proj.weight"] != base[top + "self_attn.q_proj.weight"]).float().mean()
+    assert 0 < moved < 1  # SPIDER moved only the weights whose task importance exceeds their magnitude
+    record = read_report(out)
+    groups = {g["name"]: g["tensors"] for g in record["optimizer_groups"]}
+    assert groups == {"vision": 4, "projector": 4, "language": 9}
