@@ -32,9 +32,9 @@ def variants(targets: list[str]) -> dict[str, dict]:
         arm = copy.deepcopy(recipe)
         arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": target}
         out[f"recipe_keep_{target}"] = arm
-    ramp_all = copy.deepcopy(recipe)  # the lead for slow seeds: the keep weight rises over all of training
-    ramp_all["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "ramp": 1.0}
-    out["recipe_keep_kl_ramp1"] = ramp_all
+    half_ramp = copy.deepcopy(recipe)  # the recipe before 2026-11-30: the weight rises over the first half only
+    half_ramp["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "ramp": 0.5}
+    out["recipe_keep_kl_half_ramp"] = half_ramp
     return out
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_ramp1")
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_half_ramp")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="(seed, arm) runs at once, one process each")

@@ -42,9 +42,11 @@ METHODS: dict[str, tuple[str, dict | None]] = {
 }
 
 
-def arms() -> dict[str, dict]:
+def arms(keep_ramp: float | None = None) -> dict[str, dict]:
     recipes = load_recipes()
-    keep = recipes["mmtuning"]["mmtuning"]["keep"]
+    keep = dict(recipes["mmtuning"]["mmtuning"]["keep"])
+    if keep_ramp is not None:
+        keep["ramp"] = keep_ramp
     out: dict[str, dict] = {}
     for name, (paradigm, block) in METHODS.items():
         if block is None:
@@ -66,9 +68,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(arms())}")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) runs at once, one process each")
+    parser.add_argument("--keep-ramp", type=float, default=None, help="replace the recipe keep block's ramp")
     parser.add_argument("--out", type=Path, default=Path("/tmp/paradigms"))
     args = parser.parse_args()
-    recipes = arms()
+    recipes = arms(args.keep_ramp)
     chosen = args.arms or list(recipes)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.jsonl"
