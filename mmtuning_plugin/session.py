@@ -132,9 +132,10 @@ class MMTuning:
         return plan
 
     def wants_kbit(self) -> bool:
-        """k-bit preparation runs under a policy that quantizes, or when a k-bit setting is written explicitly."""
+        """k-bit preparation runs when a k-bit setting (checkpointing, fp32_norms, upcast_16bit) is written
+        explicitly: its fp32 norms break models that feed a norm's output to 16-bit layers (BLIP-2's Q-Former)."""
         quant = self.config.quant
-        return quant is not None and (quant.quant_type is not None or bool(set(KBIT_ONLY) & quant.model_fields_set))
+        return quant is not None and bool(set(KBIT_ONLY) & quant.model_fields_set)
 
     # --- adapters (phase 4) ----------------------------------------------------------------------------
 
