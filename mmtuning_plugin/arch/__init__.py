@@ -182,6 +182,18 @@ def owner_modality(name: str, prefixes: dict[str, str]) -> str | None:
     return best
 
 
+def numbered_blocks(model: nn.Module, stacks: tuple[str, ...]) -> list[str]:
+    """Full names of the numbered layers in `stacks`, in the order their indices count (stacks one after
+    another); a stack the model lacks adds nothing."""
+    names = []
+    for stack in stacks:
+        try:
+            names += [f"{stack}.{i}" for i in range(len(model.get_submodule(stack)))]
+        except AttributeError:
+            continue
+    return names
+
+
 # MoE routers (Llama 4's `feed_forward.router` is an nn.Linear subclass returning a tuple): listed as leaves of
 # kind `router` so coverage sees them, but no kind selection (`all-linear` included) ever adapts them.
 ROUTER_NAMES = frozenset({"router"})

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..arch import ModelLayout, resolve_layout, unwrap
+from ..arch import ModelLayout, numbered_blocks, resolve_layout, unwrap
 from ..config import QuantPolicy
 from ..errors import MMTuningError
 from ..model_config import get_dotted
@@ -116,25 +116,15 @@ def _keep_rules(model: nn.Module, layout: ModelLayout, policy: QuantPolicy) -> l
     if policy.keep_patch_embed:
         rules += [(leaf.name, "patch embedding") for leaf in layout.leaves if leaf.kind == "patch_embed"]
     if policy.keep_vision_edge_blocks:
-        blocks = _numbered_blocks(model, mmap.vision_layers)
+        blocks = numbered_blocks(model, mmap.vision_layers)
         if blocks:  # "last" = the last block the projector reads (LLaVA: N-2; block N-1 feeds nothing)
             last = blocks[layout.usable_layers.get("vision", len(blocks)) - 1]
             rules += [(blocks[0], "first vision block"), (last, "last vision block the projector reads")]
     if policy.keep_cross_attention and mmap.cross_attention_layers:
         indices = get_dotted(model.config, mmap.cross_attention_layers) or []
-        blocks = _numbered_blocks(model, mmap.language_layers)
+        blocks = numbered_blocks(model, mmap.language_layers)
         rules += [(blocks[i], f"cross-attention layer {i}") for i in indices if 0 <= i < len(blocks)]
     return rules
-
-
-def _numbered_blocks(model: nn.Module, stacks: tuple[str, ...]) -> list[str]:
-    names = []
-    for stack in stacks:
-        try:
-            names += [f"{stack}.{i}" for i in range(len(model.get_submodule(stack)))]
-        except AttributeError:
-            continue
-    return names
 
 
 def _skip_list(kept: dict[str, str], quantized: list[str], output_name: str) -> list[str]:

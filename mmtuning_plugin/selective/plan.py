@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..arch import Leaf, ModelLayout, unwrap
+from ..arch import Leaf, ModelLayout, numbered_blocks, unwrap
 from ..config import MMTuningConfig, layer_span
 from ..errors import MMTuningError
 from ..quant.bnb import precision_of
@@ -86,7 +86,7 @@ def _norms_in(base: nn.Module, layout: ModelLayout, modality: str, layers: list[
     """(name, layer, module) of every norm with its own parameters in the selected layers of `modality` (for a
     projector without numbered layers: anywhere in it)."""
     mmap = layout.modality_map
-    blocks = _blocks(base, mmap.layer_stacks(modality))
+    blocks = numbered_blocks(base, mmap.layer_stacks(modality))
     if blocks:
         roots = [(name, index) for index, name in enumerate(blocks) if layers is None or index in layers]
     elif modality == "projector":
@@ -99,17 +99,6 @@ def _norms_in(base: nn.Module, layout: ModelLayout, modality: str, layers: list[
             if NORM_CLASS.search(type(module).__name__) and _own(module):
                 found.append((f"{root}.{local}" if local else root, index, module))
     return found
-
-
-def _blocks(base: nn.Module, stacks: tuple[str, ...]) -> list[str]:
-    """Full names of a modality's numbered layers, in the order their indices count (stacks one after another)."""
-    names = []
-    for stack in stacks:
-        try:
-            names += [f"{stack}.{i}" for i in range(len(base.get_submodule(stack)))]
-        except AttributeError:
-            continue
-    return names
 
 
 def _nothing_found(layout: ModelLayout, modality: str, method: str, layers: list[int] | None, where: str) -> str:
