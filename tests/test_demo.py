@@ -12,8 +12,8 @@ from mmtuning_plugin.cli import app
 from mmtuning_plugin.demo.data import TASKS, answers_of, is_held_out, make_set
 from mmtuning_plugin.demo.model import MODEL_DIR
 from mmtuning_plugin.demo.pretrain import METADATA, pretrain
-from mmtuning_plugin.demo.runner import (RESULTS, EvalSets, evaluate_adapter, load_base, load_processor,
-                                         load_recipes, scores)
+from mmtuning_plugin.demo.runner import (RESULTS, DemoSettings, EvalSets, evaluate_adapter, load_base,
+                                         load_processor, load_recipes, run_demo, scores)
 from mmtuning_plugin.session import MMTuning
 
 runner = CliRunner()
@@ -153,6 +153,25 @@ def test_demo_accuracy_comes_from_the_saved_adapter_and_a_corrupted_one_scores_l
     weights = {k: (v + 0.5 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v) for k, v in weights.items()}
     save_file(weights, str(broken / "adapter_model.safetensors"))
     assert evaluate_adapter(broken, items=items)["target"] < arm["after"]["target"]
+
+
+def test_arms_trained_in_parallel_processes_match_the_sequential_run(tmp_path):
+    """`--jobs 2` trains each arm in its own spawned process: the numbers and adapters must be those of the
+    one-process run (each process rebuilds the data and seeds itself the same way)."""
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        report = run_demo(DemoSettings(steps=6, seed=2, eval_items=16, curve_points=2, jobs=jobs, out=out))
+        arms = {name: {k: arm[k] for k in ("before", "after", "curve", "loss", "keep", "trainable_params")}
+                for name, arm in report["arms"].items()}
+        adapters = {name: load_file(str(out / name / "adapter" / "adapter_model.safetensors")) for name in arms}
+        runs[jobs] = arms, adapters
+    (sequential, sequential_weights), (parallel, parallel_weights) = runs[1], runs[2]
+    assert set(sequential) == {"plain_lora", "mmtuning"} and all(arm["loss"] for arm in sequential.values())
+    assert parallel == sequential
+    for name, weights in sequential_weights.items():
+        assert weights.keys() == parallel_weights[name].keys()
+        assert all(torch.equal(weights[k], parallel_weights[name][k]) for k in weights), name
 
 
 def test_demo_intro_prints_the_seed_and_each_arms_target_plan():
