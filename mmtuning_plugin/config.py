@@ -772,8 +772,8 @@ class KeepSpec(BaseModel):
     )
     target: Literal["kl", "answers"] = Field(
         default="kl",
-        description="`kl`: match the base's next-token distribution at the answer position, computed on the fly "
-        "with adapters off; `answers`: cross-entropy on the base's own greedy answers, generated once before "
+        description="`kl`: match the base's next-token distributions along its own greedy answer (end-of-turn "
+        "included), computed on the fly with adapters off; `answers`: cross-entropy on the base's own greedy answers, generated once before "
         "training (cheaper per step).",
     )
     weight: float = Field(default=0.2, description="Weight of the keep term in the total loss (after the ramp).")
@@ -794,7 +794,8 @@ class KeepSpec(BaseModel):
         description="Most keep rows built before training (prompts x images, or conversations), cycled through "
         "during training; with `images: train` and `target: answers` the images come from the first training rows.",
     )
-    answer_tokens: int = Field(default=16, ge=1, description="Longest base answer generated (target `answers` and the log).")
+    answer_tokens: int = Field(default=16, ge=1, description="Longest base answer generated (target `answers`, the log) "
+                               "or followed (target `kl`: one no-grad forward per token per step; 1 = first token only).")
 
     @field_validator("prompts")
     @classmethod

@@ -95,6 +95,30 @@ def test_keep_pulls_toward_the_base(tmp_path, processor, train_rows):
     assert kept < plain
 
 
+def test_kl_covers_the_base_answer_to_its_end_of_turn_token(processor, train_rows):
+    """`target: kl` follows the base's greedy answer to its end: its positions are the tokens the base
+    generates (end-of-turn included), so a tuned model that says the old word and then runs on is pulled back."""
+    session = MMTuning({"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS, "batch_size": 4}})
+    model = session.wrap(load_base(MODEL_DIR, session, False))
+    keep = session.keep
+    keep.prepare(model, processor, training_batches=[training_batch(train_rows[:4], processor.tokenizer.pad_token_id)],
+                 total_steps=4)
+    rows = keep._example_rows()
+    expected = keep._generate(model, rows)  # model.generate with the adapters off, up to end-of-turn
+    eos = processor.tokenizer.eos_token_id
+    assert all(answer[-1] == eos for answer in expected) and max(map(len, expected)) >= 2
+    from mmtuning_plugin.keep.rows import prompt_batch
+    from mmtuning_plugin.losses.anchor import adapters_disabled
+
+    model.train()
+    with torch.no_grad(), adapters_disabled(model):
+        _, base, live = keep._base_answer(model, prompt_batch(rows, keep.pad_id))
+    followed = [base[i].argmax(-1)[live[i].bool()].tolist() for i in range(len(rows))]
+    assert followed == expected
+    with torch.no_grad():
+        assert float(keep._kl(model, rows)) == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
+
+
 def test_adapters_off_is_a_flag_and_frozen_schedule_layers_stay_frozen(tmp_path, processor, train_rows):
     """Language layers 0-2 are frozen for the whole run by a custom schedule: the keep forwards switch adapters
     off and on every step, and those layers' adapters must neither get requires_grad back nor change."""

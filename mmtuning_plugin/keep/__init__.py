@@ -264,20 +264,43 @@ class Keep:
         return row
 
     def _kl(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
+        """KL(base || tuned) at every position of the base's greedy answer, its end-of-turn token included: a
+        first-token-only KL kept the old answer word but let the tuned model run on past it ("red left")."""
         batch = to_model(prompt_batch(rows, self.pad_id), model)
         with torch.no_grad(), adapters_disabled(model):
-            base = self._last_logits(model, batch)
-        tuned = self._last_logits(model, batch)
+            batch, base, live = self._base_answer(model, batch)
+        tuned = self._last_logits(model, batch, base.shape[1])
         base_log = F.log_softmax(base.float(), dim=-1)
-        return (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1).mean()
+        per_position = (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1)
+        return (per_position * live).sum() / live.sum()
 
-    def _last_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """Greedy decoding with the adapters off, up to `answer_tokens` tokens or every row's end-of-turn token.
+        Returns the prompts with the answers but their last token appended (the tuned forward's input), the
+        base's logits at each answer position (rows, positions, vocab) and which positions are a row's answer."""
+        eos = tokenizer_of(self.processor).eos_token_id
+        logits, live = [], []
+        done = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=batch["input_ids"].device)
+        for position in range(self.spec.answer_tokens):
+            step = self._last_logits(model, batch, 1)[:, -1]
+            logits.append(step)
+            live.append(~done)
+            token = step.argmax(-1)
+            if eos is not None:
+                done = done | (token == eos)
+            if bool(done.all()) or position == self.spec.answer_tokens - 1:
+                break
+            batch = appended(batch, torch.where(done, self.pad_id, token), ~done)
+        return batch, torch.stack(logits, 1), torch.stack(live, 1).float()
+
+    def _last_logits(self, model: nn.Module, batch: dict[str, torch.Tensor], positions: int) -> torch.Tensor:
+        """Logits at the last `positions` positions (rows, positions, vocab)."""
         if self._logits_to_keep:
             try:
-                return model(**batch, logits_to_keep=1).logits[:, -1]
+                return model(**batch, logits_to_keep=positions).logits[:, -positions:]
             except TypeError:  # a model whose forward has no logits_to_keep
                 self._logits_to_keep = False
-        return model(**batch).logits[:, -1]
+        return model(**batch).logits[:, -positions:]
 
     def _answers(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
         batch, labels = answer_batch(rows, self.pad_id)
@@ -326,6 +349,13 @@ def describe(report: dict[str, Any]) -> list[str]:
     lines += [f"mmtuning keep template: {text!r}" for text in report["templates"]]
     lines += [f"mmtuning keep base answer: {e['prompt']!r} -> {e['base_answer']!r}" for e in report["examples"]]
     return lines
+
+
+def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch with one more token per row at the right end (`attend`: whether the row's mask covers it)."""
+    mask = batch["attention_mask"]
+    return {**batch, "input_ids": torch.cat([batch["input_ids"], tokens[:, None].to(batch["input_ids"].dtype)], 1),
+            "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
 
 
 def to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
