@@ -24,6 +24,7 @@ import torch
 VARIANTS: dict[str, dict | None] = {  # keep block per variant (None: the recipe without keep)
     "no keep": None,
     "kl, 4 rows": {"target": "kl", "batch_size": 4},
+    "kl, 4 rows, first token only": {"target": "kl", "batch_size": 4, "answer_tokens": 1},
     "kl, 2 rows": {"target": "kl", "batch_size": 2},
     "kl, 4 rows every 2 steps": {"target": "kl", "batch_size": 4, "every": 2},
     "answers, 4 rows": {"target": "answers", "batch_size": 4},

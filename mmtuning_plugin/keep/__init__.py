@@ -352,9 +352,12 @@ def describe(report: dict[str, Any]) -> list[str]:
 
 
 def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The batch with one more token per row at the right end (`attend`: whether the row's mask covers it)."""
-    mask = batch["attention_mask"]
-    return {**batch, "input_ids": torch.cat([batch["input_ids"], tokens[:, None].to(batch["input_ids"].dtype)], 1),
+    """The batch with one more text token per row at the right end (`attend`: whether the row's mask covers
+    it); other per-token inputs (token type ids) grow by a 0, the text type."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    grown = {key: torch.cat([value, value.new_zeros(value.shape[0], 1)], 1) for key, value in batch.items()
+             if key not in ("input_ids", "attention_mask") and value.shape == ids.shape}
+    return {**batch, **grown, "input_ids": torch.cat([ids, tokens[:, None].to(ids.dtype)], 1),
             "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
 
 
