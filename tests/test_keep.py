@@ -113,8 +113,13 @@ def test_kl_covers_the_base_answer_to_its_end_of_turn_token(processor, train_row
     model.train()
     with torch.no_grad(), adapters_disabled(model):
         _, base, live = keep._base_answer(model, prompt_batch(rows, keep.pad_id))
+        assert keep._use_cache  # LLaVA decodes through its key/value cache
+        keep._use_cache = False
+        grown, reread, _ = keep._base_answer(model, prompt_batch(rows, keep.pad_id))  # each token re-reads its row
     followed = [base[i].argmax(-1)[live[i].bool()].tolist() for i in range(len(rows))]
     assert followed == expected
+    assert torch.allclose(base[live.bool()], reread[live.bool()], atol=1e-4)
+    assert grown["input_ids"].shape[1] == prompt_batch(rows, keep.pad_id)["input_ids"].shape[1] + base.shape[1] - 1
     with torch.no_grad():
         assert float(keep._kl(model, rows)) == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
 

@@ -55,6 +55,7 @@ class Keep:
         self.report: dict[str, Any] = {}
         self._checked_graph = False
         self._logits_to_keep = True
+        self._use_cache = True  # off after a model fails cached decoding once
         self._first_batch: dict[str, Any] | None = None
         self.pool_has_train = False  # `answers` over training images: the pool holds them, not each step
         self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
@@ -277,12 +278,14 @@ class Keep:
     def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """Greedy decoding with the adapters off, up to `answer_tokens` tokens or every row's end-of-turn token.
         Returns the prompts with the answers but their last token appended (the tuned forward's input), the
-        base's logits at each answer position (rows, positions, vocab) and which positions are a row's answer."""
+        base's logits at each answer position (rows, positions, vocab) and which positions are a row's answer.
+        Tokens after the first reuse the prompt's key/value cache (no second pass over the image) where the
+        model returns one; otherwise each token re-reads the whole row."""
         eos = tokenizer_of(self.processor).eos_token_id
         logits, live = [], []
         done = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=batch["input_ids"].device)
+        step, cache = self._first_step(model, batch)
         for position in range(self.spec.answer_tokens):
-            step = self._last_logits(model, batch, 1)[:, -1]
             logits.append(step)
             live.append(~done)
             token = step.argmax(-1)
@@ -291,16 +294,46 @@ class Keep:
             if bool(done.all()) or position == self.spec.answer_tokens - 1:
                 break
             batch = appended(batch, torch.where(done, self.pad_id, token), ~done)
+            step, cache = self._next_step(model, batch, cache)
         return batch, torch.stack(logits, 1), torch.stack(live, 1).float()
+
+    def _first_step(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """The prompt's next-token logits, and its key/value cache when the model keeps one (None otherwise:
+        under gradient checkpointing in training, transformers turns the cache off)."""
+        use_cache = self.spec.answer_tokens > 1 and self._use_cache
+        out = self._forward(model, batch, 1, **({"use_cache": True} if use_cache else {}))
+        return out.logits[:, -1], getattr(out, "past_key_values", None) if use_cache else None
+
+    def _next_step(self, model: nn.Module, batch: dict[str, torch.Tensor], cache):
+        """Logits after the token just appended: through the cache when there is one (only the new token and
+        its per-token inputs go in, images stay out), else a full forward of the grown row."""
+        if cache is not None:
+            ids = batch["input_ids"]
+            tail = {key: value[:, -1:] for key, value in batch.items()
+                    if key not in ("input_ids", "attention_mask") and value.shape == ids.shape}
+            try:
+                out = self._forward(model, {"input_ids": ids[:, -1:], "attention_mask": batch["attention_mask"], **tail},
+                                    1, past_key_values=cache, use_cache=True)
+                return out.logits[:, -1], out.past_key_values
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (TypeError, ValueError, RuntimeError, IndexError) as error:  # an architecture that cannot decode this way
+                logger.info("mmtuning keep: cached decoding unavailable (%s); each answer token re-reads its row", error)
+                self._use_cache = False
+        return self._last_logits(model, batch, 1)[:, -1], None
 
     def _last_logits(self, model: nn.Module, batch: dict[str, torch.Tensor], positions: int) -> torch.Tensor:
         """Logits at the last `positions` positions (rows, positions, vocab)."""
+        return self._forward(model, batch, positions).logits[:, -positions:]
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor], positions: int, **kwargs: Any):
+        """The model's output computing only the last `positions` logits where its forward allows it."""
         if self._logits_to_keep:
             try:
-                return model(**batch, logits_to_keep=positions).logits[:, -positions:]
+                return model(**batch, logits_to_keep=positions, **kwargs)
             except TypeError:  # a model whose forward has no logits_to_keep
                 self._logits_to_keep = False
-        return model(**batch).logits[:, -positions:]
+        return model(**batch, **kwargs)
 
     def _answers(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
         batch, labels = answer_batch(rows, self.pad_id)
