@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mmtuning_plugin.cli import app
 from mmtuning_plugin.demo.data import TASKS, answers_of, is_held_out, make_set
-from mmtuning_plugin.demo.model import MODEL_DIR
+from mmtuning_plugin.demo.model import MODEL_DIR, encode
 from mmtuning_plugin.demo.pretrain import METADATA, pretrain
 from mmtuning_plugin.demo.runner import (RESULTS, DemoSettings, EvalSets, evaluate_adapter, load_base,
                                          load_processor, load_recipes, run_demo, scores)
@@ -153,6 +153,21 @@ def test_demo_accuracy_comes_from_the_saved_adapter_and_a_corrupted_one_scores_l
     weights = {k: (v + 0.5 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v) for k, v in weights.items()}
     save_file(weights, str(broken / "adapter_model.safetensors"))
     assert evaluate_adapter(broken, items=items)["target"] < arm["after"]["target"]
+
+
+@pytest.mark.parametrize("task", ["target", "general"])
+def test_encoding_each_distinct_picture_once_matches_the_processor_on_every_item(task):
+    processor = load_processor(MODEL_DIR)
+    items = make_set(task, "train", 120, seed=3)
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i.question}]}],
+                                           add_generation_prompt=True, tokenize=False) for i in items]
+    batch = processor(text=texts, images=[i.image for i in items], return_tensors="pt", padding=True)
+    encoded = encode(processor, items)
+    assert len({i.key for i in items}) < len(items)  # pictures repeat, so the shortcut is exercised
+    for row, (item, enc) in enumerate(zip(items, encoded)):
+        assert enc.prompt_ids == batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert torch.equal(enc.pixel_values, batch["pixel_values"][row])
+        assert processor.tokenizer.decode(enc.answer_ids, skip_special_tokens=True).strip() == item.answer == enc.answer
 
 
 def test_arms_trained_in_parallel_processes_match_the_sequential_run(tmp_path):
