@@ -23,6 +23,7 @@ import torch
 
 VARIANTS: dict[str, dict | None] = {  # keep block per variant (None: the recipe without keep)
     "no keep": None,
+    "kl, 8 rows": {"target": "kl", "batch_size": 8},
     "kl, 4 rows": {"target": "kl", "batch_size": 4},
     "kl, 4 rows, first token only": {"target": "kl", "batch_size": 4, "answer_tokens": 1},
     "kl, 2 rows": {"target": "kl", "batch_size": 2},

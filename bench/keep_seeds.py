@@ -35,6 +35,15 @@ def variants(targets: list[str]) -> dict[str, dict]:
     half_ramp = copy.deepcopy(recipe)  # the recipe before 2026-11-30: the weight rises over the first half only
     half_ramp["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "ramp": 0.5}
     out["recipe_keep_kl_half_ramp"] = half_ramp
+    for rows in (2, 4, 8):
+        arm = copy.deepcopy(recipe)
+        arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "batch_size": rows}
+        out[f"recipe_keep_kl_{rows}rows"] = arm
+    for target, every in (("kl", 2), ("kl", 4), ("answers", 2)):  # the cheaper paths: 4 keep rows every k steps
+        arm = copy.deepcopy(recipe)
+        arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": target, "every": every,
+                                   "batch_size": 4}
+        out[f"recipe_keep_{target}_every{every}"] = arm
     return out
 
 
@@ -42,7 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_half_ramp")
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_half_ramp "
+                        "recipe_keep_kl_every2 recipe_keep_kl_every4 recipe_keep_answers_every2 recipe_keep_kl_{2,4,8}rows")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="(seed, arm) runs at once, one process each")
