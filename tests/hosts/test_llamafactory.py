@@ -251,8 +251,9 @@ def test_keep_run_under_the_template_logs_a_nonzero_keep_term_and_trains(tiny):
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 3 and all("loss_keep" in entry for entry in logged), logged
-    # KL to the adapter-off base: 0 while every lora_B is still 0, above 0 once the adapters moved
-    assert all(entry["loss_keep"] >= 0 for entry in logged) and logged[-1]["loss_keep"] > 0, logged
+    # KL to the adapter-off base: 0 while every lora_B is still 0 (up to float rounding: the base's answer is
+    # decoded through the key/value cache, the tuned logits come from one full forward), above 0 once they moved
+    assert abs(logged[0]["loss_keep"]) < 1e-6 and logged[-1]["loss_keep"] > 1e-4, logged
     tensors = adapter_tensors(out)
     assert adapted_modules(tensors) == set().union(*expected_modules(tiny).values())
     assert all(v.abs().sum() > 0 for k, v in tensors.items() if ".lora_B." in k)
