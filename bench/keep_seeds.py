@@ -25,25 +25,23 @@ from mmtuning_plugin.demo.runner import DemoSettings, load_recipes, run_demo
 def variants(targets: list[str]) -> dict[str, dict]:
     recipes = load_recipes()
     recipe = recipes["mmtuning"]
-    without = copy.deepcopy(recipe)
-    without["mmtuning"].pop("keep", None)
-    out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": without}
-    for target in targets:
+
+    def with_keep(**changes) -> dict:
+        """The recipe with its keep block changed (`keep=None`: without keep)."""
         arm = copy.deepcopy(recipe)
-        arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": target}
-        out[f"recipe_keep_{target}"] = arm
-    half_ramp = copy.deepcopy(recipe)  # the recipe before 2026-11-30: the weight rises over the first half only
-    half_ramp["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "ramp": 0.5}
-    out["recipe_keep_kl_half_ramp"] = half_ramp
-    for rows in (2, 4, 8):
-        arm = copy.deepcopy(recipe)
-        arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": "kl", "batch_size": rows}
-        out[f"recipe_keep_kl_{rows}rows"] = arm
-    for target, every in (("kl", 2), ("kl", 4), ("answers", 2)):  # the cheaper paths: 4 keep rows every k steps
-        arm = copy.deepcopy(recipe)
-        arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), "target": target, "every": every,
-                                   "batch_size": 4}
-        out[f"recipe_keep_{target}_every{every}"] = arm
+        if changes.get("keep", True) is None:
+            arm["mmtuning"].pop("keep", None)
+        else:
+            arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), **changes}
+        return arm
+
+    out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": with_keep(keep=None)}
+    out.update({f"recipe_keep_{target}": with_keep(target=target) for target in targets})
+    # the recipe before 2026-11-30: the weight rises over the first half only
+    out["recipe_keep_kl_half_ramp"] = with_keep(target="kl", ramp=0.5)
+    out.update({f"recipe_keep_kl_{rows}rows": with_keep(target="kl", batch_size=rows) for rows in (2, 4, 8)})
+    out.update({f"recipe_keep_{target}_every{every}": with_keep(target=target, every=every, batch_size=4)
+                for target, every in (("kl", 2), ("kl", 4), ("answers", 2))})  # the cheaper paths
     return out
 
 

@@ -308,12 +308,10 @@ class Keep:
         """Logits after the token just appended: through the cache when there is one (only the new token and
         its per-token inputs go in, images stay out), else a full forward of the grown row."""
         if cache is not None:
-            ids = batch["input_ids"]
-            tail = {key: value[:, -1:] for key, value in batch.items()
-                    if key not in ("input_ids", "attention_mask") and value.shape == ids.shape}
+            last = {key: value[:, -1:] for key, value in per_token(batch).items()}
             try:
-                out = self._forward(model, {"input_ids": ids[:, -1:], "attention_mask": batch["attention_mask"], **tail},
-                                    1, past_key_values=cache, use_cache=True)
+                out = self._forward(model, {**last, "attention_mask": batch["attention_mask"]}, 1,
+                                    past_key_values=cache, use_cache=True)
                 return out.logits[:, -1], out.past_key_values
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -384,14 +382,19 @@ def describe(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def per_token(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs with one entry per token (ids, token type ids, ...), the attention mask aside."""
+    ids = batch["input_ids"]
+    return {key: value for key, value in batch.items() if key != "attention_mask" and value.shape == ids.shape}
+
+
 def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
     """The batch with one more text token per row at the right end (`attend`: whether the row's mask covers
     it); other per-token inputs (token type ids) grow by a 0, the text type."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    grown = {key: torch.cat([value, value.new_zeros(value.shape[0], 1)], 1) for key, value in batch.items()
-             if key not in ("input_ids", "attention_mask") and value.shape == ids.shape}
-    return {**batch, **grown, "input_ids": torch.cat([ids, tokens[:, None].to(ids.dtype)], 1),
-            "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
+    grown = {key: torch.cat([value, value.new_zeros(value.shape[0], 1)], 1) for key, value in per_token(batch).items()}
+    grown["input_ids"][:, -1] = tokens.to(grown["input_ids"].dtype)
+    mask = batch["attention_mask"]
+    return {**batch, **grown, "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
 
 
 def to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
