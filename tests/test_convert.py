@@ -499,6 +499,31 @@ def test_export_for_vllm_and_transformers_decodes_like_the_original_adapter(tmp_
         torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_export_for_vllm_merges_lora_on_lm_head_into_the_base_copy(tmp_path):
+    """vLLM refuses LoRA on lm_head ("unsupported LoRA weight"; the demo's recipe puts one there): the export
+    merges it into the base copy with the towers, the adapter keeps the layers' LoRA, and the pair computes the
+    original adapter's logits, and so does the `--for transformers` merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from mmtuning_plugin.convert.export import export
+
+    targets = rf"{TARGETS['llava']}|lm_head"
+    setup = Setup(tmp_path, "llava", targets=targets, r=8)
+    assert any(n.endswith("lm_head.lora_B.default.weight") for n, _ in setup.peft.named_parameters())
+    served = export(setup.dir, setup.base_dir, tmp_path / "vllm", "vllm", progress=False)
+    written = json.loads((tmp_path / "vllm" / "adapter" / "adapter_config.json").read_text())
+    assert written["target_modules"] and not [m for m in written["target_modules"] if "lm_head" in m]
+    assert all(".language_model.layers." in m for m in written["target_modules"])
+    assert "language" in served["merged_modalities"] and served["adapter_modalities"] == ["language"]
+    base_copy = AutoModelForImageTextToText.from_pretrained(tmp_path / "vllm" / "base")
+    model = PeftModel.from_pretrained(base_copy, tmp_path / "vllm" / "adapter").eval()
+    torch.testing.assert_close(_logits(model, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
+    export(setup.dir, setup.base_dir, tmp_path / "hf", "transformers", progress=False)  # the delta on the saved base
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_logits(merged, setup.inputs), setup.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_export_for_vllm_pads_ranks_merges_modules_to_save_and_keeps_tower_lora_when_asked(tmp_path):
     """Rank 4 is refused by name (vLLM serves 1, 8, 16, ...); --pad-ranks pads it with zeros (exact); a
     modules_to_save tensor lands in the base copy; --tower-lora keeps every LoRA module, mixed ranks folded to

@@ -56,6 +56,11 @@ class BaseArchitecture:
             return modality
         raise MMTuningError(f"Module {module} of {self.model_type} belongs to no modality of its modality map.")
 
+    def kind(self, module: str) -> Optional[str]:
+        """The module's kind in the layout (attention, mlp, lm_head, ...), None for a module outside it."""
+        leaf = self._leaves.get(module)
+        return leaf.kind if leaf is not None else None
+
     @cached_property
     def _leaves(self):
         return {leaf.name: leaf for leaf in self.layout.leaves}
@@ -91,8 +96,12 @@ class BaseArchitecture:
 
 
 def extra_param_name(key: str) -> str:
+    """The base parameter an extra tensor stands for: a modules_to_save copy, or the base weight PEFT saves beside
+    LoRA on lm_head/embed_tokens (`lm_head.base_layer.weight`, save_embedding_layers="auto")."""
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    return name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+    for wrapper in (".modules_to_save.default.", ".modules_to_save.", ".base_layer."):
+        name = name.replace(wrapper, ".")
+    return name
 
 
 def load_base(adapter: Adapter, base: Optional[str]) -> BaseArchitecture:

@@ -35,6 +35,8 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "processor_config.json",
                    "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
                    "chat_template.jinja")
+# LoRA on these module kinds vLLM refuses in an adapter ("unsupported LoRA weight"): merged into the base copy.
+VLLM_MERGED_KINDS = ("lm_head", "embed_tokens")
 # adapter_config.json keys that select modules another way than the explicit list export writes.
 SELECTORS_CLEARED = {"layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
                      "target_parameters": None, "modules_to_save": None, "use_dora": False}
@@ -135,12 +137,13 @@ def processor_files(base_dir: Path, adapter_dir: Path, out: Path) -> list[str]:
 
 
 def _partition(located: Located, keep_lora: set[str]) -> tuple[dict[str, Factors], Adapter]:
-    """(LoRA modules kept as an adapter, 5.x names) and the rest (to merge): modules of the other modalities and
-    every extra (modules_to_save) tensor."""
+    """(LoRA modules kept as an adapter, 5.x names) and the rest (to merge): modules of the other modalities,
+    LoRA on lm_head or embed_tokens (vLLM loads none) and every extra (modules_to_save) tensor."""
     current = located.current
-    modality = {m: located.base.modality(m) for m in current.modules}
-    kept = {m: f for m, f in current.modules.items() if modality[m] in keep_lora}
-    rest = {m: f for m, f in current.modules.items() if modality[m] not in keep_lora}
+    stays = {m: located.base.modality(m) in keep_lora and located.base.kind(m) not in VLLM_MERGED_KINDS
+             for m in current.modules}
+    kept = {m: f for m, f in current.modules.items() if stays[m]}
+    rest = {m: f for m, f in current.modules.items() if not stays[m]}
     return kept, Adapter(current.path, current.config, rest, dict(current.extra))
 
 

@@ -156,11 +156,11 @@ def merge_into(model_dir: Path, out: Path, base: BaseArchitecture, adapter: Adap
     def produce(handle, entry, data_start, name):
         def make() -> torch.Tensor:
             tensor = read_tensor(handle, entry, data_start)
-            if name in replaced:
+            if name in replaced:  # a modules_to_save copy, or the saved base of a LoRA'd lm_head (delta below)
                 tensor = replaced[name].to(tensor.dtype)
-            elif name is not None and tensor.is_floating_point():
+            if name is not None and tensor.is_floating_point():
                 original = tensor.dtype
-                if four_bit and name in quantized:
+                if four_bit and name in quantized and name not in replaced:
                     tensor = roundtrip_4bit(tensor.to(device), four_bit.quant_type, four_bit.blocksize,
                                             four_bit.double_quant).cpu()
                     counts["roundtripped"] += 1
