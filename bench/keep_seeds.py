@@ -22,23 +22,47 @@ from pathlib import Path
 from mmtuning_plugin.demo.runner import DemoSettings, load_recipes, run_demo
 
 
+# Changes to the recipe's `mmtuning:` block tried against the misses on unseen seeds (docs/benchmarks.md);
+# merged into it key by key, None removes a key.
+LM_HEAD = {"language": {"include": ["lm_head"]}}
+TRIED: dict[str, dict] = {
+    "lm_head": LM_HEAD,
+    "lm_head_w03": {**LM_HEAD, "keep": {"weight": 0.3}},
+    "lm_head_12rows": {**LM_HEAD, "keep": {"batch_size": 12}},
+    "vision_unscheduled": {"vision": {"schedule": None}},
+    "anchor_02": {"losses": {"anchor": {"weight": 0.2}}},
+    "language_lr2": {"language": {"lr": 2}},
+}
+
+
+def merged(block: dict, changes: dict) -> dict:
+    """`block` with `changes` merged in, nested dicts key by key; a None value removes its key."""
+    out = copy.deepcopy(block)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def variants(targets: list[str]) -> dict[str, dict]:
     recipes = load_recipes()
     recipe = recipes["mmtuning"]
 
-    def with_keep(**changes) -> dict:
-        """The recipe with its keep block changed (`keep=None`: without keep)."""
-        arm = copy.deepcopy(recipe)
-        if changes.get("keep", True) is None:
-            arm["mmtuning"].pop("keep", None)
-        else:
-            arm["mmtuning"]["keep"] = {**recipe["mmtuning"].get("keep", {}), **changes}
-        return arm
+    def changed(changes: dict) -> dict:
+        return {**recipe, "mmtuning": merged(recipe["mmtuning"], changes)}
 
-    out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": with_keep(keep=None)}
+    def with_keep(**changes) -> dict:
+        return changed({"keep": changes})
+
+    out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": changed({"keep": None})}
     out.update({f"recipe_keep_{target}": with_keep(target=target) for target in targets})
     # the recipe before 2026-11-30: the weight rises over the first half only
     out["recipe_keep_kl_half_ramp"] = with_keep(target="kl", ramp=0.5)
+    out.update({f"recipe_keep_kl_{name}": changed(changes) for name, changes in TRIED.items()})
     out.update({f"recipe_keep_kl_{rows}rows": with_keep(target="kl", batch_size=rows) for rows in (2, 4, 8)})
     out.update({f"recipe_keep_{target}_every{every}": with_keep(target=target, every=every, batch_size=4)
                 for target, every in (("kl", 2), ("kl", 4), ("answers", 2))})  # the cheaper paths
@@ -50,7 +74,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_half_ramp "
-                        "recipe_keep_kl_every2 recipe_keep_kl_every4 recipe_keep_answers_every2 recipe_keep_kl_{2,4,8}rows")
+                        "recipe_keep_kl_every2 recipe_keep_kl_every4 recipe_keep_answers_every2 recipe_keep_kl_{2,4,8}rows recipe_keep_kl_{lm_head,lm_head_w03,lm_head_12rows,vision_unscheduled,anchor_02,language_lr2}")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="(seed, arm) runs at once, one process each")
