@@ -500,7 +500,7 @@ def test_export_for_vllm_and_transformers_decodes_like_the_original_adapter(tmp_
 
 
 def test_export_for_vllm_merges_lora_on_lm_head_into_the_base_copy(tmp_path):
-    """vLLM refuses LoRA on lm_head ("unsupported LoRA weight"; the demo's recipe puts one there): the export
+    """vLLM refuses LoRA on lm_head ("unsupported LoRA weight"; PEFT also saves lm_head's base weight beside it): the export
     merges it into the base copy with the towers, the adapter keeps the layers' LoRA, and the pair computes the
     original adapter's logits, and so does the `--for transformers` merge."""
     from peft import PeftModel
