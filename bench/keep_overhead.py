@@ -31,6 +31,12 @@ VARIANTS: dict[str, dict | None] = {  # keep block per variant (None: the recipe
     "answers, 4 rows": {"target": "answers", "batch_size": 4},
     "answers, 4 rows every 2 steps": {"target": "answers", "batch_size": 4, "every": 2},
     "kl, 4 rows every 4 steps": {"target": "kl", "batch_size": 4, "every": 4},
+    "kl, 8 rows, fused": {"target": "kl", "batch_size": 8, "fuse": True},
+    "kl, 8 rows, refresh 4": {"target": "kl", "batch_size": 8, "refresh": 4},
+    "kl, 8 rows, fused, refresh 2": {"target": "kl", "batch_size": 8, "fuse": True, "refresh": 2},
+    "kl, 8 rows, fused, refresh 4": {"target": "kl", "batch_size": 8, "fuse": True, "refresh": 4},
+    "kl, 4 rows, fused, refresh 4": {"target": "kl", "batch_size": 4, "fuse": True, "refresh": 4},
+    "kl, 4 rows, fused, refresh 8": {"target": "kl", "batch_size": 4, "fuse": True, "refresh": 8},
 }
 
 

@@ -789,6 +789,19 @@ class KeepSpec(BaseModel):
         description="Run the keep batch every k optimizer steps only, with its weight multiplied by k: about "
         "1/k of the keep overhead.",
     )
+    refresh: int = Field(
+        default=1, ge=1,
+        description="New keep rows, and the base's targets for them, every k micro-batches; in between the same rows "
+        "are asked again (the base is frozen, so its targets do not go stale). About 1/k of the adapter-off "
+        "decoding, with the keep term on every step (unlike `every`).",
+    )
+    fuse: bool = Field(
+        default=False,
+        description="Run the keep rows inside the training batch's own forward and backward (appended, unlabelled) "
+        "instead of a forward of their own: cheaper where per-forward costs dominate (small models, CPU); the "
+        "forward then holds logits for every keep position, more memory on a large-vocabulary model. A batch the "
+        "keep rows cannot join (other inputs) gets the separate forward.",
+    )
     pool: int = Field(
         default=256, ge=1,
         description="Most keep rows built before training (prompts x images, or conversations), cycled through "

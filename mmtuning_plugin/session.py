@@ -269,12 +269,21 @@ class MMTuning:
         if self.keep is not None:
             from .keep import LOG_KEY
 
-            value = self.keep.term(model, inputs)
+            value = self.keep.term(model, inputs, outputs)
             if value is not None:
                 terms[LOG_KEY] = value
         return terms
 
     # --- keep (mmtuning_plugin/keep) ---------------------------------------------------------------
+
+    def fuse_keep(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Call before the model's forward on `inputs`: under `keep.fuse` the batch to run instead (the keep rows
+        appended); hand that batch to `extra_losses` too. `inputs` itself otherwise."""
+        return inputs if self.keep is None else self.keep.fuse(model, inputs)
+
+    def unfuse_keep(self, error: BaseException) -> None:
+        """The fused forward raised: run the original batch again; keep rows get their own forward from now on."""
+        self.keep.unfuse(error)
 
     def use_keep_template(self, processor: Any = None, chat_template: str | None = None, render: Any = None,
                           log: Any = None) -> None:

@@ -244,6 +244,81 @@ def test_spliced_training_image_rows_match_the_processor(processor, train_rows):
     assert row.prompt_ids == expected["input_ids"][0].tolist()
 
 
+@pytest.mark.parametrize("target", ["kl", "answers"])
+def test_fused_keep_rows_give_the_separate_term_and_leave_the_task_loss_alone(tmp_path, processor, train_rows, target):
+    """`fuse: true` appends the keep rows to the training batch: one forward gives the same keep term, task loss
+    and adapter gradients as the task forward plus the keep rows' own forward (dropout off, same weights)."""
+    results = {}
+    for fuse in (False, True):
+        block = {"vision": {"modules": "attention", "layers": {"top": 1}}, "language": {"modules": "attention"},
+                 "dropout": 0.0, "keep": {"prompts": PROMPTS, "target": target, "ramp_steps": 0, "batch_size": 3,
+                                          "pool": 6, "fuse": fuse}}
+        torch.manual_seed(0)
+        session, model, trainer = run(tmp_path, processor, train_rows, block)
+        for name, parameter in model.named_parameters():  # non-zero B: the tuned model differs from its base
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+        session.prepare_keep(model, processor, training_batches=[training_batch(train_rows[:4], 0)], total_steps=4)
+        trainer.current_gradient_accumulation_steps = 1
+        model.train()
+        batch = training_batch(train_rows[:4], processor.tokenizer.pad_token_id)
+        joined = session.fuse_keep(model, batch)
+        session.keep._pending, session.keep.micro = None, 0  # measured through compute_loss below
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results[fuse] = (loss.item(), trainer._mmtuning_logs["loss_keep"][0], joined,
+                         {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss, keep, same, grads), (fused_loss, fused_keep, joined, fused_grads) = results[False], results[True]
+    assert same is not None and set(same) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    assert joined["input_ids"].shape[0] == 4 + 3 and joined["pixel_values"].shape[0] == 4 + 3
+    assert (joined["labels"][4:] == -100).all() and torch.equal(joined["labels"][:4, :same["labels"].shape[1]], same["labels"])
+    assert keep > 0 and fused_keep == pytest.approx(keep, rel=1e-4)
+    assert fused_loss == pytest.approx(loss, rel=1e-5)
+    assert set(grads) == set(fused_grads)
+    assert all(torch.allclose(grads[n], fused_grads[n], atol=1e-5, rtol=1e-3) for n in grads)
+
+
+def test_joined_rows_pad_each_row_at_its_end_and_refuse_what_cannot_join():
+    from mmtuning_plugin.keep import joined_rows
+
+    task = {"input_ids": torch.tensor([[5, 6, 7], [0, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]),
+            "labels": torch.tensor([[-100, 6, 7], [-100, -100, 9]]), "pixel_values": torch.zeros(2, 3, 4, 4)}
+    keep = {"input_ids": torch.tensor([[0, 1, 2, 3, 4]]), "attention_mask": torch.tensor([[0, 1, 1, 1, 1]]),
+            "pixel_values": torch.ones(1, 3, 4, 4, dtype=torch.float64)}
+    joined = joined_rows(task, keep, pad_id=0)
+    assert joined["input_ids"].tolist() == [[5, 6, 7, 0, 0], [0, 8, 9, 0, 0], [0, 1, 2, 3, 4]]
+    assert joined["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert joined["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 9, -100, -100], [-100] * 5]
+    assert joined["pixel_values"].dtype == torch.float32 and joined["pixel_values"][2].eq(1).all()
+    assert joined_rows({**task, "token_type_ids": torch.zeros(2, 3, dtype=torch.long)}, keep, 0) is None
+    assert joined_rows(task, {**keep, "pixel_values": torch.ones(1, 3, 8, 8)}, 0) is None
+    assert joined_rows({**task, "pixel_values": [torch.zeros(3, 4, 4)] * 2}, keep, 0) is None
+
+
+def test_refresh_asks_the_same_rows_for_k_calls_and_decodes_the_base_once(tmp_path, processor, train_rows):
+    block = {"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS, "ramp_steps": 0, "batch_size": 2,
+                                                            "refresh": 3, "fuse": True}}
+    session, model, trainer = run(tmp_path, processor, train_rows, block, steps=6)
+    keep, steps = session.keep, []
+    build = keep._kl_step
+
+    def recorded(*args):
+        steps.append(build(*args))
+        return steps[-1]
+
+    keep._kl_step = recorded
+    before = lora_snapshot(model)
+    trainer.train()
+    values = keep_logs(trainer)
+    assert len(steps) == 2  # calls 0-2 ask one set of rows, calls 3-5 the next
+    assert len(values) == 6 and all(v >= 0 for v in values) and values[-1] > 0
+    assert not torch.equal(steps[0].batch["pixel_values"], steps[1].batch["pixel_values"])  # new images for new rows
+    after = lora_snapshot(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert "new rows every 3 micro-batches, in the training forward (fuse)" in "\n".join(
+        __import__("mmtuning_plugin.keep", fromlist=["describe"]).describe(keep.report))
+
+
 def test_ramp_and_every():
     keep = Keep(MMTuning({"keep": {"prompts": PROMPTS, "weight": 0.2, "ramp": 0.5}}).config.keep)
     keep.total_steps = 10
@@ -300,9 +375,9 @@ def test_cli_reports_bad_keep_as_exit_2(tmp_path):
 def test_keep_under_two_process_gloo_ddp_keeps_ranks_identical_and_frozen_layers_frozen(tmp_path):
     """tests/dist/keep_ranks.py under torchrun: the Trainer wraps the model in DDP, the keep forwards run on the
     inner module and their gradients are reduced in the task loss's backward, so the adapters stay identical
-    although each rank's keep rows come from its own training images."""
-    run_two_ranks(Path(__file__).parent / "dist" / "keep_ranks.py", tmp_path, timeout=240)
-    for mode in ("auto", "false"):
+    although each rank's keep rows come from its own training images; with `fuse` they ride in the DDP forward."""
+    run_two_ranks(Path(__file__).parent / "dist" / "keep_ranks.py", tmp_path, timeout=360)
+    for mode in ("auto", "false", "fused"):
         ranks = [torch.load(tmp_path / f"rank{r}_{mode}.pt") for r in (0, 1)]
         assert all(r["world_size"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks)
         for rank in ranks:  # step 0: LoRA B is 0, the adapters equal the base, so KL is 0

@@ -39,7 +39,16 @@ class MMTuningTrainerMixin:
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        joined = self.mmtuning.fuse_keep(model, inputs)  # `keep.fuse`: keep rows ride in this forward
+        try:
+            loss, outputs = super().compute_loss(model, joined, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            if joined is inputs or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            self.mmtuning.unfuse_keep(error)
+            joined = inputs
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        inputs = joined  # the loss terms read masks of the batch the forward saw
         # the log store lives in __dict__: host trainers (LLaMA-Factory's) never run MMTuningTrainer.__init__
         logs = self.__dict__.setdefault("_mmtuning_logs", {})
         loss = add_extra_losses(self, model, inputs, outputs, loss, num_items_in_batch, logs)

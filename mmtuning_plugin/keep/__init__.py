@@ -7,16 +7,21 @@ adapters switched off by a flag (no second copy, and unlike PEFT's `disable_adap
 - `kl`: the base's next-token distribution at the answer position, computed on the fly without grad;
 - `answers`: cross-entropy on the base's greedy answers, generated once before training.
 The weight rises from 0 over `ramp` of training (a constant weight from step 0 stalls the new task).
+Two ways to pay less per step (docs/keep.md, measured in docs/benchmarks.md): `refresh: k` asks the same rows
+for k calls, so the base decodes once per k (its targets never go stale: the base is frozen); `fuse: true`
+appends the keep rows to the training batch, so one forward and backward serve both terms.
 
 Host-free: a host hands over its processor (or a `render` function for its chat template) and, for
 `images: train` with `target: answers`, a few collated training batches; `Keep.term` is then called after
-each training forward and its value is added to the task loss like every other extra term.
+each training forward and its value is added to the task loss like every other extra term (under `fuse`,
+`fuse` runs before the forward and hands the host the joined batch).
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,6 +37,25 @@ from .sources import KeepSources, resolve_sources
 logger = logging.getLogger("mmtuning.keep")
 LOG_KEY = "loss_keep"
 SHOWN_EXAMPLES = 4  # base answers shown in the log before training
+LABEL_PAD = -100  # a joined keep row's labels: no task loss on it
+
+
+@dataclass
+class KeepStep:
+    """One call's keep rows as the tuned model reads them, and the unweighted term from their logits."""
+
+    batch: dict[str, torch.Tensor]
+    positions: int  # the term reads each row's last `positions` logits
+    loss: Callable[[torch.Tensor], torch.Tensor]  # logits (rows, positions, vocab) -> the term
+
+
+@dataclass
+class Pending:
+    """A call's plan: its keep step (None when the weight is 0 now) and where its rows sit in a fused batch."""
+
+    step: KeepStep | None
+    factor: float
+    task_rows: int = 0  # training rows before the keep rows in the fused batch; 0: not fused
 
 
 class Keep:
@@ -59,6 +83,10 @@ class Keep:
         self._first_batch: dict[str, Any] | None = None
         self.pool_has_train = False  # `answers` over training images: the pool holds them, not each step
         self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
+        self._pending: Pending | None = None  # planned by `fuse` before the forward, read by `term` after it
+        self._cached: tuple[int, KeepStep] | None = None  # (refresh group, its keep step)
+        self._fusing = True  # off after a fused forward fails or returns no logits for the keep rows
+        self._noted: set[str] = set()
 
     # --- before training ------------------------------------------------------------------------------
 
@@ -193,6 +221,8 @@ class Keep:
             "ramp": f"{self.spec.ramp_steps} steps" if self.spec.ramp_steps is not None else f"{self.spec.ramp:g} of training",
             "batch_size": self.spec.batch_size,
             "every": self.spec.every,
+            "refresh": self.spec.refresh,
+            "fuse": self.spec.fuse,
             "templates": list(dict.fromkeys(row.text for row in shown))[:SHOWN_EXAMPLES],
             "examples": [{"prompt": row.question, "base_answer": tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()}
                          for row in shown],
@@ -213,10 +243,56 @@ class Keep:
         weight = spec.weight * (min(1.0, step / ramp) if ramp > 0 else 1.0)
         return weight * spec.every
 
-    def term(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """The weighted keep term for this micro-batch (None when its weight is 0 now, or outside training)."""
+    def term(self, model: nn.Module, inputs: dict[str, Any], outputs: Any = None) -> torch.Tensor | None:
+        """The weighted keep term for this micro-batch (None when its weight is 0 now, or outside training).
+        After a fused forward (`fuse`) it is read from that forward's `outputs`; else the keep rows get a
+        forward of their own."""
         if not model.training or not torch.is_grad_enabled():
             return None
+        pending, self._pending = self._pending or self._plan(model, inputs), None
+        if pending.step is None:
+            return None
+        step = pending.step
+        logits = self._fused_logits(pending, outputs)
+        if logits is None:
+            with self._paused():
+                logits = self._last_logits(unwrap_parallel(model), step.batch, step.positions)
+        value = step.loss(logits)
+        if not self._checked_graph:
+            if not value.requires_grad:
+                raise MMTuningError(f"{self.where}: the keep term has no gradient: no trainable adapter sits on the "
+                                    f"keep prompts' path to the logits. Put adapters on the language model "
+                                    f"(language: {{}}) or remove `keep:`.")
+            self._checked_graph = True
+        return value * pending.factor
+
+    def fuse(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`fuse: true`: the training batch with this call's keep rows appended (unlabelled, so the task loss is
+        unchanged), for one forward and backward instead of two; `term` then reads the keep rows' logits from
+        that forward. The batch as it is when keep is off now, or when the rows cannot join it."""
+        if not (self.spec.fuse and self._fusing and model.training and torch.is_grad_enabled()):
+            return inputs
+        self._pending = pending = self._plan(model, inputs)
+        if pending.step is None:
+            return inputs
+        joined = joined_rows(inputs, pending.step.batch, self.pad_id)
+        if joined is None:
+            self._note_once("unjoinable", "mmtuning keep: a training batch's inputs (%s) differ from the keep rows' "
+                            "(%s); its keep rows get a forward of their own", sorted(inputs), sorted(pending.step.batch))
+            return inputs
+        pending.task_rows = inputs["input_ids"].shape[0]
+        return joined
+
+    def unfuse(self, error: BaseException) -> None:
+        """The fused forward failed on this model: its keep rows (and every later call's) get their own forward."""
+        logger.warning("mmtuning keep: the training forward with keep rows joined failed (%s); keep rows get a "
+                       "forward of their own from now on (fuse: false)", error)
+        self._fusing = False
+        if self._pending is not None:
+            self._pending.task_rows = 0
+
+    def _plan(self, model: nn.Module, inputs: dict[str, Any]) -> "Pending":
+        """This call's factor and keep step; counts the call (a resumed run draws the same rows)."""
         if not self.prepared:
             raise MMTuningError("mmtuning.keep is configured but not prepared: call MMTuning.prepare_keep(model, "
                                 "processor, ...) before training (the transformers Trainer integration does it in train()).")
@@ -224,18 +300,40 @@ class Keep:
         self.micro += 1
         factor = self.factor()
         if factor == 0:
+            return Pending(None, 0.0)
+        return Pending(self._keep_step(unwrap_parallel(model), inputs, call), factor)
+
+    def _keep_step(self, model: nn.Module, inputs: dict[str, Any], call: int) -> "KeepStep":
+        """New keep rows and targets every `refresh` calls; in between the same ones (the base is frozen, so
+        its targets for a row never change)."""
+        group = call // self.spec.refresh
+        if self._cached is None or self._cached[0] != group:
+            rows = self.rows_for(inputs, call)
+            with self._paused():
+                step = self._kl_step(model, rows) if self.spec.target == "kl" else self._answers_step(model, rows)
+            self._cached = (group, step)
+        return self._cached[1]
+
+    def _fused_logits(self, pending: "Pending", outputs: Any) -> torch.Tensor | None:
+        """The keep rows' logits at the positions the term reads, from the fused forward's outputs (None when
+        the call was not fused, or the forward returned no logits for them: fused-loss kernels)."""
+        if not pending.task_rows:
             return None
-        model = unwrap_parallel(model)
-        rows = self.rows_for(inputs, call)
-        with self._paused():
-            value = self._kl(model, rows) if self.spec.target == "kl" else self._answers(model, rows)
-        if not self._checked_graph:
-            if not value.requires_grad:
-                raise MMTuningError(f"{self.where}: the keep term has no gradient: no trainable adapter sits on the "
-                                    f"keep prompts' path to the logits. Put adapters on the language model "
-                                    f"(language: {{}}) or remove `keep:`.")
-            self._checked_graph = True
-        return value * factor
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        batch = pending.step.batch
+        rows, length = batch["input_ids"].shape
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != pending.task_rows + rows \
+                or logits.shape[1] < length:
+            logger.warning("mmtuning keep: the training forward returned no logits for the joined keep rows (a fused "
+                        "loss kernel?); keep rows get a forward of their own from now on (fuse: false)")
+            self._fusing = False
+            return None
+        return logits[pending.task_rows:, length - pending.step.positions: length]
+
+    def _note_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            logger.warning(message, *args)
 
     def rows_for(self, inputs: dict[str, Any], call: int) -> list[KeepRow]:
         """This call's keep rows, a function of the call index (a resumed run draws the same rows)."""
@@ -265,15 +363,23 @@ class Keep:
         return row
 
     def _kl(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
+        """The unweighted `kl` term of `rows` with a forward of their own."""
+        step = self._kl_step(model, rows)
+        return step.loss(self._last_logits(model, step.batch, step.positions))
+
+    def _kl_step(self, model: nn.Module, rows: list[KeepRow]) -> "KeepStep":
         """KL(base || tuned) at every position of the base's greedy answer, its end-of-turn token included: a
         first-token-only KL kept the old answer word but let the tuned model run on past it ("red left")."""
         batch = to_model(prompt_batch(rows, self.pad_id), model)
         with torch.no_grad(), adapters_disabled(model):
             batch, base, live = self._base_answer(model, batch)
-        tuned = self._last_logits(model, batch, base.shape[1])
         base_log = F.log_softmax(base.float(), dim=-1)
-        per_position = (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1)
-        return (per_position * live).sum() / live.sum()
+
+        def loss(tuned: torch.Tensor) -> torch.Tensor:
+            per_position = (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1)
+            return (per_position * live).sum() / live.sum()
+
+        return KeepStep(batch, base.shape[1], loss)
 
     def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """Greedy decoding with the adapters off, up to `answer_tokens` tokens or every row's end-of-turn token.
@@ -333,12 +439,17 @@ class Keep:
                 self._logits_to_keep = False
         return model(**batch, **kwargs)
 
-    def _answers(self, model: nn.Module, rows: list[KeepRow]) -> torch.Tensor:
+    def _answers_step(self, model: nn.Module, rows: list[KeepRow]) -> "KeepStep":
+        """Cross-entropy on the base's greedy answers (generated before training), read at every position."""
         batch, labels = answer_batch(rows, self.pad_id)
         batch = to_model(batch, model)
-        logits = model(**batch).logits[:, :-1]
-        labels = labels[:, 1:].to(logits.device)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        labels = labels[:, 1:].to(batch["input_ids"].device)
+
+        def loss(logits: torch.Tensor) -> torch.Tensor:
+            logits = logits[:, :-1]
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+        return KeepStep(batch, batch["input_ids"].shape[1], loss)
 
     @contextmanager
     def _paused(self):
@@ -376,7 +487,9 @@ def describe(report: dict[str, Any]) -> list[str]:
     lines = [f"mmtuning keep: {report['prompts']} prompt(s), {report['conversations']} conversation(s), images: "
              f"{report['images']}; rows: {report['rows']}; target {report['target']}, weight {report['weight']:g} "
              f"ramped over {report['ramp']}, {report['batch_size']} row(s) per micro-batch"
-             + (f", every {report['every']} steps" if report["every"] > 1 else "")]
+             + (f", every {report['every']} steps" if report["every"] > 1 else "")
+             + (f", new rows every {report['refresh']} micro-batches" if report.get("refresh", 1) > 1 else "")
+             + (", in the training forward (fuse)" if report.get("fuse") else "")]
     lines += [f"mmtuning keep template: {text!r}" for text in report["templates"]]
     lines += [f"mmtuning keep base answer: {e['prompt']!r} -> {e['base_answer']!r}" for e in report["examples"]]
     return lines
@@ -386,6 +499,34 @@ def per_token(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inputs with one entry per token (ids, token type ids, ...), the attention mask aside."""
     ids = batch["input_ids"]
     return {key: value for key, value in batch.items() if key != "attention_mask" and value.shape == ids.shape}
+
+
+def joined_rows(task: dict[str, Any], keep: dict[str, torch.Tensor], pad_id: int) -> dict[str, Any] | None:
+    """The training batch with the keep rows below it, every row right-padded to the longer length (padding at
+    a row's end changes nothing before it under a causal mask, so each row reads as it did alone); keep rows
+    get no labels. None when the two cannot be one batch: other inputs (token types, image masks the keep rows
+    lack), per-image tensors of other shapes, or inputs that are not tensors."""
+    if set(task) - {"labels"} != set(keep) or not all(isinstance(v, torch.Tensor) for v in task.values()):
+        return None
+    ids = task["input_ids"]
+    length = max(ids.shape[1], keep["input_ids"].shape[1])
+    token_keys = set(per_token(task)) | {"attention_mask"}
+    joined: dict[str, Any] = {}
+    for key, value in task.items():
+        extra = keep[key].to(value.device, value.dtype) if key in keep else torch.full_like(keep["input_ids"], LABEL_PAD)
+        if key in token_keys:
+            fill = pad_id if key == "input_ids" else LABEL_PAD if key == "labels" else 0
+            joined[key] = torch.cat([right_padded(value, length, fill), right_padded(extra, length, fill)])
+        elif value.shape[1:] == extra.shape[1:]:
+            joined[key] = torch.cat([value, extra])
+        else:
+            return None
+    return joined
+
+
+def right_padded(value: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    return torch.cat([value, value.new_full((value.shape[0], length - value.shape[1]), fill)], 1) \
+        if value.shape[1] < length else value
 
 
 def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,18 +22,18 @@ BLOCK = {"language": {"modules": "attention", "schedule": {"type": "custom", "st
                   "ramp": 0, "batch_size": 2}}
 
 
-def run(out_dir: str, find_unused: str, steps: int = 3) -> None:
+def run(out_dir: str, mode: str, steps: int = 3) -> None:
     torch.set_num_threads(1)
     processor = load_processor(MODEL_DIR)
     rows = encode(processor, make_set("target", "train", 8, seed=5))
     torch.manual_seed(0)  # identical adapter init on every rank (DDP also broadcasts rank 0's)
-    session = MMTuning(BLOCK)
+    session = MMTuning({**BLOCK, "keep": {**BLOCK["keep"], "fuse": mode == "fused"}})
     model = session.wrap(load_base(MODEL_DIR, session, four_bit=False))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     args = TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=2, learning_rate=5e-3,
                              logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
                              remove_unused_columns=False, seed=0, data_seed=0, ddp_backend="gloo",
-                             ddp_find_unused_parameters={"auto": None, "false": False}[find_unused])
+                             ddp_find_unused_parameters={"auto": None, "false": False, "fused": None}[mode])
     trainer = MMTuningTrainer(model=model, args=args, train_dataset=rows, mmtuning=session, processing_class=processor,
                               data_collator=lambda r: training_batch(r, processor.tokenizer.pad_token_id))
     trainer.train()
@@ -41,13 +41,14 @@ def run(out_dir: str, find_unused: str, steps: int = 3) -> None:
     keep = [e["loss_keep"] for e in trainer.state.log_history if "loss_keep" in e]
     torch.save({"before": before, "after": after, "keep": keep, "world_size": args.world_size,
                 "wrapped": type(trainer.model_wrapped).__name__},
-               os.path.join(out_dir, f"rank{os.environ['RANK']}_{find_unused}.pt"))
+               os.path.join(out_dir, f"rank{os.environ['RANK']}_{mode}.pt"))
 
 
 if __name__ == "__main__":
     # `auto`: the Trainer's default for a PeftModel (find_unused_parameters=True); `false`: every parameter DDP
-    # holds must get its gradient through hooks, the keep forward's included.
-    for mode in ("auto", "false"):
+    # holds must get its gradient through hooks, the keep forward's included; `fused`: the keep rows ride in the
+    # training batch's DDP forward (`keep.fuse`).
+    for mode in ("auto", "false", "fused"):
         run(sys.argv[1], mode)
     # Leave together and close gloo before exiting: a rank that exits with gloo's threads still up can abort
     # ("terminate called without an active exception"), seen under load.

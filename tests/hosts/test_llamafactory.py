@@ -242,7 +242,7 @@ def test_torchrun_ranks_apply_the_same_setup(tiny):
 
 # keep: prompts over the batch's images plus a dataset of dataset_info.json, written by LLaMA-Factory's template
 KEEP = {"prompts": ["what colour is the image ?"], "images": "train", "data": "keep_questions", "target": "kl",
-        "weight": 0.5, "ramp": 0, "batch_size": 2, "answer_tokens": 4}
+        "weight": 0.5, "ramp": 0, "batch_size": 2, "answer_tokens": 4, "fuse": True}
 
 
 @needs_lf
@@ -259,6 +259,8 @@ def test_keep_run_under_the_template_logs_a_nonzero_keep_term_and_trains(tiny):
     assert all(v.abs().sum() > 0 for k, v in tensors.items() if ".lora_B." in k)
     log = done.stdout + done.stderr  # LLaMA-Factory's logger writes to stdout
     assert "mmtuning keep: 1 prompt(s), 2 conversation(s), images: the training batches' images" in log, log[-3000:]
+    # `fuse`: the keep rows rode in LLaMA-Factory's own training forward on every step, none fell back
+    assert "in the training forward (fuse)" in log and "a forward of their own" not in log, log[-3000:]
     # LLaMA-Factory's llava template wrote the prompts (its default system prompt, "A chat between a curious user
     # and an artificial intelligence assistant ...", words outside the tiny vocabulary shown as <unk>), not the
     # checkpoint's own chat template (<|im_start|>user ...)
