@@ -5,9 +5,10 @@
 
 The model is LLaVA-1.5-7B-shaped (Llama-2-7B language model, CLIP ViT-L/14-336 vision tower) built from
 its config with random weights: no download. Adapters on the language model's attention (r 16) and the
-projector, the recipe's keep block (KL, 4 rows per step) against none. One model: keep is switched on and
-off between interleaved blocks of steps, so both see the same device state. Reports median step time, the
-ratio, and the peak memory allocated in each mode (`torch.cuda.max_memory_allocated`).
+projector, a keep block (KL, 4 rows per step) in its own forward, fused into the training forward, and fused
+with refresh 4 (docs/keep.md), against none. One model: the modes take turns in interleaved blocks of steps,
+so all see the same device state. Reports median step time, the ratio, and the peak memory allocated in each
+mode (`torch.cuda.max_memory_allocated`: fusing keeps logits for every keep position).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ SIZES = {  # dotted config overrides on top of tiny_config("llava")
     "tiny": {},
 }
 PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
+KEEP = {"prompts": PROMPTS, "target": "kl", "batch_size": 4}
+MODES = {"without keep": None, "keep": {}, "keep, fused": {"fuse": True},  # keep block changes per mode
+         "keep, fused, refresh 4": {"fuse": True, "refresh": 4}}
 
 
 def main() -> None:
@@ -45,7 +49,9 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, TrainingArguments
 
     from mmtuning_plugin.demo.data import make_set
+    from mmtuning_plugin.config import KeepSpec
     from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_keep
+    from mmtuning_plugin.keep import Keep
     from mmtuning_plugin.session import MMTuning
     from mmtuning_plugin.testing.tiny import tiny_config
     from mmtuning_plugin.testing.tiny_processing import tiny_processor
@@ -57,13 +63,12 @@ def main() -> None:
     processor.tokenizer.padding_side = "right"
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    session = MMTuning({"language": {"modules": "attention"}, "projector": {},
-                        "keep": {"prompts": PROMPTS, "target": "kl", "batch_size": 4}})
+    session = MMTuning({"language": {"modules": "attention"}, "projector": {}, "keep": KEEP})
     model = session.wrap(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    items = make_set("general", "train", args.batch * (args.reps * args.block * 2 + 2))
+    items = make_set("general", "train", args.batch * (args.reps * args.block + 1) * len(MODES))
     rows = []
     for item in items:
         text = processor.apply_chat_template(
@@ -81,18 +86,22 @@ def main() -> None:
         output_dir=tempfile.mkdtemp(), max_steps=10, per_device_train_batch_size=args.batch, report_to="none",
         use_cpu=not cuda, bf16=cuda, save_strategy="no", remove_unused_columns=False, disable_tqdm=True),
         train_dataset=rows, mmtuning=session, processing_class=processor, data_collator=collate)
-    prepare_keep(trainer)
-    keep, session.keep.total_steps = session.keep, 1
+    keeps = {}
+    for name, changes in MODES.items():
+        if changes is not None:
+            session.keep = Keep(KeepSpec(**KEEP, **changes))
+            prepare_keep(trainer)
+            keeps[name], session.keep.total_steps = session.keep, 1
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
     batches = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(len(rows) // args.batch)]
-    times: dict[str, list[float]] = {"without keep": [], "with keep": []}
+    times: dict[str, list[float]] = {name: [] for name in MODES}
     peaks: dict[str, int] = {name: 0 for name in times}
 
     def step(index: int, name: str) -> float:
-        session.keep = keep if name == "with keep" else None
+        session.keep = keeps.get(name)
         if session.keep is not None:
-            keep.step, keep.micro = index + 1, 0
+            session.keep.step, session.keep.micro = index + 1, 0
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -117,7 +126,6 @@ def main() -> None:
                 index += 1
             if cuda:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
-    session.keep = keep
     base = statistics.median(times["without keep"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{args.size} LLaVA (random weights), {device}, batch {args.batch}, keep 4 rows KL, "
@@ -125,7 +133,7 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         peak = f"{peaks[name] / 2**30:.1f} GiB" if cuda else "n/a"
-        print(f"{name:<14} median step {median:.3f} s  ratio {median / base:.2f}x  peak memory {peak}")
+        print(f"{name:<24} median step {median:.3f} s  ratio {median / base:.2f}x  peak memory {peak}")
 
 
 if __name__ == "__main__":

@@ -333,6 +333,8 @@ def test_ramp_and_every():
     ({"prompts": PROMPTS, "weight": -0.1}, "mmtuning.keep.weight", "positive weight"),
     ({"prompts": PROMPTS, "ramp": 1.5}, "mmtuning.keep.ramp", "ramp_steps: 1.5"),
     ({"prompts": PROMPTS, "target": "logits"}, "mmtuning.keep.target", "'kl' or 'answers'"),
+    ({"prompts": PROMPTS, "refresh": 0}, "mmtuning.keep.refresh", "greater than or equal to 1"),
+    ({"prompts": PROMPTS, "fuse": "maybe"}, "mmtuning.keep.fuse", "valid boolean"),
 ])
 def test_bad_keep_settings_name_the_key_and_the_fix(block, key, fix):
     with pytest.raises(MMTuningError) as error:
