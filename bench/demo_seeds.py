@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmtuning_plugin.demo.runner import DemoSettings
+
 
 def run_seed(seed: int, steps: int, out: Path, threads: int) -> dict:
     target = out / f"seed{seed}"
@@ -42,7 +44,7 @@ def run_seed(seed: int, steps: int, out: Path, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=DemoSettings.steps)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mmtune-demo-seeds"))
     args = parser.parse_args()

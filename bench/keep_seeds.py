@@ -1,6 +1,6 @@
 """E/F/O of `keep:` over seeds: plain LoRA, the demo recipe without keep, with `target: kl` and `target: answers`.
 
-    PYTHONPATH=. python bench/keep_seeds.py --seeds 0 1 2 3 4 [--steps 400] [--jobs 2] [--out /tmp/keep-seeds]
+    PYTHONPATH=. python bench/keep_seeds.py --seeds 0 1 2 3 4 [--steps 500] [--jobs 2] [--out /tmp/keep-seeds]
 
 Every arm is the demo's runner (same 4-bit base, training stream, steps, learning rate, 128 + 128 held-out
 items); the variants differ only in their `mmtuning:` block, derived here from recipes.yaml's `mmtuning` arm.
@@ -49,17 +49,24 @@ def merged(block: dict, changes: dict) -> dict:
 
 
 def variants(targets: list[str]) -> dict[str, dict]:
+    """`recipe_keep_kl` is recipes.yaml's `mmtuning` arm as it is; every other keep arm is derived from the
+    recipe as it ran before `fuse` and `refresh` (`recipe_keep_kl_unfused`), as recorded in docs/benchmarks.md
+    (those ran at `--steps 400`)."""
     recipes = load_recipes()
     recipe = recipes["mmtuning"]
+    unfused = {**recipe, "mmtuning": merged(recipe["mmtuning"], {"keep": {"fuse": None, "refresh": None}})}
 
     def changed(changes: dict) -> dict:
-        return {**recipe, "mmtuning": merged(recipe["mmtuning"], changes)}
+        return {**unfused, "mmtuning": merged(unfused["mmtuning"], changes)}
 
     def with_keep(**changes) -> dict:
         return changed({"keep": changes})
 
     out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": changed({"keep": None})}
     out.update({f"recipe_keep_{target}": with_keep(target=target) for target in targets})
+    out["recipe_keep_kl"] = recipe
+    out["recipe_keep_kl_refresh4"] = {**recipe, "mmtuning": merged(recipe["mmtuning"], {"keep": {"refresh": 4}})}
+    out["recipe_keep_kl_unfused"] = unfused
     # the recipe before 2026-11-30: the weight rises over the first half only
     out["recipe_keep_kl_half_ramp"] = with_keep(target="kl", ramp=0.5)
     out.update({f"recipe_keep_kl_{name}": changed(changes) for name, changes in TRIED.items()})
@@ -72,8 +79,8 @@ def variants(targets: list[str]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_answers recipe_keep_kl_half_ramp "
+    parser.add_argument("--steps", type=int, default=DemoSettings.steps)
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_kl_refresh4 recipe_keep_kl_unfused recipe_keep_answers recipe_keep_kl_half_ramp "
                         "recipe_keep_kl_every2 recipe_keep_kl_every4 recipe_keep_answers_every2 recipe_keep_kl_{2,4,8}rows recipe_keep_kl_{lm_head,lm_head_w03,lm_head_12rows,vision_unscheduled,anchor_02,language_lr2}")
     parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
     parser.add_argument("--threads", type=int, default=1)

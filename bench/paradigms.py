@@ -1,7 +1,7 @@
 """The survey's three tuning paradigms on the demo: E/F/O, trainable parameters and step time per method,
 each with and without `keep:`.
 
-    PYTHONPATH=. python bench/paradigms.py --seeds 0 1 2 [--steps 400] [--jobs 2] [--out /tmp/paradigms]
+    PYTHONPATH=. python bench/paradigms.py --seeds 0 1 2 [--steps 500] [--jobs 2] [--out /tmp/paradigms]
 
 Every arm is the demo's runner (`mmtune demo`'s 4-bit tiny LLaVA, training stream, steps, learning rate and
 128 + 128 held-out items); the methods differ only in their `mmtuning:` block (METHODS below). "+ keep" adds
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keep_seeds import measure  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from mmtuning_plugin.demo.runner import load_recipes
+from mmtuning_plugin.demo.runner import DemoSettings, load_recipes
 
 LAST_LANGUAGE_LAYER = "model.language_model.layers.3"  # the demo model has 4 language layers
 
@@ -65,7 +65,7 @@ def arms(keep_ramp: float | None = None) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=DemoSettings.steps)
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(arms())}")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) runs at once, one process each")
     parser.add_argument("--keep-ramp", type=float, default=None, help="replace the recipe keep block's ramp")

@@ -123,7 +123,8 @@ def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JS
 
 @app.command("demo")
 def demo(
-    steps: int = typer.Option(400, "--steps", min=1, help="Training steps per arm (tests use a short run)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
+                                        help="Training steps per arm (default: the demo's own; tests use a short run)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training stream and adapter init (eval items are fixed)."),
     out: Path = typer.Option(Path("mmtune-demo"), "--out", help="Directory for adapters, results.json and curves.png."),
     four_bit: bool = typer.Option(True, "--four-bit/--no-four-bit", help="Load the base model in 4-bit NF4 (QLoRA)."),
@@ -141,7 +142,8 @@ def demo(
         fail(f"mmtune demo needs pillow, tokenizers and matplotlib ({error}); install them with "
              f"pip install 'mmtuning-plugin[demo]'.")
 
-    settings = DemoSettings(steps=steps, seed=seed, out=out, four_bit=four_bit, threads=threads, jobs=jobs)
+    settings = DemoSettings(**({"steps": steps} if steps else {}), seed=seed, out=out, four_bit=four_bit, threads=threads,
+                            jobs=jobs)
     view = None if as_json else DemoConsole(console, settings)
     try:
         if view:

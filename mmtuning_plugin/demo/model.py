@@ -88,7 +88,7 @@ class Encoded:
 def encode(processor, items: Sequence[Item]) -> list[Encoded]:
     """Prompt ids, pixels and answer ids per item, as the processor writes them. The sets draw from a few
     hundred distinct pictures and a couple of questions, so each distinct picture, question and answer goes
-    through the processor once (the demo encodes 6,400 training items per arm)."""
+    through the processor once (the demo encodes 8,000 training items per arm)."""
     from .data import TASKS
 
     kinds = {question: attribute for questions in TASKS.values() for question, attribute in questions}
