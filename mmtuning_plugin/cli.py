@@ -142,7 +142,7 @@ def demo(
         fail(f"mmtune demo needs pillow, tokenizers and matplotlib ({error}); install them with "
              f"pip install 'mmtuning-plugin[demo]'.")
 
-    settings = DemoSettings(**({"steps": steps} if steps else {}), seed=seed, out=out, four_bit=four_bit, threads=threads,
+    settings = DemoSettings(**({"steps": steps} if steps is not None else {}), seed=seed, out=out, four_bit=four_bit, threads=threads,
                             jobs=jobs)
     view = None if as_json else DemoConsole(console, settings)
     try:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import MMTuningError
 from ..losses.anchor import adapters_disabled
+from ..probe import IGNORE_INDEX  # a joined keep row's labels: no task loss on it
 from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
                    prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
 from .sources import KeepSources, resolve_sources
@@ -37,7 +38,6 @@ from .sources import KeepSources, resolve_sources
 logger = logging.getLogger("mmtuning.keep")
 LOG_KEY = "loss_keep"
 SHOWN_EXAMPLES = 4  # base answers shown in the log before training
-LABEL_PAD = -100  # a joined keep row's labels: no task loss on it
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Keep:
         self._pending: Pending | None = None  # planned by `fuse` before the forward, read by `term` after it
         self._cached: tuple[int, KeepStep] | None = None  # (refresh group, its keep step)
         self._fusing = True  # off after a fused forward fails or returns no logits for the keep rows
-        self._noted: set[str] = set()
+        self._said_unjoinable = False  # the once-per-run warning
 
     # --- before training ------------------------------------------------------------------------------
 
@@ -277,8 +277,10 @@ class Keep:
             return inputs
         joined = joined_rows(inputs, pending.step.batch, self.pad_id)
         if joined is None:
-            self._note_once("unjoinable", "mmtuning keep: a training batch's inputs (%s) differ from the keep rows' "
-                            "(%s); its keep rows get a forward of their own", sorted(inputs), sorted(pending.step.batch))
+            if not self._said_unjoinable:
+                logger.warning("mmtuning keep: a training batch's inputs (%s) differ from the keep rows' (%s); its keep "
+                               "rows get a forward of their own", sorted(inputs), sorted(pending.step.batch))
+                self._said_unjoinable = True
             return inputs
         pending.task_rows = inputs["input_ids"].shape[0]
         return joined
@@ -325,15 +327,10 @@ class Keep:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != pending.task_rows + rows \
                 or logits.shape[1] < length:
             logger.warning("mmtuning keep: the training forward returned no logits for the joined keep rows (a fused "
-                        "loss kernel?); keep rows get a forward of their own from now on (fuse: false)")
+                           "loss kernel?); keep rows get a forward of their own from now on (fuse: false)")
             self._fusing = False
             return None
         return logits[pending.task_rows:, length - pending.step.positions: length]
-
-    def _note_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
-            logger.warning(message, *args)
 
     def rows_for(self, inputs: dict[str, Any], call: int) -> list[KeepRow]:
         """This call's keep rows, a function of the call index (a resumed run draws the same rows)."""
@@ -447,7 +444,7 @@ class Keep:
 
         def loss(logits: torch.Tensor) -> torch.Tensor:
             logits = logits[:, :-1]
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
         return KeepStep(batch, batch["input_ids"].shape[1], loss)
 
@@ -488,8 +485,8 @@ def describe(report: dict[str, Any]) -> list[str]:
              f"{report['images']}; rows: {report['rows']}; target {report['target']}, weight {report['weight']:g} "
              f"ramped over {report['ramp']}, {report['batch_size']} row(s) per micro-batch"
              + (f", every {report['every']} steps" if report["every"] > 1 else "")
-             + (f", new rows every {report['refresh']} micro-batches" if report.get("refresh", 1) > 1 else "")
-             + (", in the training forward (fuse)" if report.get("fuse") else "")]
+             + (f", new rows every {report['refresh']} micro-batches" if report["refresh"] > 1 else "")
+             + (", in the training forward (fuse)" if report["fuse"] else "")]
     lines += [f"mmtuning keep template: {text!r}" for text in report["templates"]]
     lines += [f"mmtuning keep base answer: {e['prompt']!r} -> {e['base_answer']!r}" for e in report["examples"]]
     return lines
@@ -513,9 +510,9 @@ def joined_rows(task: dict[str, Any], keep: dict[str, torch.Tensor], pad_id: int
     token_keys = set(per_token(task)) | {"attention_mask"}
     joined: dict[str, Any] = {}
     for key, value in task.items():
-        extra = keep[key].to(value.device, value.dtype) if key in keep else torch.full_like(keep["input_ids"], LABEL_PAD)
+        extra = keep[key].to(value.device, value.dtype) if key in keep else torch.full_like(keep["input_ids"], IGNORE_INDEX)
         if key in token_keys:
-            fill = pad_id if key == "input_ids" else LABEL_PAD if key == "labels" else 0
+            fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
             joined[key] = torch.cat([right_padded(value, length, fill), right_padded(extra, length, fill)])
         elif value.shape[1:] == extra.shape[1:]:
             joined[key] = torch.cat([value, extra])
