@@ -30,7 +30,6 @@ from torch import nn
 
 from ..errors import MMTuningError
 from ..losses.anchor import adapters_disabled
-from ..probe import IGNORE_INDEX  # a joined keep row's labels: no task loss on it
 from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
                    prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
 from .sources import KeepSources, resolve_sources
@@ -38,6 +37,7 @@ from .sources import KeepSources, resolve_sources
 logger = logging.getLogger("mmtuning.keep")
 LOG_KEY = "loss_keep"
 SHOWN_EXAMPLES = 4  # base answers shown in the log before training
+IGNORE_INDEX = -100  # a label without loss (a joined keep row's); probe.py's too, which keep cannot import (import circle)
 
 
 @dataclass
