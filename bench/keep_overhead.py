@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict | None] = {  # keep block per variant (None: the recipe
     "kl, 8 rows, fused, refresh 4": {"target": "kl", "batch_size": 8, "fuse": True, "refresh": 4},
     "kl, 4 rows, fused, refresh 4": {"target": "kl", "batch_size": 4, "fuse": True, "refresh": 4},
     "kl, 4 rows, fused, refresh 8": {"target": "kl", "batch_size": 4, "fuse": True, "refresh": 8},
+    "answers, 8 rows, fused": {"target": "answers", "batch_size": 8, "fuse": True},
+    "answers, 8 rows, fused, refresh 2": {"target": "answers", "batch_size": 8, "fuse": True, "refresh": 2},
 }
 
 
