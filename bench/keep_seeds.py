@@ -56,16 +56,21 @@ def merged(block: dict, changes: dict) -> dict:
     return out
 
 
+def arm_with(arm: dict, changes: dict) -> dict:
+    """A recipes.yaml arm with `changes` merged into its `mmtuning:` block."""
+    return {**arm, "mmtuning": merged(arm["mmtuning"], changes)}
+
+
 def variants(targets: list[str]) -> dict[str, dict]:
     """`recipe_keep_kl` is recipes.yaml's `mmtuning` arm as it is, and `ON_RECIPE` changes only its keep block;
     every other keep arm is derived from the recipe as it ran before `fuse` and `refresh`
     (`recipe_keep_kl_unfused`), as recorded in docs/benchmarks.md (those ran at `--steps 400`)."""
     recipes = load_recipes()
     recipe = recipes["mmtuning"]
-    unfused = {**recipe, "mmtuning": merged(recipe["mmtuning"], {"keep": {"fuse": None, "refresh": None}})}
+    unfused = arm_with(recipe, {"keep": {"fuse": None, "refresh": None}})
 
     def changed(changes: dict) -> dict:
-        return {**unfused, "mmtuning": merged(unfused["mmtuning"], changes)}
+        return arm_with(unfused, changes)
 
     def with_keep(**changes) -> dict:
         return changed({"keep": changes})
@@ -73,8 +78,7 @@ def variants(targets: list[str]) -> dict[str, dict]:
     out = {"plain_lora": recipes["plain_lora"], "recipe_no_keep": changed({"keep": None})}
     out.update({f"recipe_keep_{target}": with_keep(target=target) for target in targets})
     out["recipe_keep_kl"] = recipe
-    out.update({name: {**recipe, "mmtuning": merged(recipe["mmtuning"], {"keep": keep})}
-                for name, keep in ON_RECIPE.items()})
+    out.update({name: arm_with(recipe, {"keep": keep}) for name, keep in ON_RECIPE.items()})
     out["recipe_keep_kl_unfused"] = unfused
     # the recipe before 2026-11-30: the weight rises over the first half only
     out["recipe_keep_kl_half_ramp"] = with_keep(target="kl", ramp=0.5)
@@ -89,9 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=DemoSettings.steps)
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of: plain_lora recipe_no_keep recipe_keep_kl recipe_keep_kl_{refresh4,w03,4rows_refresh8,4rows_refresh8_w03} recipe_keep_answers_fused recipe_keep_kl_unfused recipe_keep_answers recipe_keep_kl_half_ramp "
-                        "recipe_keep_kl_every2 recipe_keep_kl_every4 recipe_keep_answers_every2 recipe_keep_kl_{2,4,8}rows recipe_keep_kl_{lm_head,lm_head_w03,lm_head_12rows,vision_unscheduled,anchor_02,language_lr2}")
-    parser.add_argument("--targets", nargs="+", default=["kl", "answers"])
+    targets = ["kl", "answers"]
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of: " + " ".join(variants(targets)))
+    parser.add_argument("--targets", nargs="+", default=targets)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="(seed, arm) runs at once, one process each")
     parser.add_argument("--out", type=Path, default=Path("/tmp/keep-seeds"))
