@@ -7,6 +7,48 @@ MMTUNING_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MMTUNING_CACHE="${MMTUNING_CACHE:-$HOME/.cache/mmtuning}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CACHE_DIR="${PIP_CACHE_DIR:-$MMTUNING_CACHE/pip}"
 
+# uv builds a venv in seconds where pip takes minutes; it is on the package registry, so the first build
+# bootstraps it into the cache (MMTUNING_UV=pip forces pip; a failed bootstrap falls back to pip).
+uv_tool() {
+  [ "${MMTUNING_UV:-}" = pip ] && return 1
+  if [ -n "${MMTUNING_UV:-}" ]; then echo "$MMTUNING_UV"; return 0; fi
+  local boot="$MMTUNING_CACHE/uv-tool"
+  if [ ! -x "$boot/bin/uv" ]; then
+    mkdir -p "$MMTUNING_CACHE"
+    python3 -m venv "$boot.tmp.$$" >&2 && "$boot.tmp.$$/bin/pip" install -q uv >&2 \
+      && { rm -rf "$boot"; mv "$boot.tmp.$$" "$boot"; } || { rm -rf "$boot.tmp.$$"; return 1; }
+  fi
+  # The venv's scripts point at the folder it was built in; call uv's binary by its real path.
+  "$boot/bin/python" -c 'import uv, sys; sys.stdout.write(uv.find_uv_bin())'
+}
+
+# uv reads no pip.conf: hand it pip's find-links and extra indexes (local wheel mirrors, where a machine has
+# them) and pip's way of choosing among several indexes (the best version wherever it is).
+uv_env_from_pip() {
+  local line key value
+  while IFS= read -r line; do
+    key=${line%%=*}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+    case "$key" in
+      *.find-links) export UV_FIND_LINKS="$value" ;;
+      *.extra-index-url) export UV_EXTRA_INDEX_URL="$value" ;;
+      *.index-url) export UV_INDEX_URL="$value" ;;
+    esac
+  done < <(python3 -m pip config list 2>/dev/null || true)
+  export UV_INDEX_STRATEGY=unsafe-best-match UV_CACHE_DIR="${UV_CACHE_DIR:-$MMTUNING_CACHE/uv}"
+}
+
+install_into_venv() {  # VENV PYTHON CONSTRAINTS ARGS...: build VENV and install ARGS under CONSTRAINTS
+  local venv="$1" python="$2" constraints="$3"; shift 3
+  local uv
+  if uv=$(uv_tool); then
+    uv_env_from_pip
+    "$uv" venv -q --seed --python "$python" "$venv" >&2 \
+      && "$uv" pip install -q --python "$venv/bin/python" -c "$constraints" "$@" >&2
+  else
+    "$python" -m venv "$venv" >&2 && "$venv/bin/pip" install -q -c "$constraints" "$@" >&2
+  fi
+}
+
 ensure_venv() {
   local name="$1" python="$2" constraints="$3" install_args="$4"
   local key
@@ -14,21 +56,47 @@ ensure_venv() {
   local venv="$MMTUNING_CACHE/venvs/$name-$key"
   if [ ! -f "$venv/.complete" ]; then
     echo "[mmtuning] building venv $name at $venv (first run only)" >&2
+    local started=$SECONDS
     rm -rf "$venv"
     # shellcheck disable=SC2086
-    if ! { "$python" -m venv "$venv" >&2 && "$venv/bin/pip" install -q -c "$MMTUNING_ROOT/$constraints" $install_args >&2; }; then
+    if ! install_into_venv "$venv" "$python" "$MMTUNING_ROOT/$constraints" $install_args; then
       rm -rf "$venv"  # never leave a half-built venv that a later run would take for a complete one
-      echo "[mmtuning] building venv $name failed (see pip's output above); nothing was cached" >&2
+      echo "[mmtuning] building venv $name failed (see the installer's output above); nothing was cached" >&2
       return 1
     fi
     touch "$venv/.complete"
+    echo "[mmtuning] venv $name built in $((SECONDS - started)) s" >&2
   fi
   echo "$venv"
 }
 
+# Builds the named venvs (core, newest, llamafactory, axolotl) side by side, each a few minutes on an empty
+# cache and seconds once cached; sets VENV_<name> to each path. A failed build prints its log and returns 1.
+prepare_venvs() {
+  local logs name pids=() failed=0
+  logs=$(mktemp -d)
+  echo "[mmtuning] venvs: $* (built side by side where missing; cached under $MMTUNING_CACHE/venvs)" >&2
+  for name in "$@"; do
+    ( "${name}_venv" >"$logs/$name.path" 2>"$logs/$name.log" ) &
+    pids+=($!)
+  done
+  local i=0
+  for name in "$@"; do
+    if ! wait "${pids[$i]}"; then failed=1; echo "[mmtuning] venv $name: build failed:" >&2; cat "$logs/$name.log" >&2
+    else grep '^\[mmtuning\]' "$logs/$name.log" >&2 || true
+    fi
+    printf -v "VENV_$name" '%s' "$(cat "$logs/$name.path")"
+    i=$((i + 1))
+  done
+  rm -rf "$logs"
+  return $failed
+}
+
 # The package itself goes in editable on every run (seconds), so entry points follow pyproject.toml.
+# One at a time (flock): venvs built side by side would write the checkout's egg-info together.
 with_mmtuning() {
-  "$1/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
+  mkdir -p "$MMTUNING_CACHE"
+  flock "$MMTUNING_CACHE/.editable.lock" "$1/bin/pip" install -q --no-deps --no-build-isolation -e "$MMTUNING_ROOT" >&2
   echo "$1"
 }
 
