@@ -15,8 +15,8 @@ uv_tool() {
   local boot="$MMTUNING_CACHE/uv-tool"
   if [ ! -x "$boot/bin/uv" ]; then
     mkdir -p "$MMTUNING_CACHE"
-    python3 -m venv "$boot.tmp.$$" >&2 && "$boot.tmp.$$/bin/pip" install -q uv >&2 \
-      && { rm -rf "$boot"; mv "$boot.tmp.$$" "$boot"; } || { rm -rf "$boot.tmp.$$"; return 1; }
+    python3 -m venv "$boot.tmp.$BASHPID" >&2 && "$boot.tmp.$BASHPID/bin/pip" install -q uv >&2 \
+      && { rm -rf "$boot"; mv "$boot.tmp.$BASHPID" "$boot"; } || { rm -rf "$boot.tmp.$BASHPID"; return 1; }
   fi
   # The venv's scripts point at the folder it was built in; call uv's binary by its real path.
   "$boot/bin/python" -c 'import uv, sys; sys.stdout.write(uv.find_uv_bin())'
@@ -76,6 +76,7 @@ prepare_venvs() {
   local logs name pids=() failed=0
   logs=$(mktemp -d)
   echo "[mmtuning] venvs: $* (built side by side where missing; cached under $MMTUNING_CACHE/venvs)" >&2
+  uv_tool >/dev/null || echo "[mmtuning] uv could not be installed; building with pip (slower)" >&2
   for name in "$@"; do
     ( "${name}_venv" >"$logs/$name.path" 2>"$logs/$name.log" ) &
     pids+=($!)
