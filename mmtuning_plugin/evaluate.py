@@ -80,7 +80,8 @@ def item_batches(items: Sequence[EvalItem], processor, batch_size: int = 4):
 def generate_answers(model, processor, items: Sequence[EvalItem], max_new_tokens: int = 16, batch_size: int = 16,
                      on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers under the processor's chat template (left padding), text up to the end-of-turn token."""
-    from .keep import cpu_4bit_repack_off, to_model
+    from .base_view import cpu_4bit_repack_off
+    from .keep import to_model
     from .keep.rows import open_image, user_messages
 
     tokenizer = processor.tokenizer
@@ -115,7 +116,7 @@ def generate_answers(model, processor, items: Sequence[EvalItem], max_new_tokens
 def score_sets(model, processor, sets: dict[str, list[EvalItem]], match: str, max_new_tokens: int = 16,
                batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Before (adapters off) and after (adapter on) accuracy per set and per question type, and E/F/O."""
-    from .losses.anchor import adapters_disabled
+    from .base_view import adapters_disabled
 
     report: dict[str, Any] = {"match": match, "sets": {}}
     measured: dict[str, dict[str, float]] = {"before": {}, "after": {}}

@@ -218,7 +218,8 @@ def _importance(model: nn.Module, plan: TargetPlan, modalities: list[str], batch
                 seed: int) -> tuple[dict[str, float], dict[str, float], int, int]:
     """Per planned module of the `auto` modalities: summed squared channel-scale gradients of the task loss and
     of the general loss; plus the batches and answer tokens used."""
-    from .keep import cpu_4bit_repack_off, to_model
+    from .base_view import cpu_4bit_repack_off
+    from .keep import to_model
 
     modules = {m.name: model.get_submodule(m.name) for m in plan.modules if m.modality in modalities
                and m.leaf.layer is not None}

@@ -191,7 +191,12 @@ class MMTuning:
         self.attach(model)
 
     def attach(self, model: nn.Module) -> None:
-        """Attach what runs inside the model's forward (loss feature hooks); `detach` removes it."""
+        """Attach what runs inside the model's forward (loss feature hooks); `detach` removes it. The model's
+        4-bit layers keep their trainable CPU layout from here on (an evaluation loop runs them in eval mode
+        without grad: see base_view)."""
+        from .base_view import keep_cpu_4bit_layout
+
+        keep_cpu_4bit_layout(model)
         self.losses.attach(model)
         if self.keep is not None:
             if self.plan is not None:

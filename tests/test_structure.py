@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.config": 2,  # the schema: the bottom floor of every feature
     "mmtuning_plugin.arch": 3,
     "mmtuning_plugin.loading": 3,
+    "mmtuning_plugin.base_view": 3,  # adapters off, 4-bit forwards without grad kept trainable: torch only
     "mmtuning_plugin.names": 4,
     "mmtuning_plugin.targets": 5,
     "mmtuning_plugin.quant": 5,

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..base_view import keep_cpu_4bit_layout
 from ..errors import MMTuningError
 from ..scoring import efo as scores  # the same E/F/O as `mmtune eval`
 from .data import make_set
@@ -139,21 +140,8 @@ def load_base(model_dir: Path, session, four_bit: bool):
         bnb = {**bnb, "bnb_4bit_compute_dtype": torch.float32}
         kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), **kwargs)
-    keep_cpu_4bit_trainable(model)
+    keep_cpu_4bit_layout(model)  # the demo scores mid-training (eval mode, no grad)
     return model
-
-
-def keep_cpu_4bit_trainable(model) -> None:
-    """bitsandbytes repacks a CPU Linear4bit weight for fast inference the first time it runs in eval mode
-    without grad, and training afterwards fails (in-place op on a leaf). The demo evaluates mid-training,
-    so it turns that repacking off; results are the same, inference is a little slower."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def curve_steps(steps: int, points: int) -> list[int]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MMTuningError
-from ..losses.anchor import adapters_disabled
+from ..base_view import adapters_disabled, cpu_4bit_repack_off
 from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
                    prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
 from .sources import KeepSources, resolve_sources
@@ -550,23 +550,3 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-@contextmanager
-def cpu_4bit_repack_off(model: nn.Module):
-    """bitsandbytes repacks a CPU Linear4bit weight in place the first time it runs in eval mode without grad
-    (on CPUs with AVX512-BF16), after which training fails: keep generation must not trigger it."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        yield
-        return
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    before = [getattr(m, "support_avx512bf16_for_cpu", False) for m in layers]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for layer, value in zip(layers, before):
-            layer.support_avx512bf16_for_cpu = value

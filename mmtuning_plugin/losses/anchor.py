@@ -7,7 +7,6 @@ call, not a second model forward. With LoRA B initialised to zero the loss is ex
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..base_view import adapters_disabled, has_adapters
 from ..errors import MMTuningError
 from .base import AlignmentLoss, LossOptions
 from .capture import FeatureCapture, Record, StepFeatures, first_tensor, require_graph
@@ -22,24 +22,6 @@ from .capture import FeatureCapture, Record, StepFeatures, first_tensor, require
 
 class AnchorOptions(LossOptions):
     metric: Literal["cosine", "mse"] = Field(default="cosine", description="1 - cosine similarity per token, or MSE.")
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: nn.Module):
-    """Disable every PEFT adapter layer inside `module` only (LoRA layers, ParamWrapper, modules_to_save)."""
-    layers = [m for m in module.modules() if hasattr(m, "_disable_adapters")]
-    before = [m._disable_adapters for m in layers]
-    try:
-        for layer in layers:
-            layer._disable_adapters = True
-        yield
-    finally:
-        for layer, value in zip(layers, before):
-            layer._disable_adapters = value
-
-
-def has_adapters(module: nn.Module) -> bool:
-    return any(hasattr(m, "_disable_adapters") for m in module.modules())
 
 
 def distance(current: torch.Tensor, frozen: torch.Tensor, metric: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..arch import image_token_id
+from ..base_view import cpu_4bit_repack_off
 from ..model_config import set_dotted
 
 # Size fields shrunk in every sub-config that has them. Tiny but structurally faithful: at least
@@ -148,7 +149,7 @@ def _text_around(image_tokens: torch.Tensor, image_id: int, vocab: int, text_len
 
 
 def _count_features(model, **vision_inputs) -> int:
-    with torch.no_grad():
+    with torch.no_grad(), cpu_4bit_repack_off(model):  # a 4-bit tower in eval mode: see base_view
         features = model.model.get_image_features(**vision_inputs)
     if hasattr(features, "pooler_output") and features.pooler_output is not None:
         features = features.pooler_output

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..base_view import cpu_4bit_repack_off
 from .tiny import TinyBatch
 
 IMAGE_TOKEN = 300
@@ -103,7 +104,7 @@ def _image_tokens(model, pixels: torch.Tensor) -> int:
     if config.model_type == "gemma4":
         return GEMMA4_GRID**2 // config.vision_config.pooling_kernel_size**2
     inner = getattr(model, "model", model) if hasattr(getattr(model, "model", None), "get_image_features") else model
-    with torch.no_grad():
+    with torch.no_grad(), cpu_4bit_repack_off(model):  # a 4-bit tower in eval mode: see base_view
         features = inner.get_image_features(pixel_values=pixels[:1])
     if not torch.is_tensor(features):
         features = features.pooler_output if features.pooler_output is not None else features.last_hidden_state
