@@ -1,14 +1,12 @@
 """Layer schedules and per-modality learning rates: pure stage functions, optimizer groups, frozen stages
 bit-identical, resume equivalence with the HF Trainer, gradient checkpointing, 2-process DDP (gloo)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import torch
+from helpers import run_two_ranks
 from transformers import TrainingArguments
 
 from mmtuning_plugin import plugins
@@ -250,11 +248,7 @@ def test_schedule_works_with_gradient_checkpointing(tmp_path, reentrant):
 
 
 def test_two_process_ddp_gloo_crosses_stage_changes_with_identical_adapters(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tests" / "ddp_schedule_run.py"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(ROOT / "tests" / "dist" / "schedule_ranks.py", tmp_path, timeout=360)
     for mode in ("auto", "false"):
         ranks = [torch.load(tmp_path / f"rank{r}_{mode}.pt") for r in (0, 1)]
         for name, value in ranks[0]["after"].items():

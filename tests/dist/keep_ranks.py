@@ -9,6 +9,7 @@ import os
 import sys
 
 import torch
+from ranks import leave_together
 from transformers import TrainingArguments
 
 from mmtuning_plugin.demo.data import make_set
@@ -50,7 +51,4 @@ if __name__ == "__main__":
     # training batch's DDP forward (`keep.fuse`).
     for mode in ("auto", "false", "fused"):
         run(sys.argv[1], mode)
-    # Leave together and close gloo before exiting: a rank that exits with gloo's threads still up can abort
-    # ("terminate called without an active exception"), seen under load.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()

@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from ranks import leave_together
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from mmtuning_plugin.loading import load_model_config
@@ -59,8 +60,8 @@ def main(model_dir: str, out_dir: str, steps: int = 3) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave_together()

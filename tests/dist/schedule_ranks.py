@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from ranks import leave_together
 from transformers import TrainingArguments
 
 from mmtuning_plugin.integrations.hf import MMTuningTrainer, prepare_model
@@ -41,7 +42,4 @@ if __name__ == "__main__":
     # `false`: find_unused_parameters=False: the scheduler only drops inactive grads before each step.
     for mode in ("auto", "false"):
         run(sys.argv[1], mode)
-    # Leave together and close gloo before exiting: a rank that exits with gloo's threads still up can abort
-    # ("terminate called without an active exception"), seen under load.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()
