@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
 from .boundary import CommandBoundary
-from .console import console, errors, fail
+from .console import Table, console, errors, fail
 from .convert.cli import convert_app
 from .errors import MMTuningError, user_message
 from .eval_cli import eval_command

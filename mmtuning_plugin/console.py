@@ -8,9 +8,19 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table as RichTable
 
 console = Console()
 errors = Console(stderr=True)
+
+
+class Table(RichTable):
+    """Every table mmtuning prints: at 80 columns a cell folds onto a second line instead of being cut with
+    '...' (rich's default drops the end of a number: `96.9 ->` without its value)."""
+
+    def add_column(self, *args, **kwargs) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)
 
 
 def fail(message: str) -> None:

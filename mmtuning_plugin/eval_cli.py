@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
+from .console import Table
 from .errors import MMTuningError
 
 

@@ -31,7 +31,8 @@ def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
         planned = plan.modules_of(modality)
         targeted = [m.name for m in planned] + [p.name for p in plan.parameters_of(modality)]
         rows[modality] = {
-            "enabled": plan.config.spec(modality).enabled,
+            "enabled": plan.config.spec(modality).enabled and modality not in plan.absent,
+            "absent": modality in plan.absent,  # the model has no such part; the defaults skip it
             "selected_layers": plan.layers.get(modality),
             "kinds": sorted({m.leaf.kind for m in planned}),
             "targeted": targeted,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rich.console import Console
-from rich.table import Table
 
 from .config import layer_span
-from .console import console, human, human_bytes
+from .console import Table, console, human, human_bytes
 
 KIND_LABELS = {"attention": "attn", "projector": "linear", "patch_embed": "patch", "embed_tokens": "embed", "lm_head": "head"}
 
@@ -29,13 +28,14 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     for modality, row in report["modalities"].items():
         on, selective = row["enabled"], row.get("selective")
         table.add_row(
-            modality if on else f"[dim]{modality} (off)[/]",
+            modality if on else f"[dim]{modality}[/]",
             _layers_text(row["selected_layers"], row["layers"]) if on else _layers_text(None, row["layers"]),
             (selective["method"] if selective else ",".join(KIND_LABELS.get(k, k) for k in row["kinds"])) or "-",
             f"{len(selective['modules'])} whole" if selective else
             f"{len(row['targeted'])}/{max(len(row['modules']), len(row['targeted']))}",
             human(row["params"]),
-            f"{row['r']}/{row['alpha']:g}" if on and not selective else "-",
+            f"{row['r']}/{row['alpha']:g}" if on and not selective else
+            "-" if on else "absent" if row.get("absent") else "off",
             human(row["trainable_params"]) if on else "0",
         )
     plan = report["plan"]
@@ -95,7 +95,7 @@ def print_training_memory(modalities: dict[str, Any], out: Console, table: bool 
 
 
 def _training_memory_table(rows: dict[str, Any], out: Console) -> None:
-    table = Table(title="training memory (Adam: 2 fp32 states per trainable parameter)", title_justify="left")
+    table = Table(title="training memory (Adam: 2 fp32 states each)", title_justify="left")
     for column in ("modality", "trainable", "bytes", "optimizer", "extra"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for modality, row in rows.items():
@@ -145,7 +145,7 @@ def _sum(values) -> Optional[int]:
 def print_quant(quant: dict[str, Any]) -> None:
     """Memory after quantization per modality (weights incl. 4-bit constants; adapters + AdamW state in fp32)."""
     table = Table(title=f"memory under quant: {quant['policy']}", title_justify="left")
-    for column in ("modality", "precision", "4bit/16bit", "weights", "trainable", "optimizer", "total"):
+    for column in ("modality", "precision", "4b/16b", "weights", "trainable", "Adam", "total"):
         table.add_column(column, justify="left" if column in ("modality", "precision") else "right")
     for modality, row in quant["modalities"].items():
         table.add_row(modality, quant["precisions"][modality], f"{row['quantized_modules']}/{row['kept_16bit_modules']}",

@@ -70,6 +70,7 @@ class TargetPlan:
     full_params: int = 0  # parameters trained whole through modules_to_save
     selected: list[SelectedModule] = field(default_factory=list)  # selective tuning (also in modules_to_save)
     probe: Any = None  # the `layers: auto` probe's scores (probe.ProbeReport), when it chose layers
+    absent: tuple[str, ...] = ()  # modalities this model does not have (BLIP and Pix2Struct: no projector)
 
     @property
     def dropout(self) -> float:
@@ -206,11 +207,15 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
     selected: list[SelectedModule] = []
     layers: dict[str, list[int]] = {}
     base = unwrap(model)
+    absent = absent_modalities(layout)
     for modality in MODALITIES:
         spec = config.spec(modality)
         if not spec.enabled:
             continue
         where = f"mmtuning.{modality}"
+        if modality in absent:
+            _refuse_if_asked(config, modality, layout, where)
+            continue
         r, alpha = config.rank(modality), config.scale_alpha(modality)
         if modality == "projector":
             chosen, params, whole = _plan_projector(base, layout, config, where)
@@ -230,10 +235,26 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
     _check_method_support(modules, parameters, config)
     full = sum(p.numel() for name in modules_to_save for p in base.get_submodule(name).parameters())
     plan = TargetPlan(layout.model_type, config, modules, parameters, modules_to_save + [s.name for s in selected],
-                      layers, layout, full, selected)
+                      layers, layout, full, selected, absent=absent)
     if not plan.modules and not plan.parameters and not plan.modules_to_save:
         raise MMTuningError("The mmtuning settings select no module at all; enable a modality with modules in it.")
     return plan
+
+
+def absent_modalities(layout: ModelLayout) -> tuple[str, ...]:
+    """Modalities the model has no part for: BLIP, Pix2Struct and encoder-decoder stacks feed the vision tower's
+    output to the language model directly, without a projector."""
+    return tuple(m for m in MODALITIES if not getattr(layout.modality_map, m)
+                 and not (m == "projector" and layout.modality_map.projector_parameters))
+
+
+def _refuse_if_asked(config: MMTuningConfig, modality: str, layout: ModelLayout, where: str) -> None:
+    """The defaults skip an absent modality (reported as absent); a block that asks for it is refused."""
+    if modality in config.model_fields_set:
+        raise MMTuningError(
+            f"{where}: '{layout.model_type}' has no {modality} (its modules: "
+            f"{', '.join(m for m in MODALITIES if m not in absent_modalities(layout))}), so these settings would "
+            f"adapt nothing; remove `{modality}:` from the block, or write `{modality}: false`.")
 
 
 def _plan_projector(model, layout: ModelLayout, config: MMTuningConfig, where: str):

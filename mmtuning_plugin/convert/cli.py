@@ -56,9 +56,7 @@ def _show_merge(s: dict[str, Any]) -> None:
 
 
 def _show_errors(s: dict[str, Any], key: str, error_key: str, title: str) -> None:
-    from rich.table import Table
-
-    from ..console import console
+    from ..console import Table, console
 
     table = Table(title=title, title_justify="left")
     for column in ("module", "rank", "relative error"):
