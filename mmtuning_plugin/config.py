@@ -35,8 +35,23 @@ def validation_lines(error: ValidationError, where: str, unknown: str = "key",
             message = f"unknown {unknown}"
             if valid is not None:
                 message = unknown_key(str(item["loc"][-1]), valid(item["loc"]), noun=unknown)
-        lines.append(f"{path}: {message}")
+        lines.append(_one_key_path(path, message))
     return list(dict.fromkeys(lines))
+
+
+_KEY_PATH = re.compile(r"^([A-Za-z_][\w/]*(?:\.[A-Za-z_][\w/]*)*): ")
+
+
+def _one_key_path(path: str, message: str) -> str:
+    """A validator's message that starts with its own key (`vision.layers: ...`, `schedule.type: ...`) is joined
+    onto the location, so every error names its key one way: `mmtuning.vision.layers: ...`."""
+    match = _KEY_PATH.match(message)
+    if not match:
+        return f"{path}: {message}"
+    inner = match.group(1).split(".")
+    outer = path.split(".")
+    overlap = next((n for n in range(min(len(inner), len(outer)), 0, -1) if outer[-n:] == inner[:n]), 0)
+    return f"{'.'.join(outer + inner[overlap:])}: {message[match.end():]}"
 
 
 def _is_union_branch(part: Any) -> bool:

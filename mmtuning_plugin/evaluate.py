@@ -166,9 +166,14 @@ def load_adapter_model(adapter: Path, base: str | None, four_bit: bool):
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise MMTuningError(f"{adapter}: no adapter_config.json; pass the directory a PEFT adapter was saved to.")
-    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise MMTuningError(f"{adapter}: its base model '{base}' is not a local directory; pass --base MODEL_DIR.")
+    if base is not None and not Path(base).is_dir():
+        raise MMTuningError(f"--base {base}: not a model directory; pass the directory of the model the adapter was "
+                            f"trained on (its config.json, weights and processor files).")
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base = base or recorded
+    if not base or not Path(base).is_dir():
+        raise MMTuningError(f"{adapter}: its adapter_config.json names the base model '{recorded}', which is not a "
+                            f"directory from here ({Path.cwd()}); pass --base MODEL_DIR.")
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

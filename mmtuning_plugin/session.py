@@ -197,6 +197,7 @@ class MMTuning:
         from .base_view import keep_cpu_4bit_layout
 
         keep_cpu_4bit_layout(model)
+        record_base_path(model)
         self.losses.attach(model)
         if self.keep is not None:
             if self.plan is not None:
@@ -312,10 +313,23 @@ class MMTuning:
         given.pop("log", None)
         if processor is None:
             raise MMTuningError(f"{self.keep.where}: keep rows need the run's processor (tokenizer, image processor, "
-                                f"chat template); hand it over with MMTuning.use_keep_template(processor).")
+                                f"chat template); pass it to the trainer as `MMTuningTrainer(..., "
+                                f"processing_class=processor)`, or hand it over with "
+                                f"`session.use_keep_template(processor)` before training.")
         return self.keep.prepare(model, processor, training_batches=training_batches, total_steps=total_steps,
                                  log=log, **given)
 
+
+
+def record_base_path(model: nn.Module) -> None:
+    """A base loaded from a relative directory is recorded with its absolute path in the adapter's config, so the
+    saved adapter finds its base (`mmtune eval`, `mmtune convert`) from any working directory."""
+    import os
+
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        name = getattr(config, "base_model_name_or_path", None)
+        if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+            config.base_model_name_or_path = os.path.abspath(name)
 
 
 def _default_log(line: str) -> None:

@@ -88,3 +88,25 @@ def test_vision_encoder_decoder_stacks_follow_the_encoder_and_decoder_types():
     assert resolve_layout(trocr).modality_map.language_layers == ("decoder.model.decoder.layers",)
     with pytest.raises(MMTuningError, match="not 'gpt2'"):
         resolve_layout(build(AutoConfig.for_model("gpt2")))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_defaults_work_on_every_buildable_type(model_type):
+    """A user's first command, `mmtune inspect-targets TYPE` with no settings, exits 0 on every type that builds
+    and resolves; a modality the model lacks (BLIP: no projector) is reported absent, not refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    if survey(model_type).status != "resolved":
+        pytest.skip(f"{model_type}: {survey(model_type).status} ({survey(model_type).reason[:80]})")
+    result = CliRunner().invoke(app, ["inspect-targets", model_type, "--json"])
+    assert result.exit_code == 0, f"{model_type}: {result.output}"
+    report = json.loads(result.stdout)
+    for modality, row in report["modalities"].items():
+        assert not (row["absent"] and row["enabled"]), modality
+        if row["absent"]:
+            assert row["targeted"] == [] and row["modules"] == [], modality
+    assert report["plan"]["target_modules"] or report["plan"]["target_parameters"]

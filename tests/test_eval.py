@@ -91,6 +91,27 @@ def test_bad_input_is_exit_2_with_one_paragraph(files, tmp_path, line, fix):
     assert missing.exit_code == 2 and "no such file" in missing.output
 
 
+def test_an_adapter_from_a_relatively_loaded_base_is_scored_from_any_directory(files, tmp_path, monkeypatch):
+    """The base loaded as `./model` is recorded with its absolute path, so eval needs no --base elsewhere; a wrong
+    --base is named as --base, not blamed on the adapter."""
+    import shutil
+
+    root, target, general = files
+    shutil.copytree(MODEL_DIR, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    session = MMTuning({"language": {"modules": "attention"}})
+    model = session.wrap(load_base("model", session, four_bit=False))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = evaluate(tmp_path / "adapter", target, general)
+    assert report["base"] == str(tmp_path / "model") and report["E"] == 0
+    wrong = runner.invoke(app, ["eval", str(tmp_path / "adapter"), "--target", str(target), "--general", str(general),
+                                "--base", "no-such-model"])
+    assert wrong.exit_code == 2 and "--base no-such-model: not a model directory" in wrong.output
+
+
 def test_matching_rules():
     assert normalise("The Circle.") == "circle" and matches("The circle.", "circle", "normalised")
     assert not matches("The circle.", "circle", "exact") and matches(" circle ", "circle", "exact")

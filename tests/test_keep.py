@@ -391,3 +391,14 @@ def test_keep_under_two_process_gloo_ddp_keeps_ranks_identical_and_frozen_layers
         trained = [n for n in after if ".language_model.layers.3." in n]
         assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), mode
         assert any(not torch.equal(before[n], after[n]) for n in trained), mode
+
+
+def test_a_trainer_without_the_processor_is_told_to_pass_processing_class(tmp_path, processor, train_rows):
+    session = MMTuning({"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS}})
+    model = session.wrap(load_base(MODEL_DIR, session, False))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                             use_cpu=True, disable_tqdm=True, remove_unused_columns=False, save_strategy="no")
+    trainer = MMTuningTrainer(model=model, args=args, train_dataset=train_rows, mmtuning=session,
+                              data_collator=lambda r: training_batch(r, processor.tokenizer.pad_token_id))
+    with pytest.raises(MMTuningError, match="processing_class=processor"):
+        trainer.train()
