@@ -86,7 +86,7 @@ def test_stages_resolving_to_the_same_step_take_the_later_one():
 
 @pytest.mark.parametrize("config, message", [
     ({"language": {"schedule": {"type": "top_down", "start": 4}}}, "already covers all 4 targeted layers"),
-    ({"language": {"schedule": {"type": "top_down", "every": 1.5}}}, "language: schedule.every"),
+    ({"language": {"schedule": {"type": "top_down", "every": 1.5}}}, "mmtuning.language.schedule.every: 1.5"),
     ({"language": {"schedule": "bottom_up"}}, "unknown schedule 'bottom_up'; known: custom, static, top_down"),
     ({"projector": {"schedule": {"form": 3}}}, "projector takes `always`, `{from: N}`"),
     ({"language": {"layers": {"top": 2}, "schedule": {"type": "custom", "stages": [{"at": 0, "layers": [0]}]}}},
