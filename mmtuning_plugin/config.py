@@ -793,25 +793,35 @@ class KeepSpec(BaseModel):
     )
     weight: float = Field(default=0.2, description="Weight of the keep term in the total loss (after the ramp).")
     ramp: float = Field(
-        default=0.5,
-        description="Share of training over which the weight rises linearly from 0 (0.5 = the first half; 0 = full "
-        "weight from step 0, which can stall the new task).",
+        default=1.0,
+        description="Share of training over which the weight rises linearly from 0 (1.0 = all of training, 0.5 = the "
+        "first half; 0 = full weight from step 0, which can stall the new task).",
     )
     ramp_steps: Optional[int] = Field(default=None, ge=0, description="The ramp in optimizer steps instead of a share of training.")
-    batch_size: int = Field(default=4, ge=1, description="Keep rows per training micro-batch.")
+    batch_size: Optional[int] = Field(
+        default=None, ge=1,
+        description="Keep rows per optimizer step (`per: step`), spread over its gradient-accumulation micro-batches; "
+        "default: half the step's training rows, at least 1 (the demo's 16 rows per step get 8). Each keep row costs "
+        "about a training row's forward and backward, so the ratio sets the cost: docs/keep.md.",
+    )
+    per: Literal["step", "micro-batch"] = Field(
+        default="step",
+        description="`step`: `batch_size` keep rows per optimizer step, however many micro-batches accumulate into it; "
+        "`micro-batch`: `batch_size` rows in every micro-batch (before 2026-12: with accumulation 8, 8 x the rows).",
+    )
     every: int = Field(
         default=1, ge=1,
         description="Run the keep batch every k optimizer steps only, with its weight multiplied by k: about "
         "1/k of the keep overhead.",
     )
     refresh: int = Field(
-        default=1, ge=1,
+        default=2, ge=1,
         description="New keep rows, and the base's targets for them, every k micro-batches; in between the same rows "
         "are asked again (the base is frozen, so its targets do not go stale). About 1/k of the adapter-off "
         "decoding, with the keep term on every step (unlike `every`).",
     )
     fuse: bool = Field(
-        default=False,
+        default=True,
         description="Run the keep rows inside the training batch's own forward and backward (appended, unlabelled) "
         "instead of a forward of their own: cheaper where per-forward costs dominate (small models, CPU); the "
         "forward then holds logits for every keep position, more memory on a large-vocabulary model. A batch the "

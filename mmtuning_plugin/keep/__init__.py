@@ -50,6 +50,33 @@ class KeepStep:
 
 
 @dataclass
+class Share:
+    """One micro-batch's part of its optimizer step's keep rows."""
+
+    rows: int  # keep rows asked in this micro-batch (0: none here)
+    first: int  # the run's index of its first keep row (prompts and pool rows are taken in turn from it)
+    call: int  # the run's index of this keep-bearing micro-batch (`refresh` groups these)
+    scale: float  # makes the step's keep gradient the mean over its rows, as the Trainer averages micro-batches
+
+
+def keep_share(spec: Any, task_rows: int, step: int, micro: int, accumulation: int) -> Share:
+    """`per: step`: the step's `batch_size` keep rows (default half its training rows, at least 1) spread evenly over
+    its `accumulation` micro-batches, so accumulation adds no keep rows; `per: micro-batch`: `batch_size` in each."""
+    accumulation = max(1, accumulation)
+    if spec.per == "micro-batch":
+        size = spec.batch_size or max(1, (task_rows + 1) // 2)
+        call = step * accumulation + micro
+        return Share(size, call * size, call, 1.0)
+    total = spec.batch_size or max(1, (task_rows * accumulation + 1) // 2)
+    m = micro % accumulation
+    before = m * total // accumulation
+    rows = (m + 1) * total // accumulation - before
+    calls_per_step = min(total, accumulation)
+    call = step * calls_per_step + (m if total >= accumulation else before)
+    return Share(rows, step * total + before, call, accumulation * rows / total)
+
+
+@dataclass
 class Pending:
     """A call's plan: its keep step (None when the weight is 0 now) and where its rows sit in a fused batch."""
 
@@ -219,7 +246,8 @@ class Keep:
             "target": self.spec.target,
             "weight": self.spec.weight,
             "ramp": f"{self.spec.ramp_steps} steps" if self.spec.ramp_steps is not None else f"{self.spec.ramp:g} of training",
-            "batch_size": self.spec.batch_size,
+            "batch_size": self.spec.batch_size or "half the training rows",
+            "per": self.spec.per,
             "every": self.spec.every,
             "refresh": self.spec.refresh,
             "fuse": self.spec.fuse,
@@ -298,19 +326,24 @@ class Keep:
         if not self.prepared:
             raise MMTuningError("mmtuning.keep is configured but not prepared: call MMTuning.prepare_keep(model, "
                                 "processor, ...) before training (the transformers Trainer integration does it in train()).")
-        call = self.step * self.accumulation + self.micro
+        share = self.share(inputs["input_ids"].shape[0], self.micro)
         self.micro += 1
         factor = self.factor()
-        if factor == 0:
+        if factor == 0 or share.rows == 0:
             return Pending(None, 0.0)
-        return Pending(self._keep_step(unwrap_parallel(model), inputs, call), factor)
+        return Pending(self._keep_step(unwrap_parallel(model), inputs, share), factor * share.scale)
 
-    def _keep_step(self, model: nn.Module, inputs: dict[str, Any], call: int) -> "KeepStep":
-        """New keep rows and targets every `refresh` calls; in between the same ones (the base is frozen, so
-        its targets for a row never change)."""
-        group = call // self.spec.refresh
+    def share(self, task_rows: int, micro: int) -> "Share":
+        """This micro-batch's part of the optimizer step's keep rows (a function of the step and the micro-batch,
+        so a resumed run asks the same rows): see `keep_share`."""
+        return keep_share(self.spec, task_rows, self.step, micro, self.accumulation)
+
+    def _keep_step(self, model: nn.Module, inputs: dict[str, Any], share: "Share") -> "KeepStep":
+        """New keep rows and targets every `refresh` keep-bearing micro-batches; in between the same ones (the
+        base is frozen, so its targets for a row never change)."""
+        group = (share.call // self.spec.refresh, share.rows)
         if self._cached is None or self._cached[0] != group:
-            rows = self.rows_for(inputs, call)
+            rows = self.rows_for(inputs, share.first, share.rows)
             with self._paused():
                 step = self._kl_step(model, rows) if self.spec.target == "kl" else self._answers_step(model, rows)
             self._cached = (group, step)
@@ -332,21 +365,21 @@ class Keep:
             return None
         return logits[pending.task_rows:, length - pending.step.positions: length]
 
-    def rows_for(self, inputs: dict[str, Any], call: int) -> list[KeepRow]:
-        """This call's keep rows, a function of the call index (a resumed run draws the same rows)."""
-        size = self.spec.batch_size
+    def rows_for(self, inputs: dict[str, Any], first: int, count: int) -> list[KeepRow]:
+        """Keep rows `first` .. `first + count - 1` of the run (a resumed run draws the same rows): pool rows in
+        turn, or the prompts in turn about this batch's own images."""
         sources: list[Callable[[int], KeepRow]] = []
         if self.pool:
-            sources.append(lambda i: self.pool[(call * size + i) % len(self.pool)])
+            sources.append(lambda i: self.pool[(first + i) % len(self.pool)])
         if self.sources.uses_train_images and not self.pool_has_train:
             images = training_images(inputs, self.image_id)
             if images:
                 prompts = self.sources.prompts
-                sources.append(lambda i: self._spliced(prompts[(call * size + i) % len(prompts)], images[i % len(images)]))
+                sources.append(lambda i: self._spliced(prompts[(first + i) % len(prompts)], images[i % len(images)]))
         if not sources:
             raise MMTuningError(f"{self.where}: this training batch has no images for the keep prompts (images: "
                                 f"train); write `images:` as a folder of images, or add `data:`.")
-        return [sources[(call + i) % len(sources)](i) for i in range(size)]
+        return [sources[(first + i) % len(sources)](i) for i in range(count)]
 
     def _spliced(self, prompt: str, image) -> KeepRow:
         if prompt not in self._tokens:
@@ -483,7 +516,9 @@ def describe(report: dict[str, Any]) -> list[str]:
     """The log lines shown before training: how many prompts, their templates, the base's answers."""
     lines = [f"mmtuning keep: {report['prompts']} prompt(s), {report['conversations']} conversation(s), images: "
              f"{report['images']}; rows: {report['rows']}; target {report['target']}, weight {report['weight']:g} "
-             f"ramped over {report['ramp']}, {report['batch_size']} row(s) per micro-batch"
+             f"ramped over {report['ramp']}, "
+             + (f"{report['batch_size']} row(s) per {report.get('per', 'step')}" if isinstance(report["batch_size"], int)
+                else f"half as many keep rows as training rows per {report.get('per', 'step')}")
              + (f", every {report['every']} steps" if report["every"] > 1 else "")
              + (f", new rows every {report['refresh']} micro-batches" if report["refresh"] > 1 else "")
              + (", in the training forward (fuse)" if report["fuse"] else "")]

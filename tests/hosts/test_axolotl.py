@@ -324,6 +324,7 @@ def keep_runs(tiny) -> Path:
     root, _ = tiny
     keep = {**KEEP, "data": str(root / KEEP["data"])}
     good = with_mmtuning(base_yaml(root, "llava", "llava_keep"), keep=keep)
+    good.update(micro_batch_size=1, gradient_accumulation_steps=4)  # a single-GPU user's shape: keep rows per step
     (root / "llava_keep.yml").write_text(yaml.safe_dump(good))
     bad = {key: value for key, value in good.items() if key != "processor_type"}
     (root / "bad_keep_processor.yml").write_text(yaml.safe_dump(bad))
