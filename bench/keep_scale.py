@@ -23,14 +23,17 @@ import time
 import torch
 
 PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
-VARIANTS: dict[str, dict | None] = {  # the keep block besides `prompts` (None: no keep)
+VARIANTS: dict[str, dict | None] = {  # the keep block besides `prompts` (None: no keep; `_packing`: the bench's switch)
     "no keep": None,
     "defaults": {},
-    "old defaults (4 rows per micro-batch)": {"batch_size": 4, "per": "micro-batch", "fuse": False, "refresh": 1},
-    "demo recipe (8 rows per micro-batch, fuse, refresh 2)": {"batch_size": 8, "per": "micro-batch", "fuse": True,
-                                                             "refresh": 2},
-    "1 row per step, fuse": {"batch_size": 1, "fuse": True, "refresh": 1},
-    "2 rows per step, fuse": {"batch_size": 2, "fuse": True, "refresh": 1},
+    "defaults, refresh 1": {"refresh": 1},
+    "defaults, rows joined (not packed)": {"_packing": False},
+    "2 rows per step": {"batch_size": 2},
+    "2 rows per step, refresh 1": {"batch_size": 2, "refresh": 1},
+    "old defaults (4 rows per micro-batch, own forward)": {"batch_size": 4, "per": "micro-batch", "fuse": False,
+                                                          "refresh": 1, "ramp": 0.5},
+    "old recipe (8 rows per micro-batch, joined, refresh 2)": {"batch_size": 8, "per": "micro-batch", "refresh": 2,
+                                                              "_packing": False},
 }
 WORDS = ("what", "is", "the", "shape", "colour", "of", "in", "image", "a", "left", "right", "top", "bottom", "red",
          "green", "blue", "circle", "square", "triangle", "star")
@@ -99,6 +102,8 @@ def build_variant(name, keep, args, rows):
 
     model, processor = build_model(args.image)
     block = {"language": {"modules": "attention"}, "projector": {}}
+    keep = dict(keep) if keep is not None else None
+    packing = keep.pop("_packing", True) if keep is not None else True
     if keep is not None:
         block["keep"] = {"prompts": PROMPTS, **keep}
     session = MMTuning(block)
@@ -112,6 +117,7 @@ def build_variant(name, keep, args, rows):
     prepare_keep(trainer)
     if session.keep is not None:
         session.keep.total_steps, session.keep.accumulation = 1, args.accum  # past the ramp: full weight
+        session.keep._packing = packing
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = args.accum
     return {"name": name, "trainer": trainer, "model": model, "keep": session.keep, "pad": pad, "times": [], "step": 1}
@@ -137,8 +143,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, nargs="+", default=[576])
     parser.add_argument("--answer", type=int, nargs="+", default=[48])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--block", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--block", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

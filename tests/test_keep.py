@@ -246,36 +246,50 @@ def test_spliced_training_image_rows_match_the_processor(processor, train_rows):
 
 @pytest.mark.parametrize("target", ["kl", "answers"])
 def test_fused_keep_rows_give_the_separate_term_and_leave_the_task_loss_alone(tmp_path, processor, train_rows, target):
-    """`fuse: true` appends the keep rows to the training batch: one forward gives the same keep term, task loss
-    and adapter gradients as the task forward plus the keep rows' own forward (dropout off, same weights)."""
+    """`fuse: true` runs the keep rows in the training forward: joined as rows of their own, or (kl, keep rows
+    about the batch's own images) packed behind the training row holding their image, the image prefix read once
+    (keep/shared_prefix.py). Either way one forward gives the same keep term, task loss and adapter gradients as
+    the task forward plus the keep rows' own forward (dropout off, same weights)."""
     results = {}
-    for fuse in (False, True):
+    modes = ("separate", "joined", "packed") if target == "kl" else ("separate", "joined")
+    for mode in modes:
         block = {"vision": {"modules": "attention", "layers": {"top": 1}}, "language": {"modules": "attention"},
                  "dropout": 0.0, "keep": {"prompts": PROMPTS, "target": target, "ramp_steps": 0, "batch_size": 3,
-                                          "pool": 6, "fuse": fuse}}
+                                          "pool": 6, "fuse": mode != "separate", "refresh": 1}}
         torch.manual_seed(0)
         session, model, trainer = run(tmp_path, processor, train_rows, block)
         for name, parameter in model.named_parameters():  # non-zero B: the tuned model differs from its base
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=0.05)
         session.prepare_keep(model, processor, training_batches=[training_batch(train_rows[:4], 0)], total_steps=4)
+        session.keep._packing = mode == "packed"
         trainer.current_gradient_accumulation_steps = 1
         model.train()
         batch = training_batch(train_rows[:4], processor.tokenizer.pad_token_id)
-        joined = session.fuse_keep(model, batch)
-        session.keep._pending, session.keep.micro = None, 0  # measured through compute_loss below
+        fused = session.fuse_keep(model, batch)
+        session.keep._pending, session.keep.micro, session.keep._cached = None, 0, None  # through compute_loss
         loss = trainer.compute_loss(model, batch)
         loss.backward()
-        results[fuse] = (loss.item(), trainer._mmtuning_logs["loss_keep"][0], joined,
+        results[mode] = (loss.item(), trainer._mmtuning_logs["loss_keep"][0], fused,
                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    (loss, keep, same, grads), (fused_loss, fused_keep, joined, fused_grads) = results[False], results[True]
+    loss, keep, same, grads = results["separate"]
     assert same is not None and set(same) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    joined = results["joined"][2]
     assert joined["input_ids"].shape[0] == 4 + 3 and joined["pixel_values"].shape[0] == 4 + 3
     assert (joined["labels"][4:] == -100).all() and torch.equal(joined["labels"][:4, :same["labels"].shape[1]], same["labels"])
-    assert keep > 0 and fused_keep == pytest.approx(keep, rel=1e-4)
-    assert fused_loss == pytest.approx(loss, rel=1e-5)
-    assert set(grads) == set(fused_grads)
-    assert all(torch.allclose(grads[n], fused_grads[n], atol=1e-5, rtol=1e-3) for n in grads)
+    if "packed" in results:  # 4 rows, the keep suffixes behind them, no second image; block mask, own positions
+        packed = results["packed"][2]
+        assert packed["input_ids"].shape[0] == 4 and packed["pixel_values"].shape[0] == 4
+        assert packed["attention_mask"].dim() == 4 and "position_ids" in packed
+        assert torch.equal(packed["labels"][:, :same["labels"].shape[1]], same["labels"])
+        assert (packed["labels"][:, same["labels"].shape[1]:] == -100).all()
+    assert keep > 0
+    for mode in modes[1:]:
+        fused_loss, fused_keep, _, fused_grads = results[mode]
+        assert fused_keep == pytest.approx(keep, rel=1e-4), mode
+        assert fused_loss == pytest.approx(loss, rel=1e-5), mode
+        assert set(grads) == set(fused_grads), mode
+        assert all(torch.allclose(grads[n], fused_grads[n], atol=1e-5, rtol=1e-3) for n in grads), mode
 
 
 def test_joined_rows_pad_each_row_at_its_end_and_refuse_what_cannot_join():

@@ -28,16 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MMTuningError
 from ..base_view import adapters_disabled, cpu_4bit_repack_off
+from ..errors import MMTuningError
+from .batches import IGNORE_INDEX, appended, joined_rows, per_token, right_padded, to_model, unwrap_parallel
 from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
                    prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
+from .share import Share, keep_share
 from .sources import KeepSources, resolve_sources
+
+__all__ = ["Keep", "KeepStep", "Share", "keep_share", "joined_rows", "right_padded", "appended", "per_token",
+           "to_model", "unwrap_parallel", "cpu_4bit_repack_off", "describe", "IGNORE_INDEX"]
 
 logger = logging.getLogger("mmtuning.keep")
 LOG_KEY = "loss_keep"
 SHOWN_EXAMPLES = 4  # base answers shown in the log before training
-IGNORE_INDEX = -100  # a label without loss (a joined keep row's); probe.py's too, which keep cannot import (import circle)
 
 
 @dataclass
@@ -47,33 +51,8 @@ class KeepStep:
     batch: dict[str, torch.Tensor]
     positions: int  # the term reads each row's last `positions` logits
     loss: Callable[[torch.Tensor], torch.Tensor]  # logits (rows, positions, vocab) -> the term
-
-
-@dataclass
-class Share:
-    """One micro-batch's part of its optimizer step's keep rows."""
-
-    rows: int  # keep rows asked in this micro-batch (0: none here)
-    first: int  # the run's index of its first keep row (prompts and pool rows are taken in turn from it)
-    call: int  # the run's index of this keep-bearing micro-batch (`refresh` groups these)
-    scale: float  # makes the step's keep gradient the mean over its rows, as the Trainer averages micro-batches
-
-
-def keep_share(spec: Any, task_rows: int, step: int, micro: int, accumulation: int) -> Share:
-    """`per: step`: the step's `batch_size` keep rows (default half its training rows, at least 1) spread evenly over
-    its `accumulation` micro-batches, so accumulation adds no keep rows; `per: micro-batch`: `batch_size` in each."""
-    accumulation = max(1, accumulation)
-    if spec.per == "micro-batch":
-        size = spec.batch_size or max(1, (task_rows + 1) // 2)
-        call = step * accumulation + micro
-        return Share(size, call * size, call, 1.0)
-    total = spec.batch_size or max(1, (task_rows * accumulation + 1) // 2)
-    m = micro % accumulation
-    before = m * total // accumulation
-    rows = (m + 1) * total // accumulation - before
-    calls_per_step = min(total, accumulation)
-    call = step * calls_per_step + (m if total >= accumulation else before)
-    return Share(rows, step * total + before, call, accumulation * rows / total)
+    live: torch.Tensor | None = None  # (rows, positions): the answer positions the term reads (kl)
+    image_rows: list[int | None] | None = None  # per row, the training row of its image (images: train)
 
 
 @dataclass
@@ -83,6 +62,8 @@ class Pending:
     step: KeepStep | None
     factor: float
     task_rows: int = 0  # training rows before the keep rows in the fused batch; 0: not fused
+    fresh: bool = False  # the step's rows were drawn from this batch (not reused under `refresh`)
+    packed: Any = None  # shared_prefix.Packed when the keep rows ride behind their training rows
 
 
 class Keep:
@@ -113,6 +94,7 @@ class Keep:
         self._pending: Pending | None = None  # planned by `fuse` before the forward, read by `term` after it
         self._cached: tuple[int, KeepStep] | None = None  # (refresh group, its keep step)
         self._fusing = True  # off after a fused forward fails or returns no logits for the keep rows
+        self._packing = True  # off after a forward with packed keep rows fails
         self._said_unjoinable = False  # the once-per-run warning
 
     # --- before training ------------------------------------------------------------------------------
@@ -303,6 +285,10 @@ class Keep:
         self._pending = pending = self._plan(model, inputs)
         if pending.step is None:
             return inputs
+        packed = self._packed(inputs, pending)
+        if packed is not None:
+            pending.packed, pending.task_rows = packed, inputs["input_ids"].shape[0]
+            return packed.batch
         joined = joined_rows(inputs, pending.step.batch, self.pad_id)
         if joined is None:
             if not self._said_unjoinable:
@@ -313,13 +299,27 @@ class Keep:
         pending.task_rows = inputs["input_ids"].shape[0]
         return joined
 
+    def _packed(self, inputs: dict[str, Any], pending: "Pending"):
+        """The keep rows behind the training rows holding their images (shared_prefix.py), where that is exact."""
+        step = pending.step
+        if not (pending.fresh and self._packing and step.live is not None and step.image_rows):
+            return None
+        from .shared_prefix import packed_rows
+
+        return packed_rows(inputs, step.batch, step.image_rows, step.live, self.pad_id, self.image_id)
+
     def unfuse(self, error: BaseException) -> None:
         """The fused forward failed on this model: its keep rows (and every later call's) get their own forward."""
-        logger.warning("mmtuning keep: the training forward with keep rows joined failed (%s); keep rows get a "
-                       "forward of their own from now on (fuse: false)", error)
-        self._fusing = False
+        if self._pending is not None and self._pending.packed is not None:
+            logger.warning("mmtuning keep: the training forward with keep rows packed behind their images failed "
+                           "(%s); keep rows are joined as rows of their own from now on", error)
+            self._packing = False
+        else:
+            logger.warning("mmtuning keep: the training forward with keep rows joined failed (%s); keep rows get a "
+                           "forward of their own from now on (fuse: false)", error)
+            self._fusing = False
         if self._pending is not None:
-            self._pending.task_rows = 0
+            self._pending.task_rows, self._pending.packed = 0, None
 
     def _plan(self, model: nn.Module, inputs: dict[str, Any]) -> "Pending":
         """This call's factor and keep step; counts the call (a resumed run draws the same rows)."""
@@ -331,23 +331,26 @@ class Keep:
         factor = self.factor()
         if factor == 0 or share.rows == 0:
             return Pending(None, 0.0)
-        return Pending(self._keep_step(unwrap_parallel(model), inputs, share), factor * share.scale)
+        step, fresh = self._keep_step(unwrap_parallel(model), inputs, share)
+        return Pending(step, factor * share.scale, fresh=fresh)
 
     def share(self, task_rows: int, micro: int) -> "Share":
         """This micro-batch's part of the optimizer step's keep rows (a function of the step and the micro-batch,
         so a resumed run asks the same rows): see `keep_share`."""
         return keep_share(self.spec, task_rows, self.step, micro, self.accumulation)
 
-    def _keep_step(self, model: nn.Module, inputs: dict[str, Any], share: "Share") -> "KeepStep":
+    def _keep_step(self, model: nn.Module, inputs: dict[str, Any], share: "Share") -> tuple["KeepStep", bool]:
         """New keep rows and targets every `refresh` keep-bearing micro-batches; in between the same ones (the
-        base is frozen, so its targets for a row never change)."""
+        base is frozen, so its targets for a row never change). Also whether they were drawn from `inputs`."""
         group = (share.call // self.spec.refresh, share.rows)
-        if self._cached is None or self._cached[0] != group:
-            rows = self.rows_for(inputs, share.first, share.rows)
-            with self._paused():
-                step = self._kl_step(model, rows) if self.spec.target == "kl" else self._answers_step(model, rows)
-            self._cached = (group, step)
-        return self._cached[1]
+        if self._cached is not None and self._cached[0] == group:
+            return self._cached[1], False
+        rows = self.rows_for(inputs, share.first, share.rows)
+        with self._paused():
+            step = self._kl_step(model, rows) if self.spec.target == "kl" else self._answers_step(model, rows)
+        step.image_rows = [row.image_row for row in rows]
+        self._cached = (group, step)
+        return step, True
 
     def _fused_logits(self, pending: "Pending", outputs: Any) -> torch.Tensor | None:
         """The keep rows' logits at the positions the term reads, from the fused forward's outputs (None when
@@ -355,6 +358,9 @@ class Keep:
         if not pending.task_rows:
             return None
         logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        if pending.packed is not None and isinstance(logits, torch.Tensor) and logits.dim() == 3 \
+                and logits.shape[:2] == pending.packed.batch["input_ids"].shape:
+            return pending.packed.keep_logits(logits, pending.step.positions)
         batch = pending.step.batch
         rows, length = batch["input_ids"].shape
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != pending.task_rows + rows \
@@ -375,17 +381,21 @@ class Keep:
             images = training_images(inputs, self.image_id)
             if images:
                 prompts = self.sources.prompts
-                sources.append(lambda i: self._spliced(prompts[(first + i) % len(prompts)], images[i % len(images)]))
+                one_each = len(images) == inputs["input_ids"].shape[0]  # image i is training row i's
+                sources.append(lambda i: self._spliced(prompts[(first + i) % len(prompts)], images[i % len(images)],
+                                                       i % len(images) if one_each else None))
         if not sources:
             raise MMTuningError(f"{self.where}: this training batch has no images for the keep prompts (images: "
                                 f"train); write `images:` as a folder of images, or add `data:`.")
         return [sources[(first + i) % len(sources)](i) for i in range(count)]
 
-    def _spliced(self, prompt: str, image) -> KeepRow:
+    def _spliced(self, prompt: str, image, image_row: int | None = None) -> KeepRow:
         if prompt not in self._tokens:
             self._tokens[prompt] = prompt_tokens(prompt, 1, self.processor, self.render)
         text, ids = self._tokens[prompt]
-        return self._asked(splice(text, ids, [image], self.image_id), prompt)
+        row = self._asked(splice(text, ids, [image], self.image_id), prompt)
+        row.image_row = image_row
+        return row
 
     @staticmethod
     def _asked(row: KeepRow, question: str) -> KeepRow:
@@ -409,7 +419,7 @@ class Keep:
             per_position = (base_log.exp() * (base_log - F.log_softmax(tuned.float(), dim=-1))).sum(-1)
             return (per_position * live).sum() / live.sum()
 
-        return KeepStep(batch, base.shape[1], loss)
+        return KeepStep(batch, base.shape[1], loss, live=live)
 
     def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """Greedy decoding with the adapters off, up to `answer_tokens` tokens or every row's end-of-turn token.
@@ -525,63 +535,3 @@ def describe(report: dict[str, Any]) -> list[str]:
     lines += [f"mmtuning keep template: {text!r}" for text in report["templates"]]
     lines += [f"mmtuning keep base answer: {e['prompt']!r} -> {e['base_answer']!r}" for e in report["examples"]]
     return lines
-
-
-def per_token(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inputs with one entry per token (ids, token type ids, ...), the attention mask aside."""
-    ids = batch["input_ids"]
-    return {key: value for key, value in batch.items() if key != "attention_mask" and value.shape == ids.shape}
-
-
-def joined_rows(task: dict[str, Any], keep: dict[str, torch.Tensor], pad_id: int) -> dict[str, Any] | None:
-    """The training batch with the keep rows below it, every row right-padded to the longer length (padding at
-    a row's end changes nothing before it under a causal mask, so each row reads as it did alone); keep rows
-    get no labels. None when the two cannot be one batch: other inputs (token types, image masks the keep rows
-    lack), per-image tensors of other shapes, or inputs that are not tensors."""
-    if set(task) - {"labels"} != set(keep) or not all(isinstance(v, torch.Tensor) for v in task.values()):
-        return None
-    ids = task["input_ids"]
-    length = max(ids.shape[1], keep["input_ids"].shape[1])
-    token_keys = set(per_token(task)) | {"attention_mask"}
-    joined: dict[str, Any] = {}
-    for key, value in task.items():
-        extra = keep[key].to(value.device, value.dtype) if key in keep else torch.full_like(keep["input_ids"], IGNORE_INDEX)
-        if key in token_keys:
-            fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
-            joined[key] = torch.cat([right_padded(value, length, fill), right_padded(extra, length, fill)])
-        elif value.shape[1:] == extra.shape[1:]:
-            joined[key] = torch.cat([value, extra])
-        else:
-            return None
-    return joined
-
-
-def right_padded(value: torch.Tensor, length: int, fill: int) -> torch.Tensor:
-    return torch.cat([value, value.new_full((value.shape[0], length - value.shape[1]), fill)], 1) \
-        if value.shape[1] < length else value
-
-
-def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The batch with one more text token per row at the right end (`attend`: whether the row's mask covers
-    it); other per-token inputs (token type ids) grow by a 0, the text type."""
-    grown = {key: torch.cat([value, value.new_zeros(value.shape[0], 1)], 1) for key, value in per_token(batch).items()}
-    grown["input_ids"][:, -1] = tokens.to(grown["input_ids"].dtype)
-    mask = batch["attention_mask"]
-    return {**batch, **grown, "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
-
-
-def to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """On the model's device; floating tensors (pixels) in the model's compute dtype."""
-    parameter = next(model.parameters())
-    dtype = getattr(model, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-    return {k: v.to(parameter.device, dtype=dtype if v.is_floating_point() and dtype else None)
-            for k, v in batch.items()}
-
-
-def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The module inside DDP/DataParallel: keep forwards must not start a second DDP forward in one step (the
-    keep graph still feeds the same parameters' gradients, reduced once by the task loss's backward)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model

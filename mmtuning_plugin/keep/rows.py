@@ -26,6 +26,7 @@ class KeepRow:
     text: str  # the rendered prompt, for the log
     answer_ids: list[int] = field(default_factory=list)  # the base's greedy answer (target `answers`)
     question: str = ""  # the keep prompt or user turn itself, for the log
+    image_row: int | None = None  # the training row whose image it asks about (images: train), for packing
 
 
 def user_messages(prompt: str, images: int) -> list[dict[str, Any]]:
