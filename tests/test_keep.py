@@ -16,6 +16,7 @@ from mmtuning_plugin.demo.model import MODEL_DIR, encode, training_batch
 from mmtuning_plugin.demo.runner import load_base, load_processor
 from mmtuning_plugin.errors import MMTuningError
 from mmtuning_plugin.integrations.hf import MMTuningTrainer
+from mmtuning_plugin.base_view import adapters_disabled
 from mmtuning_plugin.keep import Keep, cpu_4bit_repack_off
 from mmtuning_plugin.session import MMTuning
 
@@ -108,7 +109,6 @@ def test_kl_covers_the_base_answer_to_its_end_of_turn_token(processor, train_row
     eos = processor.tokenizer.eos_token_id
     assert all(answer[-1] == eos for answer in expected) and max(map(len, expected)) >= 2
     from mmtuning_plugin.keep.rows import prompt_batch
-    from mmtuning_plugin.losses.anchor import adapters_disabled
 
     model.train()
     with torch.no_grad(), adapters_disabled(model):
@@ -418,26 +418,61 @@ def test_a_trainer_without_the_processor_is_told_to_pass_processing_class(tmp_pa
         trainer.train()
 
 
-@pytest.mark.parametrize("task_rows, accumulation, batch_size", [(1, 8, None), (1, 1, None), (16, 1, None),
-                                                                 (2, 4, 3), (1, 8, 8), (4, 2, 1)])
-def test_keep_rows_are_per_optimizer_step_whatever_the_accumulation(task_rows, accumulation, batch_size):
-    """`per: step` (the default): the step's keep rows (batch_size, default half its training rows) are spread over
-    its micro-batches; the scales make the step's term the mean over those rows; the next step starts where this
-    one ended, and the same (step, micro-batch) always asks the same rows (a resumed run)."""
+@pytest.mark.parametrize("task_rows, accumulation, batch_size, chunk", [
+    (1, 8, None, 1), (1, 8, None, 2), (1, 1, None, 2), (16, 1, None, 2), (2, 4, 3, 1), (1, 8, 8, 2), (4, 2, 1, 2),
+    (1, 8, 3, 2)])
+def test_keep_rows_are_per_optimizer_step_whatever_the_accumulation(task_rows, accumulation, batch_size, chunk):
+    """`per: step` (the default): `batch_size` keep rows per optimizer step (default half its training rows, so one
+    row every second step at micro-batch 1), spread over its micro-batches, in groups of `chunk` (the prompts about
+    one image) where a step has fewer rows than micro-batches. Every row of the run is asked once, in order; each
+    step's scales make its term weigh rows / rate (the mean over its rows when the rate is whole); the same (step,
+    micro-batch) always asks the same rows (a resumed run)."""
     from mmtuning_plugin.config import KeepSpec
     from mmtuning_plugin.keep import keep_share
 
     spec = KeepSpec(prompts=PROMPTS, batch_size=batch_size)
-    total = batch_size or max(1, (task_rows * accumulation + 1) // 2)
-    for step in (0, 5):
-        shares = [keep_share(spec, task_rows, step, m, accumulation) for m in range(accumulation)]
-        assert sum(s.rows for s in shares) == total
-        assert sum(s.scale for s in shares if s.rows) / accumulation == pytest.approx(
-            sum(s.rows for s in shares) / total)  # each row weighs 1/total of the step's term
-        asked = [s.first + i for s in shares for i in range(s.rows)]
-        assert asked == list(range(step * total, (step + 1) * total))
-        assert [s.rows for s in shares] == [keep_share(spec, task_rows, step, m, accumulation).rows
-                                            for m in range(accumulation)]
+    rate = batch_size or task_rows * accumulation / 2
+    asked = []
+    for step in range(8):
+        shares = [keep_share(spec, task_rows, step, m, accumulation, chunk) for m in range(accumulation)]
+        rows = sum(s.rows for s in shares)
+        assert rows in (int(rate), int(rate) + 1)
+        assert all(s.rows <= max(chunk, -(-rows // accumulation)) for s in shares)
+        assert sum(s.scale for s in shares) / accumulation == pytest.approx(rows / rate)
+        asked += [s.first + i for s in shares for i in range(s.rows)]
+        again = [keep_share(spec, task_rows, step, m, accumulation, chunk) for m in range(accumulation)]
+        assert [(s.rows, s.first) for s in shares] == [(s.rows, s.first) for s in again]
+    assert asked == list(range(int(8 * rate)))
     per_micro = KeepSpec(prompts=PROMPTS, batch_size=batch_size, per="micro-batch")
     assert all(keep_share(per_micro, task_rows, 0, m, accumulation).rows == (batch_size or max(1, (task_rows + 1) // 2))
                for m in range(accumulation))
+
+
+def test_the_base_reads_a_shared_image_once_and_answers_as_from_whole_prompts(processor, train_rows):
+    """Keep rows asking several prompts about one training image: the base reads the image prefix once and copies
+    its cache (the decoding that a micro-batch of 1 with several prompts takes); same answers and logits as each
+    row reading its whole prompt."""
+    from mmtuning_plugin.keep.rows import prompt_batch, training_images
+
+    session = MMTuning({"language": {"modules": "attention"}, "keep": {"prompts": PROMPTS}})
+    model = session.wrap(load_base(MODEL_DIR, session, False))
+    perturb = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05, generator=perturb)
+    keep = session.keep
+    batch = training_batch(train_rows[:2], processor.tokenizer.pad_token_id)
+    keep.prepare(model, processor, training_batches=[batch], total_steps=4)
+    images = training_images(batch, keep.image_id)
+    rows = [keep._spliced(PROMPTS[i % 2], images[i // 2], i // 2) for i in range(4)]  # 2 prompts x 2 images
+    model.train()
+    results = {}
+    for sharing in (True, False):
+        keep._sharing = sharing
+        with torch.no_grad(), adapters_disabled(model):
+            if sharing:
+                assert keep._shared_first_step(model, rows) is not None
+            results[sharing] = keep._base_answer(model, prompt_batch(rows, keep.pad_id), rows)
+    (shared_batch, shared, live), (whole_batch, whole, whole_live) = results[True], results[False]
+    assert torch.equal(live, whole_live) and torch.equal(shared_batch["input_ids"], whole_batch["input_ids"])
+    assert torch.allclose(shared[live.bool()], whole[live.bool()], atol=1e-4)

@@ -31,8 +31,9 @@ from torch import nn
 from ..base_view import adapters_disabled, cpu_4bit_repack_off
 from ..errors import MMTuningError
 from .batches import IGNORE_INDEX, appended, joined_rows, per_token, right_padded, to_model, unwrap_parallel
-from .rows import (KeepRow, Render, answer_batch, conversation_messages, open_image, processed_row, prompt_batch,
-                   prompt_tokens, splice, template_renderer, tokenizer_of, training_images, user_messages)
+from .rows import (KeepRow, Render, answer_batch, collate_images, conversation_messages, left_padded, open_image,
+                   processed_row, prompt_batch, prompt_tokens, splice, template_renderer, tokenizer_of,
+                   training_images, user_messages)
 from .share import Share, keep_share
 from .sources import KeepSources, resolve_sources
 
@@ -95,6 +96,7 @@ class Keep:
         self._cached: tuple[int, KeepStep] | None = None  # (refresh group, its keep step)
         self._fusing = True  # off after a fused forward fails or returns no logits for the keep rows
         self._packing = True  # off after a forward with packed keep rows fails
+        self._sharing = True  # off after the base fails to share an image prefix between keep rows
         self._said_unjoinable = False  # the once-per-run warning
 
     # --- before training ------------------------------------------------------------------------------
@@ -337,12 +339,13 @@ class Keep:
     def share(self, task_rows: int, micro: int) -> "Share":
         """This micro-batch's part of the optimizer step's keep rows (a function of the step and the micro-batch,
         so a resumed run asks the same rows): see `keep_share`."""
-        return keep_share(self.spec, task_rows, self.step, micro, self.accumulation)
+        chunk = len(self.sources.prompts) if self.sources.uses_train_images and not self.pool_has_train else 1
+        return keep_share(self.spec, task_rows, self.step, micro, self.accumulation, chunk)
 
     def _keep_step(self, model: nn.Module, inputs: dict[str, Any], share: "Share") -> tuple["KeepStep", bool]:
         """New keep rows and targets every `refresh` keep-bearing micro-batches; in between the same ones (the
         base is frozen, so its targets for a row never change). Also whether they were drawn from `inputs`."""
-        group = (share.call // self.spec.refresh, share.rows)
+        group = (share.call // (self.spec.refresh * share.rows), share.rows)  # every `refresh` calls of this size
         if self._cached is not None and self._cached[0] == group:
             return self._cached[1], False
         rows = self.rows_for(inputs, share.first, share.rows)
@@ -412,7 +415,7 @@ class Keep:
         first-token-only KL kept the old answer word but let the tuned model run on past it ("red left")."""
         batch = to_model(prompt_batch(rows, self.pad_id), model)
         with torch.no_grad(), adapters_disabled(model):
-            batch, base, live = self._base_answer(model, batch)
+            batch, base, live = self._base_answer(model, batch, rows)
         base_log = F.log_softmax(base.float(), dim=-1)
 
         def loss(tuned: torch.Tensor) -> torch.Tensor:
@@ -421,7 +424,7 @@ class Keep:
 
         return KeepStep(batch, base.shape[1], loss, live=live)
 
-    def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+    def _base_answer(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: list[KeepRow] | None = None):
         """Greedy decoding with the adapters off, up to `answer_tokens` tokens or every row's end-of-turn token.
         Returns the prompts with the answers but their last token appended (the tuned forward's input), the
         base's logits at each answer position (rows, positions, vocab) and which positions are a row's answer.
@@ -430,7 +433,8 @@ class Keep:
         eos = tokenizer_of(self.processor).eos_token_id
         logits, live = [], []
         done = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=batch["input_ids"].device)
-        step, cache = self._first_step(model, batch)
+        shared = self._shared_first_step(model, rows) if rows is not None else None
+        (step, cache), mask = (shared[:2], shared[2]) if shared is not None else (self._first_step(model, batch), None)
         for position in range(self.spec.answer_tokens):
             logits.append(step)
             live.append(~done)
@@ -440,8 +444,50 @@ class Keep:
             if bool(done.all()) or position == self.spec.answer_tokens - 1:
                 break
             batch = appended(batch, torch.where(done, self.pad_id, token), ~done)
-            step, cache = self._next_step(model, batch, cache)
+            mask = None if mask is None else torch.cat([mask, (~done)[:, None].to(mask.dtype)], 1)
+            step, cache = self._next_step(model, batch, cache, mask)
         return batch, torch.stack(logits, 1), torch.stack(live, 1).float()
+
+    def _shared_first_step(self, model: nn.Module, rows: list[KeepRow]):
+        """Where several keep rows ask about one training image: the base reads each image's prefix (template
+        opening and image tokens) once, copies its key/value cache to the rows that share it, then reads each
+        row's question behind it (positions continue from the prefix, padding sits between prefix and question).
+        Returns the first answer position's logits, the cache and the decoding mask; None where nothing is shared
+        or the model cannot decode this way (then every row reads its whole prompt)."""
+        if not (self._sharing and self._use_cache and self.image_id is not None) or len(rows) < 2 \
+                or any(r.image_row is None or len(r.images) != 1 for r in rows):
+            return None
+        images = sorted({r.image_row for r in rows})
+        ends = {max(i for i, t in enumerate(r.prompt_ids) if t == self.image_id) + 1 for r in rows}
+        if len(images) == len(rows) or len(ends) != 1:
+            return None
+        (end,) = ends
+        first = {image: next(r for r in rows if r.image_row == image) for image in images}
+        if any(r.prompt_ids[:end] != first[r.image_row].prompt_ids[:end] or len(r.prompt_ids) == end for r in rows):
+            return None
+        try:
+            prefix = {"input_ids": torch.tensor([first[i].prompt_ids[:end] for i in images]),
+                      "attention_mask": torch.ones((len(images), end), dtype=torch.long),
+                      **collate_images([first[i].images[0] for i in images])}
+            out = self._forward(model, to_model(prefix, model), 1, use_cache=True)
+            cache = getattr(out, "past_key_values", None)
+            if cache is None or not hasattr(cache, "batch_select_indices"):
+                return None
+            device = out.logits.device
+            cache.batch_select_indices(torch.tensor([images.index(r.image_row) for r in rows], device=device))
+            question = left_padded([r.prompt_ids[end:] for r in rows], self.pad_id)
+            mask = torch.cat([torch.ones((len(rows), end), dtype=torch.long), question["attention_mask"]], 1).to(device)
+            positions = (mask.cumsum(-1) - 1)[:, end:].clamp(min=end)
+            out = self._forward(model, {"input_ids": question["input_ids"].to(device), "attention_mask": mask}, 1,
+                                past_key_values=cache, use_cache=True, position_ids=positions)
+            return out.logits[:, -1], out.past_key_values, mask
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+            logger.info("mmtuning keep: the base cannot share an image prefix between keep rows (%s); each reads "
+                        "its whole prompt", error)
+            self._sharing = False
+            return None
 
     def _first_step(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """The prompt's next-token logits, and its key/value cache when the model keeps one (None otherwise:
@@ -450,14 +496,16 @@ class Keep:
         out = self._forward(model, batch, 1, **({"use_cache": True} if use_cache else {}))
         return out.logits[:, -1], getattr(out, "past_key_values", None) if use_cache else None
 
-    def _next_step(self, model: nn.Module, batch: dict[str, torch.Tensor], cache):
+    def _next_step(self, model: nn.Module, batch: dict[str, torch.Tensor], cache, mask=None):
         """Logits after the token just appended: through the cache when there is one (only the new token and
-        its per-token inputs go in, images stay out), else a full forward of the grown row."""
+        its per-token inputs go in, images stay out), else a full forward of the grown row. `mask`: the shared-
+        prefix decoding's own mask (its positions are counted from it)."""
         if cache is not None:
             last = {key: value[:, -1:] for key, value in per_token(batch).items()}
+            shared = {} if mask is None else {"position_ids": mask.sum(-1, keepdim=True) - 1}
             try:
-                out = self._forward(model, {**last, "attention_mask": batch["attention_mask"]}, 1,
-                                    past_key_values=cache, use_cache=True)
+                out = self._forward(model, {**last, "attention_mask": batch["attention_mask"] if mask is None else mask},
+                                    1, past_key_values=cache, use_cache=True, **shared)
                 return out.logits[:, -1], out.past_key_values
             except torch.cuda.OutOfMemoryError:
                 raise
