@@ -33,8 +33,9 @@ TRIED: dict[str, dict] = {
     "anchor_02": {"losses": {"anchor": {"weight": 0.2}}},
     "language_lr2": {"language": {"lr": 2}},
 }
-# Arms that change only the keep block of the recipe as it is (fused, refresh 2; run at 500 steps).
+# Arms that change only the keep block of the recipe as it is (keep's defaults: fused, refresh 1; 500 steps).
 ON_RECIPE: dict[str, dict] = {
+    "recipe_keep_kl_refresh2": {"refresh": 2},  # the recipe until 2026-12-04 (its rows were joined, not packed)
     "recipe_keep_kl_refresh4": {"refresh": 4},
     "recipe_keep_kl_w03": {"weight": 0.3},
     "recipe_keep_kl_4rows_refresh8": {"batch_size": 4, "refresh": 8},  # 1.25x the step time without keep
@@ -67,7 +68,7 @@ def variants(targets: list[str]) -> dict[str, dict]:
     (`recipe_keep_kl_unfused`), as recorded in docs/benchmarks.md (those ran at `--steps 400`)."""
     recipes = load_recipes()
     recipe = recipes["mmtuning"]
-    unfused = arm_with(recipe, {"keep": {"fuse": None, "refresh": None}})
+    unfused = arm_with(recipe, {"keep": {"fuse": False, "refresh": 1}})
 
     def changed(changes: dict) -> dict:
         return arm_with(unfused, changes)

@@ -815,7 +815,7 @@ class KeepSpec(BaseModel):
         "1/k of the keep overhead.",
     )
     refresh: int = Field(
-        default=2, ge=1,
+        default=1, ge=1,
         description="New keep rows, and the base's targets for them, every k micro-batches; in between the same rows "
         "are asked again (the base is frozen, so its targets do not go stale). About 1/k of the adapter-off "
         "decoding, with the keep term on every step (unlike `every`).",
