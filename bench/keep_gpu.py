@@ -1,14 +1,16 @@
-"""Step time and peak memory of a 7B-class LLaVA (random weights) with and without `keep:`, on a GPU.
+"""Step time and peak memory of a 7B-class LLaVA (random weights) with and without `keep:`, on a GPU, in the shape a
+single-GPU user trains in: micro-batch 1, gradient accumulation 8, 576 image tokens per row.
 
     PYTHONPATH=. python bench/keep_gpu.py --device cuda                 # 7B-class, bf16 (needs ~40 GB)
     PYTHONPATH=. python bench/keep_gpu.py --size tiny --device cpu      # the same path on a tiny model (smoke)
 
 The model is LLaVA-1.5-7B-shaped (Llama-2-7B language model, CLIP ViT-L/14-336 vision tower) built from
 its config with random weights: no download. Adapters on the language model's attention (r 16) and the
-projector, a keep block (KL, 4 rows per step) in its own forward, fused into the training forward, and fused
-with refresh 4 (docs/keep.md), against none. One model: the modes take turns in interleaved blocks of steps,
-so all see the same device state. Reports median step time, the ratio, and the peak memory allocated in each
-mode (`torch.cuda.max_memory_allocated`: fusing keeps logits for every keep position).
+projector. Modes: no keep; keep's defaults (only `prompts:` written: half as many keep rows as training rows per
+optimizer step, packed behind the rows whose images they ask about); and the defaults before 2026-12 (4 rows in
+every micro-batch, a forward of their own). One model: the modes take turns in interleaved blocks of optimizer
+steps, so all see the same device state. Reports median optimizer-step time, the ratio, and the peak memory
+allocated in each mode (`torch.cuda.max_memory_allocated`: the fused forward keeps logits for the keep positions).
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ SIZES = {  # dotted config overrides on top of tiny_config("llava")
     "tiny": {},
 }
 PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
-KEEP = {"prompts": PROMPTS, "target": "kl", "batch_size": 4}
-MODES = {"without keep": None, "keep": {}, "keep, fused": {"fuse": True},  # keep block changes per mode
-         "keep, fused, refresh 4": {"fuse": True, "refresh": 4}}
+KEEP = {"prompts": PROMPTS}
+MODES = {"without keep": None, "keep (defaults)": {},  # keep block changes per mode
+         "keep, old defaults (4 rows per micro-batch, own forward)": {"batch_size": 4, "per": "micro-batch",
+                                                                      "fuse": False, "refresh": 1, "ramp": 0.5}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--accum", type=int, default=8)
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -68,7 +72,7 @@ def main() -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    items = make_set("general", "train", args.batch * (args.reps * args.block + 1) * len(MODES))
+    items = make_set("general", "train", args.batch * args.accum * (args.reps * args.block + 1) * len(MODES))
     rows = []
     for item in items:
         text = processor.apply_chat_template(
@@ -83,7 +87,8 @@ def main() -> None:
         return batch
 
     trainer = MMTuningTrainer(model=model, args=TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=10, per_device_train_batch_size=args.batch, report_to="none",
+        output_dir=tempfile.mkdtemp(), max_steps=10, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accum, report_to="none",
         use_cpu=not cuda, bf16=cuda, save_strategy="no", remove_unused_columns=False, disable_tqdm=True),
         train_dataset=rows, mmtuning=session, processing_class=processor, data_collator=collate)
     keeps = {}
@@ -91,10 +96,11 @@ def main() -> None:
         if changes is not None:
             session.keep = Keep(KeepSpec(**KEEP, **changes))
             prepare_keep(trainer)
-            keeps[name], session.keep.total_steps = session.keep, 1
+            keeps[name], session.keep.total_steps, session.keep.accumulation = session.keep, 1, args.accum
     trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1
-    batches = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(len(rows) // args.batch)]
+    trainer.current_gradient_accumulation_steps = args.accum
+    micro = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(len(rows) // args.batch)]
+    batches = [micro[i * args.accum:(i + 1) * args.accum] for i in range(len(micro) // args.accum)]
     times: dict[str, list[float]] = {name: [] for name in MODES}
     peaks: dict[str, int] = {name: 0 for name in times}
 
@@ -106,7 +112,8 @@ def main() -> None:
             torch.cuda.synchronize()
         started = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            trainer.training_step(model, batches[index])
+            for batch in batches[index]:
+                trainer.training_step(model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         if cuda:
@@ -128,12 +135,12 @@ def main() -> None:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
     base = statistics.median(times["without keep"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"{args.size} LLaVA (random weights), {device}, batch {args.batch}, keep 4 rows KL, "
+    print(f"{args.size} LLaVA (random weights), {device}, micro-batch {args.batch}, accumulation {args.accum}, "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     for name, values in times.items():
         median = statistics.median(values)
         peak = f"{peaks[name] / 2**30:.1f} GiB" if cuda else "n/a"
-        print(f"{name:<24} median step {median:.3f} s  ratio {median / base:.2f}x  peak memory {peak}")
+        print(f"{name:<58} median step {median:.3f} s  ratio {median / base:.2f}x  peak memory {peak}")
 
 
 if __name__ == "__main__":

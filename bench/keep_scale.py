@@ -26,10 +26,9 @@ PROMPTS = ["what is the colour of the shape ?", "what shape is in the image ?"]
 VARIANTS: dict[str, dict | None] = {  # the keep block besides `prompts` (None: no keep; `_packing`: the bench's switch)
     "no keep": None,
     "defaults": {},
-    "defaults, refresh 1": {"refresh": 1},
+    "defaults, refresh 2": {"refresh": 2},
     "defaults, rows joined (not packed)": {"_packing": False},
     "2 rows per step": {"batch_size": 2},
-    "2 rows per step, refresh 1": {"batch_size": 2, "refresh": 1},
     "old defaults (4 rows per micro-batch, own forward)": {"batch_size": 4, "per": "micro-batch", "fuse": False,
                                                           "refresh": 1, "ramp": 0.5},
     "old recipe (8 rows per micro-batch, joined, refresh 2)": {"batch_size": 8, "per": "micro-batch", "refresh": 2,
@@ -143,7 +142,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, nargs="+", default=[576])
     parser.add_argument("--answer", type=int, nargs="+", default=[48])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=4)  # even: at micro-batch 1 keep asks every 2nd step
     parser.add_argument("--block", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

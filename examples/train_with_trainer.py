@@ -62,6 +62,28 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def train(data: Path, out: Path, steps: int = 500, model_dir: str = str(MODEL_DIR), block: dict | None = None,
+          seed: int = 42) -> Path:
+    """Train on data/train.jsonl with `block` (default BLOCK, keep prompts from data/keep.txt); returns the adapter."""
+    torch.set_num_threads(1)  # on a small CPU one thread per process is often several times faster
+    if block is None:
+        block = {**BLOCK, "keep": {**BLOCK["keep"], "prompts": (data / "keep.txt").read_text().splitlines()}}
+    model, session = from_pretrained(model_dir, block, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rows = [encode(processor, row) for row in read_rows(data / "train.jsonl")]
+    training = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=16, learning_rate=2e-3,
+        logging_steps=10, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
+        remove_unused_columns=False,  # the Trainer would drop pixel_values otherwise
+    )
+    trainer = MMTuningTrainer(model=model, args=training, train_dataset=rows, mmtuning=session,
+                              processing_class=processor,  # keep builds its rows with the run's processor
+                              data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id))
+    trainer.train()
+    model.save_pretrained(str(out / "adapter"))
+    return out / "adapter"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -69,23 +91,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--model", default=str(MODEL_DIR))
     args = parser.parse_args()
-    torch.set_num_threads(1)  # on a small CPU one thread per process is often several times faster
-
-    block = {**BLOCK, "keep": {**BLOCK["keep"], "prompts": (args.data / "keep.txt").read_text().splitlines()}}
-    model, session = from_pretrained(args.model, block, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(args.model)
-    rows = [encode(processor, row) for row in read_rows(args.data / "train.jsonl")]
-    training = TrainingArguments(
-        output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=16, learning_rate=2e-3,
-        logging_steps=10, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,  # the Trainer would drop pixel_values otherwise
-    )
-    trainer = MMTuningTrainer(model=model, args=training, train_dataset=rows, mmtuning=session,
-                              processing_class=processor,  # keep builds its rows with the run's processor
-                              data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id))
-    trainer.train()
-    model.save_pretrained(str(args.out / "adapter"))
-    print(f"adapter: {args.out / 'adapter'}\nscore it: mmtune eval {args.out / 'adapter'} "
+    adapter = train(args.data, args.out, args.steps, args.model)
+    print(f"adapter: {adapter}\nscore it: mmtune eval {adapter} "
           f"--target {args.data / 'target.jsonl'} --general {args.data / 'general.jsonl'}")
 
 
