@@ -84,8 +84,9 @@ class DemoConsole:
         from ..console import human
 
         table = Table(title=f"E/F/O on held-out items (seed {report['seed']})", title_justify="left")
-        for column in ("arm", "trainable", "target %", "general %", "E", "F", "O"):
-            table.add_column(column, justify="left" if column == "arm" else "right")
+        for column in ("arm", "trainable", "target %", "general %", "E", "F", "O"):  # a `before -> after` stays whole
+            table.add_column(column, justify="left" if column == "arm" else "right",
+                             no_wrap=column in ("target %", "general %"))
         for arm in report["arms"].values():
             b, a = arm["before"], arm["after"]
             table.add_row(arm["label"], human(arm["trainable_params"]),
