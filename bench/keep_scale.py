@@ -16,6 +16,7 @@ CPU time of this process per optimizer step (one thread: the work done) and its 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -80,17 +81,21 @@ def rows_for(processor, count: int, answer: int, side: int):
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def example_module():
+    """examples/train_with_trainer.py: the bench collates rows as the user's script does (one home for it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_with_trainer.py"
+    spec = importlib.util.spec_from_file_location("train_with_trainer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def collate(rows, pad_id):
-    length = max(len(r["input_ids"]) for r in rows)
-    batch = {"input_ids": torch.full((len(rows), length), pad_id), "labels": torch.full((len(rows), length), -100),
-             "attention_mask": torch.zeros((len(rows), length), dtype=torch.long)}
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(r["input_ids"])
-        batch["labels"][i, :n] = torch.tensor(r["labels"])
-        batch["attention_mask"][i, :n] = 1
-    batch["pixel_values"] = torch.stack([r["pixel_values"] for r in rows])
-    return batch
+    return example_module().collate(rows, pad_id)
 
 
 def build_variant(name, keep, args, rows):

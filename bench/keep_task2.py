@@ -12,14 +12,12 @@ by `mmtune eval` (E/F/O). One JSON line per (seed, arm) in OUT/results.jsonl.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import random
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_with_trainer.py"
 ARMS = ("keep", "no_keep", "keep_lm_head")  # keep_lm_head: LoRA on lm_head too (docs/data.md: new answer words)
 
 
@@ -58,9 +56,9 @@ def measure(seed: int, arm: str, steps: int, out: Path) -> dict:
 
     from mmtuning_plugin.cli import app
 
-    spec = importlib.util.spec_from_file_location("train_with_trainer", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from keep_scale import example_module  # bench/ is on the path when this file runs
+
+    example = example_module()
     data = out / f"data{seed}"
     if not (data / "keep.txt").exists():
         write_data(data, seed)
