@@ -128,6 +128,9 @@ class Keep:
             self.image_id = image_token_id(unwrap(model).config)
         except ValueError:
             self.image_id = None
+        from .shared_prefix import PACKED_MODEL_TYPES
+
+        self._packing = self._packing and getattr(unwrap(model).config, "model_type", None) in PACKED_MODEL_TYPES
         if total_steps:
             self.total_steps = total_steps
         batches = iter(training_batches or ())

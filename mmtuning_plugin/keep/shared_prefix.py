@@ -9,8 +9,8 @@ prefix as if it stood alone. The training row's own tokens, mask, positions and 
 loss is the same; the keep rows' logits equal their separate forward's up to float rounding (a test compares
 per-position log-probs and gradients).
 
-Only where that holds without model-specific position rules: one image per training row, a batch of just
-`input_ids`, `attention_mask`, `pixel_values` (and `labels`), as LLaVA-family models take it. Batches with other
+Only where that holds without model-specific position rules: a checked model type (`PACKED_MODEL_TYPES`), one
+image per training row, a batch of just `input_ids`, `attention_mask`, `pixel_values` (and `labels`). Batches with other
 inputs (Qwen2-VL's `image_grid_thw` and its 3-D rotary positions, Gemma 3's `token_type_ids`) get joined rows.
 """
 
@@ -23,6 +23,10 @@ import torch
 from .batches import IGNORE_INDEX
 
 PACKABLE = {"input_ids", "attention_mask", "pixel_values"}  # the batch keys besides labels
+# Model types whose forward was checked to read a packed row exactly (tests/test_keep.py compares per-position
+# logits, the term and the gradients with the keep rows' own forward): a 4-D boolean mask passed through as it is,
+# explicit 1-D positions under plain rotary embeddings. Others get joined rows until checked the same way.
+PACKED_MODEL_TYPES = frozenset({"llava"})
 
 
 @dataclass
