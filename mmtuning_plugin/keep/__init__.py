@@ -93,7 +93,7 @@ class Keep:
         self.pool_has_train = False  # `answers` over training images: the pool holds them, not each step
         self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
         self._pending: Pending | None = None  # planned by `fuse` before the forward, read by `term` after it
-        self._cached: tuple[int, KeepStep] | None = None  # (refresh group, its keep step)
+        self._cached: tuple[tuple[int, int], KeepStep] | None = None  # ((refresh group, rows), its keep step)
         self._fusing = True  # off after a fused forward fails or returns no logits for the keep rows
         self._packing = True  # off after a forward with packed keep rows fails
         self._sharing = True  # off after the base fails to share an image prefix between keep rows
@@ -348,7 +348,7 @@ class Keep:
     def _keep_step(self, model: nn.Module, inputs: dict[str, Any], share: "Share") -> tuple["KeepStep", bool]:
         """New keep rows and targets every `refresh` keep-bearing micro-batches; in between the same ones (the
         base is frozen, so its targets for a row never change). Also whether they were drawn from `inputs`."""
-        group = (share.call // (self.spec.refresh * share.rows), share.rows)  # every `refresh` calls of this size
+        group = (share.first // (self.spec.refresh * share.rows), share.rows)  # every `refresh` calls of this size
         if self._cached is not None and self._cached[0] == group:
             return self._cached[1], False
         rows = self.rows_for(inputs, share.first, share.rows)

@@ -17,8 +17,8 @@ class Share:
     """One micro-batch's part of its optimizer step's keep rows."""
 
     rows: int  # keep rows asked in this micro-batch (0: none here)
-    first: int  # the run's index of its first keep row (prompts and pool rows are taken in turn from it)
-    call: int  # the run's index of this micro-batch's first keep row (`refresh` groups calls by it)
+    first: int  # the run's index of its first keep row (prompts and pool rows are taken in turn from it;
+    #             `refresh` groups micro-batches by it)
     scale: float  # makes the step's keep gradient the mean over its rows, as the Trainer averages micro-batches
 
 
@@ -32,7 +32,7 @@ def keep_share(spec: Any, task_rows: int, step: int, micro: int, accumulation: i
     if spec.per == "micro-batch":
         size = spec.batch_size or max(1, (task_rows + 1) // 2)
         first = (step * accumulation + micro) * size
-        return Share(size, first, first, 1.0)
+        return Share(size, first, 1.0)
     rate = spec.batch_size or task_rows * accumulation / 2  # keep rows per optimizer step, on average
     start = math.floor(step * rate + 1e-9)
     total = math.floor((step + 1) * rate + 1e-9) - start
@@ -46,4 +46,4 @@ def keep_share(spec: Any, task_rows: int, step: int, micro: int, accumulation: i
         group = next((g for g in range(groups) if ((g + 1) * accumulation) // groups - 1 == m), None)
         before = group * size if group is not None else 0
         rows = min(size, total - before) if group is not None else 0
-    return Share(rows, start + before, start + before, accumulation * rows / rate)
+    return Share(rows, start + before, accumulation * rows / rate)
