@@ -39,6 +39,12 @@ METHODS: dict[str, tuple[str, dict | None]] = {
                              "language": {"selective": {"method": "spider", "mask_ratio": 0.1}, "layers": {"top": 1}},
                              "quant": {"preset": "balanced", "keep_16bit": [LAST_LANGUAGE_LAYER]}}),
     "layers_auto": ("reparameterization", None),  # the recipe with `language.layers: {auto: {top_k: 2}}`
+    # Bottleneck adapters after each language block's attention and MLP and after the projector (width 16).
+    "adapter": ("additive", {"method": "adapter", "vision": False, "projector": {}, "language": {}}),
+    # MMtuning's tuner: 4 LoRA experts (r 8) per language attention projection and projector Linear, routed by an
+    # image router on image tokens and a text router on the others; the load-balance term at 0.01.
+    "moe_lora": ("reparameterization", {"method": {"name": "moe-lora", "experts": 4}, "vision": False, "projector": {},
+                                        "language": {"modules": "attention"}, "r": 8, "alpha": 16}),
 }
 
 

@@ -5,7 +5,7 @@ descriptions here are the user documentation.
 
 The schema is the bottom floor: every spec model lives here (layer selections, the quantization policy, the
 schedule specs and their `LayerSchedule` base, loss options), and this module imports no feature module.
-Plugin-registered schedules and losses are looked up through `plugins.registered`.
+Plugin-registered schedules, losses and methods are looked up through `plugins.registered`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, Union, 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import MMTuningError, unknown_key
+from .errors import MMTuningError, did_you_mean, unknown_key
 from .plugins import registered
 
 MODALITIES: tuple[str, ...] = ("vision", "projector", "language")
@@ -574,6 +574,53 @@ def parse_schedule(value: Any, modality: str, where: str | None = None) -> Layer
         raise MMTuningError("; ".join(validation_lines(error, where)) + hint) from None
 
 
+# --- adapter methods (`method:`) ---------------------------------------------------------------------------
+
+
+class MethodOptions(BaseModel):
+    """Options of an adapter method; a registered method subclasses this to add its own (none for `lora`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def registered_methods() -> dict[str, Any]:
+    """Method name -> AdapterMethod subclass (built-ins and plugins, via `register_methods`)."""
+    return registered("methods")
+
+
+def split_method(data: dict) -> dict:
+    """`method: {name: moe-lora, experts: 4}` -> `method: moe-lora` + `method_options: {experts: 4}`."""
+    value = data.get("method")
+    if not isinstance(value, dict):
+        return data
+    value = dict(value)
+    if "name" not in value:
+        raise ValueError(f"method: a block needs its `name` (e.g. {{name: moe-lora, experts: 4}}); got {value!r}")
+    if data.get("method_options"):
+        raise ValueError("method: write the options in the `method:` block or in `method_options:`, not both")
+    return {**data, "method": value.pop("name"), "method_options": value}
+
+
+def validate_method_options(method: str, options: Any) -> MethodOptions:
+    """The method's options as its own Options model; an unknown method lists the registered ones."""
+    known = registered_methods()
+    if method not in known:
+        raise ValueError(f"unknown method '{method}'{did_you_mean(method, known)}; registered methods: "
+                         f"{', '.join(sorted(known))} (a plugin registers more through `register_methods`)")
+    if isinstance(options, known[method].Options):
+        return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump()
+    if not isinstance(options, dict):
+        raise ValueError(f"method_options: write a mapping of options of method {method}, got {options!r}")
+    try:
+        return known[method].Options.model_validate(options)
+    except ValidationError as error:
+        fields = list(known[method].Options.model_fields)
+        lines = validation_lines(error, method, "option", lambda loc: fields or ["(none: it has no options)"])
+        raise ValueError("; ".join(lines)) from None
+
+
 # --- loss options (`losses:`) -----------------------------------------------------------------------------
 
 
@@ -910,7 +957,16 @@ class MMTuningConfig(BaseModel):
     )
     projector: ModalitySpec = Field(default_factory=ModalitySpec, description="Projector (connector) adapters. On by default.")
     language: ModalitySpec = Field(default_factory=ModalitySpec, description="Language model adapters. On by default.")
-    method: Literal["lora", "ia3", "loha", "lokr"] = Field(default="lora", description="PEFT adapter type.")
+    method: str = Field(
+        default="lora",
+        description="Adapter method, by registered name: `lora`, `ia3`, `loha`, `lokr`, `adapter` (bottleneck "
+        "adapters after attention/MLP blocks), `moe-lora` (LoRA experts routed per token by modality), or a "
+        "plugin's. A block gives its options: `{name: moe-lora, experts: 4}`. See docs/methods.md.",
+    )
+    method_options: Any = Field(
+        default_factory=dict, validate_default=True,
+        description="The method's own options (what the `method:` block form writes besides `name`).",
+    )
     r: int = Field(default=16, ge=1, description="Default rank for every modality.")
     alpha: float = Field(default=32, gt=0, description="Default alpha (LoRA scaling is alpha / r).")
     dropout: float | None = Field(
@@ -941,6 +997,23 @@ class MMTuningConfig(BaseModel):
     @classmethod
     def _validate_losses(cls, value: Any) -> Any:
         return validate_losses(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_block(cls, data: Any) -> Any:
+        return split_method(data) if isinstance(data, dict) else data
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, value: str) -> str:
+        validate_method_options(value, {})
+        return value
+
+    @field_validator("method_options")
+    @classmethod
+    def _method_options(cls, value: Any, info) -> Any:
+        method = info.data.get("method")
+        return value if method is None else validate_method_options(method, value)
 
     @model_validator(mode="before")
     @classmethod
@@ -983,6 +1056,10 @@ class MMTuningConfig(BaseModel):
                              f"or keep it 16-bit (quant.projector: none, or quant: balanced)")
         if (self.use_dora or self.use_rslora) and self.method != "lora":
             raise ValueError(f"use_dora/use_rslora need method: lora (got method: {self.method})")
+        method = registered_methods()[self.method]
+        method.check(self)
+        for name, options in method.default_losses(self.method_options).items():
+            self.losses.setdefault(name, validate_losses({name: options})[name])
         if not any(getattr(self, m).enabled for m in ("vision", "projector", "language")):
             raise ValueError("every modality is disabled, so nothing would train; enable at least one of vision, projector, language")
         return self

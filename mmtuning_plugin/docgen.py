@@ -104,7 +104,24 @@ def config_markdown() -> str:
             description = (field.description or "").replace("|", "\\|").replace("\n", " ")
             lines.append(f"| `{name}` | {type_text(field.annotation)} | {default_text(field)} | {description} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + methods_markdown())
+
+
+def methods_markdown() -> list[str]:
+    """The built-in adapter methods (`method:`) with their options, from the method classes themselves."""
+    from .methods.builtin import BUILTIN_METHODS
+
+    lines = ["## Adapter methods (`method:`)", "",
+             "Write `method: NAME`, or `method: {name: NAME, option: value}` for a method with options. A plugin "
+             "registers more through `register_methods` (docs/extending.md).", "",
+             "| method | what it trains | options | `mmtune convert` |", "|---|---|---|---|"]
+    for name, method in BUILTIN_METHODS.items():
+        options = "<br>".join(f"`{key}` ({type_text(field.annotation)}, default {default_text(field)}): "
+                              f"{field.description or ''}" for key, field in method.Options.model_fields.items())
+        convert = "yes" if not method.not_convertible else "refused: " + method.not_convertible.split(";")[0]
+        lines.append(f"| `{name}` | {method.summary} | {options or '-'} | {convert} |".replace("\n", " "))
+    lines.append("")
+    return lines
 
 
 # --- architectures.md -----------------------------------------------------------------------------------

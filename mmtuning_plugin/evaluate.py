@@ -163,6 +163,8 @@ def load_adapter_model(adapter: Path, base: str | None, four_bit: bool):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+    from .methods import register_peft_methods
+
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise MMTuningError(f"{adapter}: no adapter_config.json; pass the directory a PEFT adapter was saved to.")
@@ -184,4 +186,5 @@ def load_adapter_model(adapter: Path, base: str | None, four_bit: bool):
     if getattr(processor, "chat_template", None) is None:
         raise MMTuningError(f"{base}: the processor has no chat template, so questions cannot be asked the way the "
                             f"model was trained; save one with the processor.")
+    register_peft_methods()  # an `adapter` or `moe-lora` adapter is a PEFT method PEFT learns from mmtuning
     return PeftModel.from_pretrained(model, str(adapter)), processor, base

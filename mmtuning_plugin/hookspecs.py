@@ -1,7 +1,7 @@
 """mmtuning's extension API: pluggy hooks, entry point group `mmtuning`.
 
 A plugin module implements any of these with `@mmtuning_plugin.hookimpl`. The built-in architectures,
-losses and schedules register through the same hooks, so a third-party package is a first-class citizen.
+losses, schedules and adapter methods register through the same hooks, so a third-party package is a first-class citizen.
 Each hook's `register(...)` signature and the type it checks are rows of `plugins.REGISTRIES`.
 """
 
@@ -27,3 +27,8 @@ def register_losses(register):
 @hookspec
 def register_schedules(register):
     """Call `register(name: str, schedule_class: type[LayerSchedule])` for each layer schedule."""
+
+
+@hookspec
+def register_methods(register):
+    """Call `register(name: str, method_class: type[AdapterMethod])` for each adapter method (what `method:` names)."""

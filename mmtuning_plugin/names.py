@@ -8,14 +8,16 @@ tower `model.visual`, so `model.visual.merger.ln_q` is projector, not vision.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from .arch import MODALITIES, ModalityMap, owner_modality
 
 PEFT_PREFIX = "base_model.model."
-# Where a PEFT parameter name leaves the adapted module's own name (`<module>.lora_A.default.weight`).
-ADAPTER_MARKERS = (".lora_", ".hada_", ".lokr_", ".ia3_", ".modules_to_save.", ".oft_", ".boft_", ".vera_")
+# Where a PEFT parameter name leaves the adapted module's own name (`<module>.lora_A.default.weight`), besides
+# the markers each registered method declares (`AdapterMethod.markers`).
+OTHER_MARKERS = (".modules_to_save.", ".oft_", ".boft_", ".vera_")
 # Children PEFT adds inside an adapted module: never modules of the base model themselves.
 ADAPTER_CHILDREN = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save",
                               "base_layer", "lora_magnitude_vector"})
@@ -28,7 +30,7 @@ def module_of(name: str) -> str:
     module names (`<module>.base_layer`, `<module>.original_module`)."""
     while name.startswith(PEFT_PREFIX):
         name = name[len(PEFT_PREFIX):]
-    for marker in ADAPTER_MARKERS:
+    for marker in adapter_markers():
         if marker in name:
             name = name.split(marker)[0]
             break
@@ -37,12 +39,25 @@ def module_of(name: str) -> str:
 
 def is_adapter_parameter(name: str) -> bool:
     """A tensor PEFT created (LoRA factors, a trained-whole copy), as opposed to a base model weight."""
-    return any(marker in name for marker in ADAPTER_MARKERS)
+    return any(marker in name for marker in adapter_markers())
+
+
+def adapter_markers() -> tuple[str, ...]:
+    """Every marker of a PEFT-created tensor name: the registered methods' and the others'."""
+    from .plugins import registrations
+
+    return _markers(registrations("methods"))
+
+
+@functools.lru_cache(maxsize=4)
+def _markers(methods: tuple) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for r in methods for m in r.obj.markers)) + OTHER_MARKERS
 
 
 def is_adapter_child(module_name: str) -> bool:
     """A module PEFT added inside an adapted one (`q_proj.lora_A`, `q_proj.base_layer`, a modules_to_save copy)."""
-    return any(part in ADAPTER_CHILDREN for part in module_name.split("."))
+    prefixes = tuple(marker.strip(".") for marker in adapter_markers())
+    return any(part in ADAPTER_CHILDREN or part.startswith(prefixes) for part in module_name.split("."))
 
 
 def modality_by_map(name: str, modality_map: ModalityMap) -> str | None:

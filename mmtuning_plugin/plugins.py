@@ -1,6 +1,6 @@
 """The plugin manager: loads entry points of group `mmtuning` and collects what they register.
 
-Each kind of registered thing (architectures, losses, schedules) is one `Registry` row below: its hook, the
+Each kind of registered thing (architectures, losses, schedules, adapter methods) is one `Registry` row below: its hook, the
 `register(...)` signature a plugin calls, and the type every call must pass. Every kind is collected and
 checked by the same code, which also remembers which plugin registered what, so `mmtune plugins` can show
 it and say where one plugin overrode a name of another (the later plugin wins; the built-ins load first).
@@ -23,7 +23,8 @@ ENTRY_POINT_GROUP = "mmtuning"
 # entry points are recognised as already registered instead of being registered twice.
 BUILTIN_PLUGINS = {"builtin_architectures": "mmtuning_plugin.arch.builtin",
                    "builtin_losses": "mmtuning_plugin.losses.builtin",
-                   "builtin_schedules": "mmtuning_plugin.schedules.builtin"}
+                   "builtin_schedules": "mmtuning_plugin.schedules.builtin",
+                   "builtin_methods": "mmtuning_plugin.methods.builtin"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ REGISTRIES: dict[str, Registry] = {r.kind: r for r in (
              "mmtuning_plugin.losses.base:AlignmentLoss", True, lambda values: (values[0],)),
     Registry("schedules", "register_schedules", "register(name: str, schedule_class: type[LayerSchedule])",
              "mmtuning_plugin.config:LayerSchedule", True, lambda values: (values[0],)),
+    Registry("methods", "register_methods", "register(name: str, method_class: type[AdapterMethod])",
+             "mmtuning_plugin.methods.base:AdapterMethod", True, lambda values: (values[0],)),
 )}
 
 

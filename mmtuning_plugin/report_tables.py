@@ -43,6 +43,10 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
     table.add_row("total", "", plan["method"], str(len(plan["target_modules"]) + len(plan["target_parameters"])),
                   human(sum(r["params"] for r in report["modalities"].values())), "", human(plan["trainable_params"]))
     out.print(table)
+    if plan.get("method_options"):
+        options = ", ".join(f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+                            for key, value in plan["method_options"].items())
+        out.print(f"method {plan['method']}: {options}", highlight=False)
     if plan["target_parameters"]:
         out.print(f"bare parameters adapted through target_parameters: {', '.join(plan['target_parameters'])}")
     print_training_memory(report["modalities"], out, table="quant" not in report or _any_selective(report))

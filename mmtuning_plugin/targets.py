@@ -8,7 +8,6 @@ train whole. `peft_config(plan)` turns it into a PEFT config that wraps exactly 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,19 +17,12 @@ from torch import nn
 from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, unwrap
 from .config import KINDS, MMTuningConfig, load_config
 from .errors import MMTuningError, PlanMismatchError
+from .methods import method_of
 from .names import module_of
 from .selective.plan import SelectedModule, plan_selective
 from .selective.runtime import selective_problems, settle_selected
 
 DEFAULT_DROPOUT = 0.05
-# Module kinds each method can adapt (PEFT 0.21): IA3/LoHa/LoKr have no Embedding layer.
-METHOD_LEAF_TYPES = {
-    "lora": ("Linear", "Conv2d", "Conv3d", "Embedding"),
-    "ia3": ("Linear", "Conv2d", "Conv3d"),
-    "loha": ("Linear", "Conv2d"),
-    "lokr": ("Linear", "Conv2d"),
-}
-
 
 @dataclass(frozen=True)
 class PlannedModule:
@@ -150,12 +142,12 @@ class TargetPlan:
         return any(s.name == owner and local not in s.trained for s in self.selected)
 
     def trainable_params(self, modality: str | None = None) -> int | None:
-        """Adapter parameters PEFT will create (exact for lora/dora/ia3/loha; None for lokr)."""
-        method = self.config.method
-        if method == "lokr":
+        """Adapter parameters PEFT will create (None where the method cannot say before wrapping: lokr)."""
+        method = method_of(self.config)
+        counts = [method.trainable(m.leaf, m.r, self.config) for m in self.modules if modality in (None, m.modality)]
+        if None in counts:
             return None
-        total = sum(_module_trainable(m, self.config) for m in self.modules if modality in (None, m.modality))
-        total += sum(p.r * (p.shape[0] + p.shape[1]) for p in self.parameters if modality in (None, p.modality))
+        total = sum(counts) + sum(p.r * (p.shape[0] + p.shape[1]) for p in self.parameters if modality in (None, p.modality))
         if modality in (None, "projector"):
             total += self.full_params
         return total + sum(s.trained_params for s in self.selected if modality in (None, s.modality))
@@ -170,26 +162,13 @@ class TargetPlan:
             "alpha_pattern": self.alpha_pattern,
             "layers": self.layers,
             "method": self.config.method,
+            "method_options": method_of(self.config).describe(self.config.method_options),
             "r": self.r,
             "alpha": self.alpha,
             "trainable_params": self.trainable_params(),
             "selective": {s.modality: s.method for s in self.selected},
             **({"probe": self.probe.summary()} if self.probe is not None else {}),
         }
-
-
-def _module_trainable(planned: PlannedModule, config: MMTuningConfig) -> int:
-    shape, r, kind = planned.leaf.shape, planned.r, planned.leaf.module_type
-    out_features = shape[0]
-    if kind == "Embedding":  # weight (num_embeddings, dim): A is (r, num), B is (dim, r)
-        in_features, out_features = shape[0], shape[1]
-    else:
-        in_features = shape[1] * math.prod(shape[2:])
-    if config.method == "ia3":
-        return out_features
-    if config.method == "loha":
-        return 2 * r * (in_features + out_features)
-    return r * (in_features + out_features) + (out_features if config.use_dora else 0)
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -231,7 +210,7 @@ def plan_targets(model: nn.Module, config: Any = None, modality_map: ModalityMap
         if spec.selective is not None:  # the modality's own weights train instead of adapters
             selected += plan_selective(base, layout, config, modality, chosen, layers.get(modality), where)
             continue
-        modules += [PlannedModule(leaf, r, alpha) for leaf in chosen]
+        modules += [PlannedModule(leaf, r, alpha) for leaf in method_of(config).place(chosen)]
     _check_method_support(modules, parameters, config)
     full = sum(p.numel() for name in modules_to_save for p in base.get_submodule(name).parameters())
     plan = TargetPlan(layout.model_type, config, modules, parameters, modules_to_save + [s.name for s in selected],
@@ -326,8 +305,8 @@ def _extras(layout: ModelLayout, modality: str, spec, where: str) -> list[Leaf]:
 
 
 def _check_method_support(modules: list[PlannedModule], parameters: list[PlannedParameter], config) -> None:
-    supported = METHOD_LEAF_TYPES[config.method]
-    bad = [m for m in modules if m.leaf.module_type not in supported and not _is_linear_subclass(m.leaf)]
+    method = method_of(config)
+    bad = [m for m in modules if m.leaf.module_type not in method.leaf_types and not _is_linear_subclass(m.leaf)]
     if bad:
         raise MMTuningError(
             f"method: {config.method} cannot adapt {bad[0].leaf.module_type} modules such as {bad[0].name}; "
@@ -339,7 +318,7 @@ def _check_method_support(modules: list[PlannedModule], parameters: list[Planned
             f"target_parameters wrapper has no dropout); remove `dropout` (it then defaults to 0 for this model), "
             f"or write `projector: {{full: true}}` / `projector: false`."
         )
-    if parameters and config.method != "lora":
+    if parameters and not method.bare_parameters:
         raise MMTuningError(
             f"method: {config.method} cannot adapt bare parameters ({parameters[0].name}, the projector of this "
             f"model); use method: lora, `projector: {{full: true}}`, or `projector: false`."
@@ -355,24 +334,11 @@ def _is_linear_subclass(leaf: Leaf) -> bool:
 
 def peft_config(plan: TargetPlan, **overrides: Any):
     """A PEFT config that wraps exactly `plan.target_modules` (full names, so no suffix surprises)."""
-    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
-
-    config = plan.config
     common: dict[str, Any] = {
         "target_modules": plan.peft_target_modules,
         "modules_to_save": plan.modules_to_save or None,
     }
-    if config.method == "lora":
-        kwargs = dict(common, r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
-                      use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=plan.rank_pattern,
-                      alpha_pattern=plan.alpha_pattern, target_parameters=plan.target_parameters or None)
-        return LoraConfig(**{**kwargs, **overrides})
-    if config.method == "ia3":
-        return IA3Config(**{**common, "feedforward_modules": [], **overrides})
-    factory = LoHaConfig if config.method == "loha" else LoKrConfig
-    return factory(**{**common, "r": plan.r, "alpha": plan.alpha, "rank_dropout": 0.0,
-                      "module_dropout": plan.dropout, "rank_pattern": plan.rank_pattern,
-                      "alpha_pattern": plan.alpha_pattern, **overrides})
+    return method_of(plan.config).peft_config(plan, common, overrides)
 
 
 def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default", **overrides: Any):
@@ -438,7 +404,7 @@ def verify_wrapped(model: nn.Module, plan: TargetPlan, adapter_name: str = "defa
             problems.append(f"planned {label} without an adapter: {_few(missing)}")
         if extra:
             problems.append(f"{label} with an adapter that the plan did not ask for: {_few(extra)}")
-        if plan.config.method in ("lora", "loha", "lokr"):
+        if method_of(plan.config).ranked:
             wrong = [f"{n} (r={actual[n]}, planned {r})" for n, r in planned.items()
                      if n in actual and actual[n] is not None and actual[n] != r]
             if wrong:

@@ -320,7 +320,7 @@ CLI_CASES = [
     ("remap-alpha-null", ["convert", "remap", "{alpha_null}", "--out", "{out}"], ["lora_alpha: null", "positive number"]),
     ("remap-r-text", ["convert", "remap", "{r_text}", "--out", "{out}"], ['r: "four"', "whole number"]),
     ("remap-pattern-list", ["convert", "remap", "{pattern_list}", "--out", "{out}"], ["rank_pattern", "mapping"]),
-    ("remap-ia3", ["convert", "remap", "{peft_ia3}", "--out", "{out}"], ["peft_type is IA3", "LoRA adapters only"]),
+    ("remap-ia3", ["convert", "remap", "{peft_ia3}", "--out", "{out}"], ["peft_type is IA3", "method: ia3, and mmtune convert works on LoRA deltas"]),
     ("remap-weights-binary", ["convert", "remap", "{weights_binary}", "--out", "{out}"], ["truncated or corrupt"]),
     ("remap-weights-empty", ["convert", "remap", "{weights_empty}", "--out", "{out}"], ["truncated or corrupt"]),
     ("remap-weights-missing", ["convert", "remap", "{weights_missing}", "--out", "{out}"], ["is missing", "safetensors"]),

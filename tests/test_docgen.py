@@ -15,7 +15,8 @@ def test_config_doc_lists_every_field_with_its_description():
         for name, field in model.model_fields.items():
             assert f"| `{name}` |" in text
             assert field.description.split("`")[0][:30] in text
-    assert "| `method` | `lora` \\| `ia3` \\| `loha` \\| `lokr` | `lora` |" in text
+    assert "| `method` | str | `lora` |" in text and "## Adapter methods (`method:`)" in text
+    assert "| `moe-lora` |" in text and "| `adapter` |" in text
     assert "| `vision` | [ModalitySpec](#modalityspec) | `{enabled: false}` |" in text
 
 

@@ -184,7 +184,7 @@ def test_config_errors_name_the_key_and_list_registered_losses():
         MMTuning({"losses": {"anchr": {}}})
     text = str(unknown.value)
     assert "mmtuning.losses" in text and "unknown loss 'anchr'" in text
-    assert "anchor, contrastive, multiscale, sculpt" in text
+    assert "anchor, contrastive, moe_balance, multiscale, sculpt" in text
     with pytest.raises(MMTuningError, match=r"anchor.metric"):
         MMTuning({"losses": {"anchor": {"metric": "l1"}}})
     with pytest.raises(MMTuningError, match=r"contrastive.temprature: unknown option"):

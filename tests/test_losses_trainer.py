@@ -205,4 +205,4 @@ def test_an_installed_package_adds_a_loss_by_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"names": ["anchor", "contrastive", "hidden_norm", "multiscale", "sculpt"], "target": 1.0}
+    assert report == {"names": ["anchor", "contrastive", "hidden_norm", "moe_balance", "multiscale", "sculpt"], "target": 1.0}

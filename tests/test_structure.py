@@ -28,6 +28,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.loading": 3,
     "mmtuning_plugin.base_view": 3,  # adapters off, 4-bit forwards without grad kept trainable: torch only
     "mmtuning_plugin.names": 4,
+    "mmtuning_plugin.methods": 4,  # adapter methods: the registry's built-ins and mmtuning's own PEFT tuners
     "mmtuning_plugin.targets": 5,
     "mmtuning_plugin.quant": 5,
     "mmtuning_plugin.schedules": 5,

@@ -103,7 +103,7 @@ def read_adapter(path: Path) -> Adapter:
         hint = f" (found {', '.join(other)}: re-save with safe_serialization=True)" if other else ""
         raise MMTuningError(f"{weights_path} is missing{hint}; mmtune convert reads safetensors adapters only.")
     if config.get("peft_type", "LORA") != "LORA":
-        raise MMTuningError(f"{path}: peft_type is {config.get('peft_type')}; mmtune convert handles LoRA adapters only.")
+        raise MMTuningError(not_lora(path, config.get("peft_type")))
     try:
         tensors = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
@@ -142,6 +142,16 @@ ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
     "exclude_modules": (_names, "a list of module names or one regex"),
     "modules_to_save": (_names, "a list of module names"),
 }
+
+
+def not_lora(path: Path, peft_type: str) -> str:
+    """Why convert refuses an adapter of another method: the method's own reason where it is a registered one."""
+    from ..methods import method_by_peft_type
+
+    found = method_by_peft_type(peft_type)
+    reason = (f"it was trained with method: {found[0]}, and {found[1].not_convertible}" if found else
+              "mmtune convert works on LoRA deltas (lora_A/lora_B per weight)")
+    return f"{path}: peft_type is {peft_type}; {reason}. Train with method: lora to merge, export or combine."
 
 
 def check_adapter_config(config: dict[str, Any], where: Path) -> dict[str, Any]:

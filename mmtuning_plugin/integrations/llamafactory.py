@@ -170,7 +170,7 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
     finetuning = args.setdefault("finetuning_type", "lora")
     if finetuning not in FINETUNING_TYPES:
         raise MMTuningError(f"{where}: finetuning_type: {finetuning} cannot carry mmtuning adapters; write "
-                            f"finetuning_type: lora (mmtuning.method picks lora/ia3/loha/lokr).")
+                            f"finetuning_type: lora (mmtuning.method picks the adapter method: lora, ia3, loha, lokr, adapter, moe-lora or a plugin's).")
     stage = args.get("stage", "sft")
     if stage not in TRAINER_BY_STAGE:
         raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from .anchor import AnchorLoss
 from .contrastive import ContrastiveLoss
+from .moe_balance import MoeBalanceLoss
 from .multiscale import MultiscaleLoss
 from .sculpt import SculptLoss
 
 BUILTIN_LOSSES = {"contrastive": ContrastiveLoss, "anchor": AnchorLoss, "sculpt": SculptLoss,
-                  "multiscale": MultiscaleLoss}
+                  "multiscale": MultiscaleLoss, "moe_balance": MoeBalanceLoss}
 
 
 @hookimpl
