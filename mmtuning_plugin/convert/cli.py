@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import typer
 
 convert_app = typer.Typer(
-    help="Convert LoRA adapters: remap layouts across transformers versions, merge, resize, split, combine, export for serving.",
+    help="Convert LoRA adapters: remap layouts across transformers versions, merge, resize, tailor, split, combine, export for serving.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,6 +53,22 @@ def _show_merge(s: dict[str, Any]) -> None:
     extra = f", {s['dequantized_4bit_weights']} weights through the 4-bit round trip" if s["four_bit"] else ""
     _say(f"merged {s['merged_modules']} modules into {s['shards']} shards ({s['bytes_written'] / 1e6:.1f} MB, dtype "
          f"{s['dtype']}{extra})\nwrote {s['out']}")
+
+
+def _show_tailor(s: dict[str, Any]) -> None:
+    from ..console import Table, console
+
+    how = f"by {s['by']}" + (", compensated" if s["compensated"] else "")
+    table = Table(title=f"tailor ({how})", title_justify="left")
+    for column in ("modality", "share", "kept entries", "of"):
+        table.add_column(column, justify="left" if column == "modality" else "right")
+    for modality, row in s["modalities"].items():
+        table.add_row(modality, f"{row['share']:g}", f"{row['kept']:,}", f"{row['entries']:,}")
+    console.print(table)
+    if "total_output_relative_error" in s:
+        _say(f"relative error of the modules' outputs on --calib {s['total_output_relative_error']:.4f}")
+    _say(f"relative error of the kept delta {s['total_relative_error']:.4f}\nwrote {s['out']} from {s['adapter']} "
+         f"(score it: mmtune eval {s['out']} --target ... --general ...)")
 
 
 def _show_errors(s: dict[str, Any], key: str, error_key: str, title: str) -> None:
@@ -134,6 +150,33 @@ def resize_command(
 
     _run(lambda: resize(adapter, out, rank, per_modality, base, source, force), as_json,
          lambda s: _show_errors(s, "total_relative_error", "relative_error", f"resize {s['adapter']}"))
+
+
+@convert_app.command("tailor")
+def tailor_command(
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter directory."),
+    out: Path = typer.Option(..., "--out", help="Output adapter directory (a sparse delta)."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Share of each module's delta entries to keep, by "
+                                         "magnitude, e.g. 0.1."),
+    per_modality: Optional[str] = typer.Option(None, "--per-modality", help="Shares per modality, e.g. "
+                                               "vision=0.05,language=0.1 (others: --keep, or whole)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Salience: magnitude (no data) or activation (delta^2 x "
+                                     "input second moment on --calib); default activation with --calib."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Eval JSONL of the new task (image, question, answer): "
+                                         "the modules' inputs for --by activation and --compensate."),
+    compensate: bool = typer.Option(False, "--compensate", help="Refit the kept entries per output row so the "
+                                    "module's output on --calib stays closest to the full delta's."),
+    base: Optional[str] = BASE,
+    source: Optional[str] = FROM,
+    force: bool = FORCE,
+    as_json: bool = JSON,
+) -> None:
+    """Keep the largest share of each module's LoRA delta and write it exactly as a sparse adapter (Model Tailor's
+    posterior selection); score before and after with `mmtune eval`."""
+    from .tailor import tailor
+
+    _run(lambda: tailor(adapter, out, keep, per_modality, by, calib, compensate, base, source, force), as_json,
+         _show_tailor)
 
 
 @convert_app.command("split")

@@ -330,9 +330,11 @@ def evaluate_adapter(adapter: Path, model_dir: Path = MODEL_DIR, items: int = 12
     """Accuracy of a saved demo adapter on the held-out sets (what the demo reports as `after`)."""
     from peft import PeftModel
 
+    from ..methods import register_peft_methods
     from ..session import MMTuning
 
     _quiet_libraries()
+    register_peft_methods()  # adapters of mmtuning's own PEFT methods (moe-lora, adapter, a tailored delta)
     processor = load_processor(model_dir)
     model = PeftModel.from_pretrained(load_base(model_dir, MMTuning({}), four_bit), str(adapter))
     return eval_sets(processor, items).measure(model, processor.tokenizer)

@@ -1,5 +1,5 @@
 """Adapter methods: a registry (pluggy hook `register_methods`) of what `method:` names, and mmtuning's own PEFT
-methods (bottleneck adapters, MoE-LoRA).
+methods (bottleneck adapters, MoE-LoRA, and the sparse delta `mmtune convert tailor` writes).
 
 A saved `adapter` or `moe-lora` adapter loads with `PeftModel.from_pretrained` in a fresh process once
 `register_peft_methods()` has told PEFT about them (mmtuning's own loaders do it).
@@ -27,6 +27,8 @@ def register_peft_methods() -> None:
     """Tell PEFT about mmtuning's methods (idempotent): what `PeftModel.from_pretrained` needs to load them."""
     from .bottleneck import register as register_bottleneck
     from .moe_lora import register as register_moe_lora
+    from .sparse import register as register_sparse
 
     register_bottleneck()
     register_moe_lora()
+    register_sparse()
