@@ -394,7 +394,8 @@ def verify_wrapped(model: nn.Module, plan: TargetPlan, adapter_name: str = "defa
     """Raise PlanMismatchError unless the wrapped modules, parameters and ranks equal the plan."""
     found = wrapped_set(model, adapter_name)
     problems = []
-    planned_modules = {m.name: m.r for m in plan.modules}
+    method = method_of(plan.config)
+    planned_modules = {m.name: method.size(m.leaf, m.r, plan.config) for m in plan.modules}
     planned_params = {p.name: p.r for p in plan.parameters}
     for label, planned, actual in (("modules", planned_modules, found.modules),
                                    ("parameters", planned_params, found.parameters)):
@@ -404,7 +405,7 @@ def verify_wrapped(model: nn.Module, plan: TargetPlan, adapter_name: str = "defa
             problems.append(f"planned {label} without an adapter: {_few(missing)}")
         if extra:
             problems.append(f"{label} with an adapter that the plan did not ask for: {_few(extra)}")
-        if method_of(plan.config).ranked:
+        if method.ranked:
             wrong = [f"{n} (r={actual[n]}, planned {r})" for n, r in planned.items()
                      if n in actual and actual[n] is not None and actual[n] != r]
             if wrong:

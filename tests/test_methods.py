@@ -137,6 +137,26 @@ def test_adapter_starts_as_the_base_and_reduction_sets_its_width():
         wrapped.merge_and_unload()
 
 
+@pytest.mark.parametrize("method", ["adapter", {"name": "adapter", "reduction": 4}, "moe-lora"])
+def test_per_modality_sizes_reach_every_layer_and_are_checked_after_wrapping(method):
+    """vision r 2, projector r 4, language r 8: each layer gets its modality's size (the first planned module is a
+    vision one, so a size taken from it instead of the config's default would go wrong)."""
+    block = {"method": method, "vision": {"r": 2}, "projector": {"r": 4}, "r": 8}
+    model = tiny_model("llava")
+    plan = plan_targets(model, block)
+    wrapped = MMTuning(block).wrap(model)  # raises PlanMismatchError on any size that differs from the plan
+    sizes = {m.modality: wrapped.get_submodule("base_model.model." + m.name).r["default"] for m in plan.modules}
+    if isinstance(method, dict):  # width = output size / 4, whatever r says
+        assert len({m.r for m in plan.modules}) == 3 and sizes["language"] == model.config.text_config.hidden_size // 4
+    else:
+        assert sizes == {"vision": 2, "projector": 4, "language": 8}
+    layer = next(m for m in wrapped.modules() if isinstance(m, (BottleneckLinear, MoeLoraLinear)))
+    layer.r["default"] += 1  # a layer that differs from the plan is caught
+    with pytest.raises(Exception, match="wrong rank"):
+        from mmtuning_plugin.targets import verify_wrapped
+        verify_wrapped(wrapped, plan)
+
+
 # --- MoE-LoRA ------------------------------------------------------------------------------------------
 
 

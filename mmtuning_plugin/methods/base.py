@@ -22,7 +22,7 @@ class AdapterMethod:
     # Module types (`Leaf.module_type`) it can wrap; Linear subclasses (4-bit, 8-bit) count as Linear.
     leaf_types: ClassVar[tuple[str, ...]] = ("Linear",)
     bare_parameters: ClassVar[bool] = False  # adapts bare weights through PEFT `target_parameters` (LoRA only)
-    ranked: ClassVar[bool] = True  # its PEFT layers record a rank per module (`layer.r[adapter]`) to verify
+    ranked: ClassVar[bool] = True  # its PEFT layers record their size per module (`layer.r[adapter]`) to verify
     # Where a PEFT parameter name leaves the adapted module's name (`<module>.lora_A.default.weight`).
     markers: ClassVar[tuple[str, ...]] = ()
     peft_type: ClassVar[str] = ""  # `peft_type` in the adapter_config.json it saves
@@ -43,6 +43,11 @@ class AdapterMethod:
     def place(cls, leaves: list) -> list:
         """Where the adapters go among the chosen leaves of one modality (all of them, for weight adapters)."""
         return leaves
+
+    @classmethod
+    def size(cls, leaf: Any, r: int, config: Any) -> int:
+        """What its layer on `leaf` records as `r` (the rank; a bottleneck's width), checked after wrapping."""
+        return r
 
     @classmethod
     def trainable(cls, leaf: Any, r: int, config: Any) -> int | None:

@@ -54,6 +54,7 @@ class BottleneckLayer(BaseTunerLayer):
         self.bottleneck_up = nn.ModuleDict({})
         self.bottleneck_dropout = nn.ModuleDict({})
         self.bottleneck_width: dict[str, int] = {}
+        self.r = self.bottleneck_width  # what mmtuning's check after wrapping compares with the plan
         self.bottleneck_act: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []

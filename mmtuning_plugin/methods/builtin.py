@@ -17,9 +17,9 @@ from ..hookspecs import hookimpl
 from .base import AdapterMethod, features
 
 
-def _exact(plan: Any, value) -> dict[str, Any]:
-    """Exact module name -> value(module), where it differs from the default module's (PEFT-free patterns)."""
-    default = value(plan.modules[0]) if plan.modules else None
+def _exact(plan: Any, value, default) -> dict[str, Any]:
+    """Exact module name -> value(module) where it differs from the config's top-level `default` (exact names, not
+    PEFT's regex patterns: mmtuning's own tuners look them up as they are)."""
     return {m.name: value(m) for m in plan.modules if value(m) != default}
 
 
@@ -116,7 +116,6 @@ class Bottleneck(AdapterMethod):
     summary = ("bottleneck adapters after attention and MLP blocks: y + up(act(down(y))), width r or "
                "output/reduction (additive; cannot merge)")
     Options = BottleneckOptions
-    ranked = False
     markers = (".bottleneck_",)
     peft_type = "MMT_BOTTLENECK"
     not_convertible = ("a bottleneck adapter is nonlinear, so it has no LoRA delta to merge, export, resize or "
@@ -140,6 +139,10 @@ class Bottleneck(AdapterMethod):
         return max(1, features(leaf)[1] // options.reduction) if options.reduction else r
 
     @classmethod
+    def size(cls, leaf, r, config):
+        return cls.width(leaf, r, config.method_options)
+
+    @classmethod
     def trainable(cls, leaf, r, config):
         out_features = features(leaf)[1]
         width = cls.width(leaf, r, config.method_options)
@@ -152,8 +155,7 @@ class Bottleneck(AdapterMethod):
         register()
         options = plan.config.method_options
         width = lambda m: cls.width(m.leaf, m.r, options)  # noqa: E731
-        default = width(plan.modules[0]) if plan.modules else plan.r
-        return BottleneckConfig(**{**common, "width": default, "width_pattern": _exact(plan, width),
+        return BottleneckConfig(**{**common, "width": plan.r, "width_pattern": _exact(plan, width, plan.r),
                                    "nonlinearity": options.nonlinearity, "dropout": plan.dropout, **overrides})
 
     @classmethod
@@ -197,7 +199,8 @@ class MoeLora(AdapterMethod):
         register()
         image = [m.name for m in plan.modules if m.modality != "language"]
         return MoeLoraConfig(**{**common, "r": plan.r, "lora_alpha": plan.alpha, "dropout": plan.dropout,
-                                "rank_pattern": _exact(plan, lambda m: m.r), "alpha_pattern": _exact(plan, lambda m: m.alpha),
+                                "rank_pattern": _exact(plan, lambda m: m.r, plan.r),
+                                "alpha_pattern": _exact(plan, lambda m: m.alpha, plan.alpha),
                                 "experts": plan.config.method_options.experts, "image_modules": image, **overrides})
 
     @classmethod

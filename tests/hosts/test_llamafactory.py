@@ -231,6 +231,21 @@ def test_configured_alignment_loss_is_logged(tiny):
 
 
 @needs_lf
+def test_moe_lora_trains_through_llamafactory_with_its_balance_term_logged(tiny):
+    out = train(tiny, "moe", {**BLOCK, "method": {"name": "moe-lora", "experts": 3}})
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert logged and all(entry["loss_align/moe_balance"] > 0 for entry in logged)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "MMT_MOELORA"
+    tensors = adapter_tensors(out)
+    expected = expected_modules(tiny)
+    assert {k.removeprefix("base_model.model.").split(".moelora_")[0] for k in tensors} == set().union(*expected.values())
+    for module in (*expected["projector"], *expected["vision"]):  # B starts at zero: these trained
+        assert tensors[f"base_model.model.{module}.moelora_B"].abs().sum() > 0, module
+        assert tensors[f"base_model.model.{module}.moelora_B"].shape[0] == 3
+
+
+@needs_lf
 def test_torchrun_ranks_apply_the_same_setup(tiny):
     """FORCE_TORCHRUN with one CPU process: the rank re-enters through this module and applies the plan.
     (More than one device is untested here: there is no GPU.)"""
