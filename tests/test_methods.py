@@ -27,7 +27,7 @@ from mmtuning_plugin.methods.bottleneck import BottleneckLinear
 from mmtuning_plugin.methods.moe_lora import MoeLoraLinear, load_balance, moe_layers
 from mmtuning_plugin.session import MMTuning
 from mmtuning_plugin.targets import plan_targets
-from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+from mmtuning_plugin.testing.tiny import tiny_batch, tiny_model
 from mmtuning_plugin.testing.tiny_families import tiny_family_batch, tiny_family_model
 from transformers import TrainingArguments
 

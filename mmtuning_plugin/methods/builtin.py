@@ -6,7 +6,6 @@ LoRA experts) are mmtuning's, registered with PEFT in `bottleneck.py` and `moe_l
 
 from __future__ import annotations
 
-import re
 from itertools import groupby
 from typing import Any, Literal, Optional
 

@@ -15,26 +15,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import MMTuningError
-from .peft_types import extend_peft_type, register_with_peft
+from .peft_types import register_with_peft
+from .tuner import ExactTargetsConfig, LinearAdapterLayer, LinearTuner
 
 PEFT_NAME, PREFIX = "mmt_moelora", "moelora_"
-NOT_MERGEABLE = ("MoE-LoRA mixes its experts per token by a router, so no single weight delta exists to merge; "
-                 "keep it as an adapter (PeftModel.from_pretrained) or train method: lora to merge")
 
 
 @dataclass
-class MoeLoraConfig(PeftConfig):
+class MoeLoraConfig(ExactTargetsConfig):
     """PEFT config of mmtuning's modality-routed mixture of LoRA experts (peft_type MMT_MOELORA)."""
 
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Exact module names."})
+    peft_name = PEFT_NAME
+
     r: int = field(default=8, metadata={"help": "Rank of each expert."})
     lora_alpha: float = field(default=16, metadata={"help": "Scaling alpha / r, as LoRA."})
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Exact module name -> rank."})
@@ -45,11 +42,9 @@ class MoeLoraConfig(PeftConfig):
                                                                         "tokens (vision tower, projector)."})
     image_token_id: Optional[int] = field(default=None, metadata={"help": "Image placeholder id in input_ids; "
                                                                           "None: read from the model config."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = extend_peft_type(PEFT_NAME)
         if self.experts < 1:
             raise ValueError(f"experts: {self.experts}; write 1 or more")
 
@@ -69,12 +64,14 @@ class TokenModality:
         self.image_mask = None if ids is None or self.image_token_id is None else ids == self.image_token_id
 
 
-class MoeLoraLayer(BaseTunerLayer):
+class MoeLoraLayer(LinearAdapterLayer):
     adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router_image", "moelora_router_text")
     other_param_names = ("r", "lora_alpha", "scaling", "experts", "moelora_dropout")
+    not_mergeable = ("MoE-LoRA mixes its experts per token by a router, so no single weight delta exists to merge; "
+                     "keep it as an adapter (PeftModel.from_pretrained) or train method: lora to merge")
 
     def __init__(self, base_layer: nn.Module, routing: TokenModality, all_image: bool, **kwargs) -> None:
-        self.base_layer = base_layer
+        self._wrap(base_layer)
         self.moelora_A = nn.ParameterDict({})
         self.moelora_B = nn.ParameterDict({})
         self.moelora_router_image = nn.ModuleDict({})
@@ -87,10 +84,6 @@ class MoeLoraLayer(BaseTunerLayer):
         self.routing = routing
         self.all_image = all_image
         self.balance: torch.Tensor | None = None  # this layer's last load-balance statistic (training only)
-        self._disable_adapters = False
-        self.merged_adapters = []
-        base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, experts: int, dropout: float) -> None:
         self.r[adapter_name], self.lora_alpha[adapter_name], self.experts[adapter_name] = r, alpha, experts
@@ -105,12 +98,6 @@ class MoeLoraLayer(BaseTunerLayer):
         self.moelora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise MMTuningError(NOT_MERGEABLE)
-
-    def unmerge(self) -> None:
-        raise MMTuningError(NOT_MERGEABLE)
 
 
 class MoeLoraLinear(nn.Module, MoeLoraLayer):
@@ -165,13 +152,13 @@ def load_balance(gates: torch.Tensor) -> torch.Tensor:
     return flat.shape[-1] * (share * flat.mean(0)).sum()
 
 
-class MoeLoraModel(BaseTuner):
+class MoeLoraModel(LinearTuner):
     """PEFT tuner: MoE-LoRA layers on the targeted Linear modules, and the pre-hook that tells them which tokens
     are image tokens."""
 
     prefix: str = PREFIX
     tuner_layer_cls = MoeLoraLayer
-    target_module_mapping: dict = {}
+    linear_class = MoeLoraLinear
 
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if peft_config.image_token_id is None:
@@ -191,22 +178,13 @@ class MoeLoraModel(BaseTuner):
             self.__dict__["_routing_hook"] = self.model.register_forward_pre_hook(routing.read, with_kwargs=True)
         return routing
 
-    def _create_and_replace(self, peft_config: MoeLoraConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
-        settings = dict(r=peft_config.rank_pattern.get(current_key, peft_config.r),
-                        alpha=peft_config.alpha_pattern.get(current_key, peft_config.lora_alpha),
-                        experts=peft_config.experts, dropout=peft_config.dropout)
-        if isinstance(target, MoeLoraLayer):
-            target.update_layer(adapter_name, **settings)
-            return
-        if not isinstance(target, nn.Linear):
-            raise MMTuningError(f"{current_key}: MoE-LoRA adapts Linear modules, not a {type(target).__name__}; "
-                                f"leave it out of the targets")
-        new_module = MoeLoraLinear(target, adapter_name, self._routing(peft_config),
-                                   current_key in set(peft_config.image_modules), **settings)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def layer_settings(self, peft_config: MoeLoraConfig, current_key: str) -> dict:
+        return dict(r=peft_config.rank_pattern.get(current_key, peft_config.r),
+                    alpha=peft_config.alpha_pattern.get(current_key, peft_config.lora_alpha),
+                    experts=peft_config.experts, dropout=peft_config.dropout)
+
+    def extra_layer_arguments(self, peft_config: MoeLoraConfig, current_key: str) -> dict:
+        return {"routing": self._routing(peft_config), "all_image": current_key in peft_config.image_modules}
 
 
 def moe_layers(model: nn.Module) -> list[MoeLoraLinear]:

@@ -9,45 +9,36 @@ with the values; `counts` in the config sizes them before loading.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
-from peft.config import PeftConfig
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import MMTuningError
-from .peft_types import extend_peft_type, register_with_peft
+from .peft_types import register_with_peft
+from .tuner import ExactTargetsConfig, LinearAdapterLayer, LinearTuner
 
 PEFT_NAME, PREFIX = "mmt_sparse", "sparse_"
 
 
 @dataclass
-class SparseDeltaConfig(PeftConfig):
+class SparseDeltaConfig(ExactTargetsConfig):
     """PEFT config of a sparse delta per module (peft_type MMT_SPARSE)."""
 
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Exact module names."})
+    peft_name = PEFT_NAME
+
     counts: dict = field(default_factory=dict, metadata={"help": "Exact module name -> number of delta entries."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.peft_type = extend_peft_type(PEFT_NAME)
 
 
-class SparseDeltaLayer(BaseTunerLayer):
+class SparseDeltaLayer(LinearAdapterLayer):
     adapter_layer_names = ("sparse_values",)
     other_param_names = ("sparse_indices",)
+    not_mergeable = ("a tailored sparse delta is kept as an adapter; merge the LoRA it came from, or load this one "
+                     "with PeftModel.from_pretrained after mmtuning_plugin.methods.register_peft_methods()")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
-        self.base_layer = base_layer
+        self._wrap(base_layer)
         self.sparse_values = nn.ParameterDict({})
         self.sparse_indices = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters = []
-        base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, count: int) -> None:
         self.sparse_values[adapter_name] = nn.Parameter(torch.zeros(count))
@@ -60,13 +51,6 @@ class SparseDeltaLayer(BaseTunerLayer):
         rows, columns = self.sparse_indices[adapter_name]
         dense = torch.zeros(self.out_features, self.in_features, dtype=values.dtype, device=values.device)
         return dense.index_put((rows, columns), values)
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise MMTuningError("a tailored sparse delta is kept as an adapter; merge the LoRA it came from, or load this "
-                            "one with PeftModel.from_pretrained after mmtuning_plugin.methods.register_peft_methods()")
-
-    def unmerge(self) -> None:
-        self.merge()
 
 
 class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
@@ -90,23 +74,13 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
         return "sparse." + super().__repr__()
 
 
-class SparseDeltaModel(BaseTuner):
+class SparseDeltaModel(LinearTuner):
     prefix: str = PREFIX
     tuner_layer_cls = SparseDeltaLayer
-    target_module_mapping: dict = {}
+    linear_class = SparseDeltaLinear
 
-    def _create_and_replace(self, peft_config: SparseDeltaConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
-        count = peft_config.counts[current_key]
-        if isinstance(target, SparseDeltaLayer):
-            target.update_layer(adapter_name, count)
-            return
-        if not isinstance(target, nn.Linear):
-            raise MMTuningError(f"{current_key}: a sparse delta applies to Linear modules, not a {type(target).__name__}")
-        new_module = SparseDeltaLinear(target, adapter_name, count)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def layer_settings(self, peft_config: SparseDeltaConfig, current_key: str) -> dict:
+        return {"count": peft_config.counts[current_key]}
 
 
 def register() -> None:
