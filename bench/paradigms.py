@@ -2,6 +2,7 @@
 each with and without `keep:`.
 
     PYTHONPATH=. python bench/paradigms.py --seeds 0 1 2 [--steps 500] [--jobs 2] [--out /tmp/paradigms]
+    PYTHONPATH=. python bench/paradigms.py --summarize /tmp/paradigms/results.jsonl [--tailor /tmp/tailor/results.jsonl]
 
 Every arm is the demo's runner (`mmtune demo`'s 4-bit tiny LLaVA, training stream, steps, learning rate and
 128 + 128 held-out items); the methods differ only in their `mmtuning:` block (METHODS below). "+ keep" adds
@@ -68,6 +69,43 @@ def arms(keep_ramp: float | None = None) -> dict[str, dict]:
     return out
 
 
+def summary_table(results: Path, tailor: Path | None = None) -> str:
+    """Markdown: per method, mean over seeds of trainable, CPU s / step and E / F / O, without and with keep, and
+    on how many seeds E >= +90 and F >= -5 (the demo's goal); plus the tailored rows of bench/tailor.py."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    by_arm: dict[str, list[dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+
+    def cells(runs: list[dict]) -> str:
+        if not runs:
+            return "- | - | -"
+        goal = sum(r["E"] >= 90 and r["F"] >= -5 for r in runs)
+        return (f"{mean(runs, 'step_cpu_seconds'):.3f} | {mean(runs, 'E'):+.1f} / {mean(runs, 'F'):+.1f} / "
+                f"**{mean(runs, 'O'):+.1f}** | {goal} of {len(runs)}")
+
+    lines = ["| paradigm | method | trainable | CPU s / step | E / F / O | goal met | CPU s / step with keep | "
+             "E / F / O with keep | goal met with keep |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, (paradigm, _) in METHODS.items():
+        plain, kept = by_arm.get(name, []), by_arm.get(f"{name}+keep", [])
+        if plain or kept:
+            trainable = (plain or kept)[0]["trainable_params"]
+            lines.append(f"| {paradigm} | {name} | {trainable:,} | {cells(plain)} | {cells(kept)} |")
+    if tailor is not None and tailor.is_file():
+        tailored: dict[tuple, list[dict]] = {}
+        for line in tailor.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                tailored.setdefault((row["variant"], row["keep"]), []).append(row)
+        for (variant, share), runs in sorted(tailored.items(), key=lambda item: (item[0][0], -item[0][1])):
+            goal = sum(r["E"] >= 90 and r["F"] >= -5 for r in runs)
+            lines.append(f"| selective (posterior) | plain_lora, tailor {variant} {share:g} | - | - | "
+                         f"{mean(runs, 'E'):+.1f} / {mean(runs, 'F'):+.1f} / **{mean(runs, 'O'):+.1f}** | "
+                         f"{goal} of {len(runs)} | - | - | - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,7 +114,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) runs at once, one process each")
     parser.add_argument("--keep-ramp", type=float, default=None, help="replace the recipe keep block's ramp")
     parser.add_argument("--out", type=Path, default=Path("/tmp/paradigms"))
+    parser.add_argument("--summarize", type=Path, default=None, help="print the markdown table of a results.jsonl")
+    parser.add_argument("--tailor", type=Path, default=None, help="with --summarize: bench/tailor.py's results.jsonl")
     args = parser.parse_args()
+    if args.summarize:
+        print(summary_table(args.summarize, args.tailor))
+        return
     recipes = arms(args.keep_ramp)
     chosen = args.arms or list(recipes)
     args.out.mkdir(parents=True, exist_ok=True)
