@@ -46,6 +46,9 @@ METHODS: dict[str, tuple[str, dict | None]] = {
     # image router on image tokens and a text router on the others; the load-balance term at 0.01.
     "moe_lora": ("reparameterization", {"method": {"name": "moe-lora", "experts": 4}, "vision": False, "projector": {},
                                         "language": {"modules": "attention"}, "r": 8, "alpha": 16}),
+    # Calibrated starts (reparameterization by calibration) on plain LoRA's block: every LoRA module starts from its
+    # base weight's principal (PiSSA) or minor (MiLoRA) singular components, or its QR (OLoRA).
+    **{f"plain_lora_{init}": ("reparameterization (calibration)", None) for init in ("pissa", "milora", "olora")},
 }
 
 
@@ -57,12 +60,14 @@ def arms(keep_ramp: float | None = None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name, (paradigm, block) in METHODS.items():
         if block is None:
-            base = recipes["mmtuning" if name == "layers_auto" else name]["mmtuning"]
-            block = copy.deepcopy(base)
+            source = "mmtuning" if name == "layers_auto" else "plain_lora" if name.startswith("plain_lora_") else name
+            block = copy.deepcopy(recipes[source]["mmtuning"])
             if name == "layers_auto":
                 block["language"] = {**block["language"], "layers": {"auto": {"top_k": 2}}}
+            if name.startswith("plain_lora_"):
+                block["init"] = name.removeprefix("plain_lora_")
         block = {k: v for k, v in copy.deepcopy(block).items() if k != "keep"}
-        if "quant" not in block and name != "plain_lora":
+        if "quant" not in block and not name.startswith("plain_lora"):
             block["quant"] = "balanced"
         out[name] = {"label": name, "paradigm": paradigm, "mmtuning": block}
         out[f"{name}+keep"] = {"label": f"{name} + keep", "paradigm": paradigm, "mmtuning": {**block, "keep": keep}}

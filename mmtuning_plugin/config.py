@@ -576,6 +576,8 @@ def parse_schedule(value: Any, modality: str, where: str | None = None) -> Layer
 
 # --- adapter methods (`method:`) ---------------------------------------------------------------------------
 
+INITS = ("lora", "pissa", "milora", "olora")  # `init:` values; methods/inits.py holds how each starts
+
 
 class MethodOptions(BaseModel):
     """Options of an adapter method; a registered method subclasses this to add its own (none for `lora`)."""
@@ -775,6 +777,10 @@ class ModalitySpec(BaseModel):
     alpha: float | None = Field(
         default=None, gt=0, description="LoRA alpha for this modality (default: keeps the top-level alpha/r ratio)."
     )
+    init: Optional[Literal[INITS]] = Field(
+        default=None, description="How this modality's LoRA factors start (default: top-level `init`); see `init` "
+        "of the block and docs/methods.md.",
+    )
     full: bool = Field(
         default=False,
         description="Projector only: train the whole projector (PEFT modules_to_save) instead of adapters on it.",
@@ -967,6 +973,13 @@ class MMTuningConfig(BaseModel):
         default_factory=dict, validate_default=True,
         description="The method's own options (what the `method:` block form writes besides `name`).",
     )
+    init: Literal[INITS] = Field(
+        default="lora",
+        description="How LoRA factors start, per modality through `vision: {init: ...}`: `lora` (B = 0); calibrated "
+        "from each base weight: `pissa` (its principal singular components), `milora` (its minor ones), `olora` "
+        "(its QR). The calibrated start is cancelled by a frozen copy inside the same factors (rank 2r saved), so "
+        "training starts from the base and the adapter-off model stays the base (keep, eval). docs/methods.md.",
+    )
     r: int = Field(default=16, ge=1, description="Default rank for every modality.")
     alpha: float = Field(default=32, gt=0, description="Default alpha (LoRA scaling is alpha / r).")
     dropout: float | None = Field(
@@ -1056,6 +1069,13 @@ class MMTuningConfig(BaseModel):
                              f"or keep it 16-bit (quant.projector: none, or quant: balanced)")
         if (self.use_dora or self.use_rslora) and self.method != "lora":
             raise ValueError(f"use_dora/use_rslora need method: lora (got method: {self.method})")
+        calibrated = sorted({self.init_of(m) for m in MODALITIES if getattr(self, m).enabled} - {"lora"})
+        if calibrated and self.method != "lora":
+            raise ValueError(f"init: {calibrated[0]} starts LoRA factors from the base weights; it needs method: lora "
+                             f"(got method: {self.method}); remove `init`, or write method: lora")
+        if calibrated and self.use_dora:
+            raise ValueError(f"init: {calibrated[0]} and use_dora: DoRA's magnitude is taken from the weight plus the "
+                             f"starting delta, which a calibrated start makes non-zero; use one of them")
         method = registered_methods()[self.method]
         method.check(self)
         for name, options in method.default_losses(self.method_options).items():
@@ -1069,6 +1089,9 @@ class MMTuningConfig(BaseModel):
 
     def rank(self, modality: str) -> int:
         return self.spec(modality).r or self.r
+
+    def init_of(self, modality: str) -> str:
+        return self.spec(modality).init or self.init
 
     def scale_alpha(self, modality: str) -> float:
         spec = self.spec(modality)

@@ -40,6 +40,7 @@ def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
             "targeted_params": sum(m.leaf.params for m in planned),
             "r": plan.config.rank(modality),
             "alpha": plan.config.scale_alpha(modality),
+            "init": plan.config.init_of(modality),
             "trainable_params": plan.trainable_params(modality),
             **training_bytes(plan.trainable_params(modality)),
             "selective": selective_row(plan, modality),

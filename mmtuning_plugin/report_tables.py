@@ -34,7 +34,8 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
             f"{len(selective['modules'])} whole" if selective else
             f"{len(row['targeted'])}/{max(len(row['modules']), len(row['targeted']))}",
             human(row["params"]),
-            f"{row['r']}/{row['alpha']:g}" if on and not selective else
+            f"{row['r']}/{row['alpha']:g}" + (f" {row['init']}" if row.get("init", "lora") != "lora" else "")
+            if on and not selective else
             "-" if on else "absent" if row.get("absent") else "off",
             human(row["trainable_params"]) if on else "0",
         )

@@ -259,11 +259,12 @@ class MMTuning:
 
     def callbacks(self) -> list[Any]:
         """transformers TrainerCallbacks this run needs: the layer schedule (a no-op stage for static runs), SPIDER's
-        update mask, losses, keep, and the run report (phase 6)."""
+        update mask, calibrated inits' frozen halves, losses, keep, and the run report (phase 6)."""
+        from .methods.inits import init_callback  # a no-op unless a modality uses a calibrated `init`
         from .schedules import schedule_callback
         from .selective.spider import spider_callback  # a no-op unless a modality uses `selective: spider`
 
-        return [schedule_callback(self), spider_callback(self), *self.losses.callbacks(),
+        return [schedule_callback(self), spider_callback(self), init_callback(self), *self.losses.callbacks(),
                 *([self.keep.callback()] if self.keep else []), report_callback(self)]
 
     def extra_losses(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, un
 from .config import KINDS, MMTuningConfig, load_config
 from .errors import MMTuningError, PlanMismatchError
 from .methods import method_of
+from .methods.inits import apply_inits
 from .names import module_of
 from .selective.plan import SelectedModule, plan_selective
 from .selective.runtime import selective_problems, settle_selected
@@ -318,6 +319,14 @@ def _check_method_support(modules: list[PlannedModule], parameters: list[Planned
             f"target_parameters wrapper has no dropout); remove `dropout` (it then defaults to 0 for this model), "
             f"or write `projector: {{full: true}}` / `projector: false`."
         )
+    calibrated = [m for m in modules if config.init_of(m.modality) != "lora"]
+    odd = [m for m in calibrated if not _is_linear_subclass(m.leaf) and m.leaf.module_type != "Linear"]
+    bare = [p for p in parameters if config.init_of(p.modality) != "lora"]
+    if odd or bare:
+        name, modality = (odd[0].name, odd[0].modality) if odd else (bare[0].name, bare[0].modality)
+        raise MMTuningError(
+            f"{modality}.init: {config.init_of(modality)} starts LoRA on Linear weights, but {name} is not one "
+            f"(a conv, an embedding or a bare weight); leave it out (`include`), or write `{modality}: {{init: lora}}`.")
     if parameters and not method.bare_parameters:
         raise MMTuningError(
             f"method: {config.method} cannot adapt bare parameters ({parameters[0].name}, the projector of this "
@@ -352,6 +361,7 @@ def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default"
         # bare parameters, which it does apply; verify_wrapped below checks every rank itself.
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         peft_model = get_peft_model(model, peft_config(plan, **overrides), adapter_name=adapter_name)
+    apply_inits(peft_model, plan, adapter_name)
     settle_selected(peft_model, plan)
     verify_wrapped(peft_model, plan, adapter_name)
     return peft_model

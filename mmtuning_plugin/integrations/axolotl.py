@@ -223,6 +223,10 @@ def host_problems(cfg: Any, session: MMTuning) -> list[str]:
     if session.config.method != "lora":
         problems.append(f"mmtuning.method: {session.config.method} (Axolotl builds LoRA adapters only; write `method: "
                         f"lora` (use_dora/use_rslora are available) or use the transformers Trainer integration)")
+    calibrated = sorted({session.config.init_of(m) for m in ("vision", "projector", "language")} - {"lora"})
+    if calibrated:
+        problems.append(f"mmtuning.init: {calibrated[0]} (Axolotl builds its LoRA itself, so mmtuning cannot start it "
+                        f"from the base weights; remove `init` or use the transformers Trainer or LLaMA-Factory)")
     if cfg.get("rl"):
         problems.append(f"rl: {cfg.get('rl')} (the mmtuning Axolotl plugin supports supervised fine-tuning runs only; "
                         f"remove `rl:` or the `mmtuning:` block)")

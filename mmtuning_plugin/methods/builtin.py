@@ -6,6 +6,7 @@ LoRA experts) are mmtuning's, registered with PEFT in `bottleneck.py` and `moe_l
 
 from __future__ import annotations
 
+import math
 from itertools import groupby
 from typing import Any, Literal, Optional
 
@@ -13,6 +14,7 @@ from pydantic import Field
 
 from ..config import MethodOptions
 from ..hookspecs import hookimpl
+from . import inits
 from .base import AdapterMethod, features
 
 
@@ -31,18 +33,28 @@ class LoRA(AdapterMethod):
     not_convertible = ""
 
     @classmethod
+    def size(cls, leaf, r, config):
+        return inits.size(config.init_of(leaf.modality), r)  # a calibrated start holds its frozen half too
+
+    @classmethod
     def trainable(cls, leaf, r, config):
         in_features, out_features = features(leaf)
-        return r * (in_features + out_features) + (out_features if config.use_dora else 0)
+        return cls.size(leaf, r, config) * (in_features + out_features) + (out_features if config.use_dora else 0)
 
     @classmethod
     def peft_config(cls, plan, common, overrides):
         from peft import LoraConfig
 
         config = plan.config
+        ranks, alphas = dict(plan.rank_pattern), dict(plan.alpha_pattern)
+        for key, item in plan._pattern_items():  # calibrated starts: rank 2r at the scaling of rank r
+            size = inits.size(config.init_of(item.modality), item.r)
+            if size != item.r:
+                ranks[key] = size
+                alphas[key] = item.alpha * (math.sqrt(size / item.r) if config.use_rslora else size / item.r)
         kwargs = dict(common, r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
-                      use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=plan.rank_pattern,
-                      alpha_pattern=plan.alpha_pattern, target_parameters=plan.target_parameters or None)
+                      use_dora=config.use_dora, use_rslora=config.use_rslora, rank_pattern=ranks,
+                      alpha_pattern=alphas, target_parameters=plan.target_parameters or None)
         return LoraConfig(**{**kwargs, **overrides})
 
 

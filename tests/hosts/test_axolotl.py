@@ -184,6 +184,8 @@ def config_checks(root: Path, good: dict) -> list[str]:
         "bad_layers": {"mmtuning": {**MMTUNING, "vision": {"layers": {"top": 99}}}},
         "bad_key": {"mmtuning": {**MMTUNING, "visoin": {"r": 4}}},
         "bad_freeze": {"freeze_mm_modules": True},
+        "bad_method": {"mmtuning": {**MMTUNING, "method": {"name": "moe-lora", "experts": 2}}},
+        "bad_init": {"mmtuning": {**MMTUNING, "init": "pissa"}},
     }
     for name, change in bad.items():
         config = {**good, **change, "base_model": str(root / "llava")}
@@ -304,6 +306,8 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
     ("bad_layers", "mmtuning.vision.layers: asks for top 99 layers but there are only 3 (0-2 usable"),
     ("bad_key", "mmtuning.visoin: unknown key"),
     ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
+    ("bad_method", "mmtuning.method: moe-lora (Axolotl builds LoRA adapters only"),
+    ("bad_init", "mmtuning.init: pissa (Axolotl builds its LoRA itself"),
 ])
 def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message):
     results = json.loads((runs["root"] / "configs.json").read_text())
