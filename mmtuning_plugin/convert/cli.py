@@ -156,8 +156,8 @@ def resize_command(
 def tailor_command(
     adapter: Path = typer.Argument(..., help="PEFT LoRA adapter directory."),
     out: Path = typer.Option(..., "--out", help="Output adapter directory (a sparse delta)."),
-    keep: Optional[float] = typer.Option(None, "--keep", help="Share of each module's delta entries to keep, by "
-                                         "magnitude, e.g. 0.1."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Share of each module's delta entries to keep (the "
+                                         "most salient, see --by), e.g. 0.1."),
     per_modality: Optional[str] = typer.Option(None, "--per-modality", help="Shares per modality, e.g. "
                                                "vision=0.05,language=0.1 (others: --keep, or whole)."),
     by: Optional[str] = typer.Option(None, "--by", help="Salience: magnitude (no data) or activation (delta^2 x "
