@@ -88,25 +88,33 @@ def apply_inits(model: nn.Module, plan: Any, adapter: str = "default") -> int:
     return count
 
 
-def restore_frozen_halves(model: nn.Module) -> None:
+def frozen_layers(model: nn.Module) -> list[nn.Module]:
+    return [layer for layer in model.modules() if getattr(layer, FROZEN, None) is not None]
+
+
+def restore_frozen_halves(layers: list[nn.Module]) -> None:
     """Put the frozen halves back (an optimizer's weight decay moves even a parameter whose gradient is zero)."""
     with torch.no_grad():
-        for layer in model.modules():
-            frozen = getattr(layer, FROZEN, None)
-            if frozen is not None:
-                adapter, r, a0, minus_b0 = frozen
-                layer.lora_A[adapter].weight[r:].copy_(a0)
-                layer.lora_B[adapter].weight[:, r:].copy_(minus_b0)
+        for layer in layers:
+            adapter, r, a0, minus_b0 = getattr(layer, FROZEN)
+            layer.lora_A[adapter].weight[r:].copy_(a0)
+            layer.lora_B[adapter].weight[:, r:].copy_(minus_b0)
 
 
 def init_callback(session: Any) -> Any:
-    """A transformers TrainerCallback restoring the frozen halves after each optimizer step (a no-op without them)."""
+    """A transformers TrainerCallback restoring the frozen halves after each optimizer step. The layers are found
+    once per model, so a run without calibrated inits pays one walk over its modules, not one per step."""
     from transformers import TrainerCallback
 
     class FrozenHalves(TrainerCallback):
+        found: tuple[int, list[nn.Module]] | None = None
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                restore_frozen_halves(model)
+            if model is None:
+                return
+            if self.found is None or self.found[0] != id(model):
+                self.found = (id(model), frozen_layers(model))
+            restore_frozen_halves(self.found[1])
 
     return FrozenHalves()
 
