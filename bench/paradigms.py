@@ -47,8 +47,9 @@ METHODS: dict[str, tuple[str, dict | None]] = {
     "moe_lora": ("reparameterization", {"method": {"name": "moe-lora", "experts": 4}, "vision": False, "projector": {},
                                         "language": {"modules": "attention"}, "r": 8, "alpha": 16}),
     # Calibrated starts (reparameterization by calibration) on plain LoRA's block: every LoRA module starts from its
-    # base weight's principal (PiSSA) or minor (MiLoRA) singular components, or its QR (OLoRA).
-    **{f"plain_lora_{init}": ("reparameterization (calibration)", None) for init in ("pissa", "milora", "olora")},
+    # base weight's principal (PiSSA) or minor (MiLoRA) singular components, its QR (OLoRA), or the principal
+    # components of W times its inputs' covariance on the first 8 training batches (CorDA).
+    **{f"plain_lora_{init}": ("reparameterization (calibration)", None) for init in ("pissa", "milora", "olora", "corda")},
 }
 
 

@@ -576,7 +576,8 @@ def parse_schedule(value: Any, modality: str, where: str | None = None) -> Layer
 
 # --- adapter methods (`method:`) ---------------------------------------------------------------------------
 
-INITS = ("lora", "pissa", "milora", "olora")  # `init:` values; methods/inits.py holds how each starts
+INITS = ("lora", "pissa", "milora", "olora", "corda")  # `init:` values; methods/inits.py holds how each starts
+INITS_FROM_DATA = ("corda",)  # inits that read the first training batches before wrapping
 
 
 class MethodOptions(BaseModel):
@@ -977,8 +978,14 @@ class MMTuningConfig(BaseModel):
         default="lora",
         description="How LoRA factors start, per modality through `vision: {init: ...}`: `lora` (B = 0); calibrated "
         "from each base weight: `pissa` (its principal singular components), `milora` (its minor ones), `olora` "
-        "(its QR). The calibrated start is cancelled by a frozen copy inside the same factors (rank 2r saved), so "
-        "training starts from the base and the adapter-off model stays the base (keep, eval). docs/methods.md.",
+        "(its QR); from the base weight and the data: `corda` (W times the inputs' covariance on the first "
+        "`init_batches` training batches). The calibrated start is cancelled by a frozen copy inside the same factors "
+        "(rank 2r saved), so training starts from the base and the adapter-off model stays the base (keep, eval). "
+        "docs/methods.md.",
+    )
+    init_batches: int = Field(
+        default=8, ge=1, description="Training batches `init: corda` reads (one forward each, before wrapping) for "
+        "each module's input covariance.",
     )
     r: int = Field(default=16, ge=1, description="Default rank for every modality.")
     alpha: float = Field(default=32, gt=0, description="Default alpha (LoRA scaling is alpha / r).")
@@ -1092,6 +1099,10 @@ class MMTuningConfig(BaseModel):
 
     def init_of(self, modality: str) -> str:
         return self.spec(modality).init or self.init
+
+    def inits_from_data(self) -> list[str]:
+        """The enabled modalities' inits that read training batches before wrapping."""
+        return sorted({self.init_of(m) for m in MODALITIES if self.spec(m).enabled} & set(INITS_FROM_DATA))
 
     def scale_alpha(self, modality: str) -> float:
         spec = self.spec(modality)

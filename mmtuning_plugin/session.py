@@ -10,6 +10,7 @@ the phases it went through (`phases`), and the run report shows them, so a host 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -65,6 +66,7 @@ class MMTuning:
         self.plan: TargetPlan | None = None
         self._planned_on: int | None = None
         self._planned_ahead = False  # plan_ahead's every-layer stand-in for a `layers: auto` plan
+        self.init_batches: list | None = None  # the first training batches, held for `init: corda`
         self.losses = LossSuite(self.config.losses)
         self.keep = None
         if self.config.keep is not None:  # reads keep files now: bad keep input fails before weights load
@@ -115,6 +117,7 @@ class MMTuning:
         without them every layer stands in until `wrap` gets them), check its quantization against `quant:`, run
         mmtuning's k-bit preparation where the host leaves it to mmtuning, refuse `full` training of packed modules."""
         self.enter("loaded")
+        probe_batches = self.hold_batches(probe_batches)
         if self.needs_probe() and probe_batches is None:
             plan = self.plan_ahead(model)
         else:
@@ -144,7 +147,7 @@ class MMTuning:
         `probe_batches` (the first collated training batches, labels included) on this unwrapped model."""
         from .probe import plan_with_probe
 
-        self.plan = plan_with_probe(model, self.config, probe_batches, seed, log)
+        self.plan = plan_with_probe(model, self.config, self.hold_batches(probe_batches), seed, log)
         self._planned_on = id(model)
         self._planned_ahead = False
         return self.plan
@@ -161,23 +164,38 @@ class MMTuning:
         return self.plan
 
     def needs_probe(self) -> bool:
-        """True when `layers: auto` asks for training batches before the model can be wrapped."""
+        """True when training batches are needed before the model can be wrapped: `layers: auto` (the probe) or an
+        init that reads data (`init: corda`)."""
         from .probe import auto_modalities
 
-        return bool(auto_modalities(self.config))
+        return bool(auto_modalities(self.config)) or bool(self.config.inits_from_data())
+
+    def hold_batches(self, batches: Any) -> Any:
+        """The first training batches, read once and held when a data-reading init needs them at wrap time (the
+        probe may read them first, and a host's batches are a generator); otherwise `batches` as given."""
+        if not self.config.inits_from_data():
+            return batches
+        if self.init_batches is None and batches is not None:
+            from .probe import auto_modalities
+
+            wanted = max([self.config.init_batches] + [self.config.spec(m).layers.auto.batches
+                                                       for m in auto_modalities(self.config)])
+            self.init_batches = list(itertools.islice(iter(batches), wanted))
+        return self.init_batches
 
     def wrap(self, model: nn.Module, adapter_name: str = "default", probe_batches: Any = None, seed: int = 0,
              **peft_overrides: Any):
         """Plan (unless `after_load` just planned this model exactly; probing `probe_batches` under `layers: auto`),
         wrap with PEFT and verify: the PeftModel a trainer should train."""
         self.enter("adapters")
+        probe_batches = self.hold_batches(probe_batches)
         planned = self.plan is not None and self._planned_on == id(model) and not self._planned_ahead
         plan = self.plan if planned else self.plan_for(model, probe_batches, seed)
         if plan.modules_to_save:
             from .quant import check_modules_to_save
 
             check_modules_to_save(model, plan.modules_to_save)
-        wrapped = apply_plan(model, plan, adapter_name, **peft_overrides)
+        wrapped = apply_plan(model, plan, adapter_name, calibration=self.init_batches, **peft_overrides)
         self.attach(wrapped)
         return wrapped
 

@@ -18,7 +18,7 @@ from .arch import MODALITIES, Leaf, ModalityMap, ModelLayout, resolve_layout, un
 from .config import KINDS, MMTuningConfig, load_config
 from .errors import MMTuningError, PlanMismatchError
 from .methods import method_of
-from .methods.inits import apply_inits
+from .methods.inits import apply_inits, check_init_data
 from .names import module_of
 from .selective.plan import SelectedModule, plan_selective
 from .selective.runtime import selective_problems, settle_selected
@@ -350,18 +350,21 @@ def peft_config(plan: TargetPlan, **overrides: Any):
     return method_of(plan.config).peft_config(plan, common, overrides)
 
 
-def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default", **overrides: Any):
-    """Wrap `model` with PEFT per `plan` and check the result (raises PlanMismatchError)."""
+def apply_plan(model: nn.Module, plan: TargetPlan, adapter_name: str = "default", calibration: Any = None,
+               **overrides: Any):
+    """Wrap `model` with PEFT per `plan` and check the result (raises PlanMismatchError). `calibration`: the
+    training batches a data-reading init (`init: corda`) needs."""
     import warnings
 
     from peft import get_peft_model
 
+    check_init_data(plan, calibration)
     with warnings.catch_warnings():
         # PEFT's check of rank/alpha patterns looks only at module names and so warns about the patterns of
         # bare parameters, which it does apply; verify_wrapped below checks every rank itself.
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         peft_model = get_peft_model(model, peft_config(plan, **overrides), adapter_name=adapter_name)
-    apply_inits(peft_model, plan, adapter_name)
+    apply_inits(peft_model, plan, adapter_name, calibration)
     settle_selected(peft_model, plan)
     verify_wrapped(peft_model, plan, adapter_name)
     return peft_model

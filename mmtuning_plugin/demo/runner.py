@@ -161,7 +161,7 @@ def run_arm(name: str, recipe: dict[str, Any], settings: DemoSettings, train: li
     session = MMTuning(block, where=f"{name}.mmtuning")
     torch.manual_seed(settings.seed)
     collate = lambda rows: training_batch(rows, processor.tokenizer.pad_token_id)  # noqa: E731
-    probe = first_batches(train, collate, settings.batch_size) if session.needs_probe() else None  # layers: auto
+    probe = first_batches(train, collate, settings.batch_size) if session.needs_probe() else None  # layers: auto, init: corda
     model = session.wrap(load_base(settings.model_dir, session, settings.four_bit), probe_batches=probe,
                          seed=settings.seed)
     tokenizer = processor.tokenizer

@@ -176,8 +176,11 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where}: stage: {stage} is not supported with an `mmtuning:` block yet; supported "
                             f"stages: {', '.join(TRAINER_BY_STAGE)}.")
     if session.needs_probe() and stage != "sft":
-        raise MMTuningError(f"{where}: `layers: auto` probes the run's first training batches, which mmtuning reads "
-                            f"in stage: sft only; train with stage: sft, or write the layers yourself (e.g. {{top: 4}}).")
+        reader = "`layers: auto` probes" if not session.config.inits_from_data() else \
+            f"init: {session.config.inits_from_data()[0]} reads"
+        raise MMTuningError(f"{where}: {reader} the run's first training batches, which mmtuning reads in stage: sft "
+                            f"only; train with stage: sft, or write the layers yourself (e.g. {{top: 4}}) and use an "
+                            f"init that needs no data (pissa, milora, olora).")
     if session.keep is not None and stage != "sft":
         raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
                             f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")

@@ -1,6 +1,6 @@
-"""Calibrated LoRA starts (`init: pissa | milora | olora`), per modality, without touching the base weights.
+"""Calibrated LoRA starts (`init: pissa | milora | olora | corda`), per modality, without touching the base weights.
 
-PiSSA, MiLoRA and OLoRA start LoRA's factors from a decomposition of the base weight W and subtract that start from
+PiSSA, MiLoRA, OLoRA and CorDA start LoRA's factors from a decomposition of the base weight W and subtract that start from
 W, so the model starts equal to the base. Rewriting W would make the adapter-off model a different model (keep,
 the anchor loss and `mmtune eval` compare with the adapter-off model) and a 4-bit W would have to be re-quantized.
 Here W stays as it is: each calibrated module's LoRA gets rank 2r with factors
@@ -11,6 +11,9 @@ the first half trainable, the second half frozen (its gradient is masked, and it
 step, in case weight decay moved it). The trained adapter is a plain rank-2r LoRA whose delta is
 `scale * (B1 A1 - B0 A0)`, exactly what the rewritten-base methods learn, and it loads, merges and exports on the
 original base like any LoRA. The cost is a second r of frozen factors in each calibrated module.
+
+CorDA also reads data: each module's input covariance C on the first training batches, and decomposes W C instead
+of W, so the start holds the directions the task's inputs excite most (its instruction-previewed mode).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..config import INITS_FROM_DATA
+from ..errors import MMTuningError
 
 FROZEN = "_mmtuning_frozen_half"  # layer attribute: (A0, -B0), the halves put back after each step
 
@@ -44,8 +50,23 @@ def orthonormal(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     return upper[:r], q[:, :r]
 
 
-STARTS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
-    "pissa": principal, "milora": minor, "olora": orthonormal,
+DAMPING = 1e-4  # CorDA's covariance damping, relative to its mean diagonal
+
+
+def correlated(weight: torch.Tensor, r: int, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA (instruction-previewed): SVD of W C = U S Vh, so W = U S (Vh C^-1); the r largest triplets, as
+    A0 = sqrt(S) Vh C^-1, B0 = U sqrt(S). C is damped (a small share of its mean diagonal) so it inverts even
+    when the batches span fewer directions than the module's inputs."""
+    cov = covariance.double()
+    cov = cov + torch.eye(len(cov), dtype=cov.dtype, device=cov.device) * (DAMPING * cov.diagonal().mean() + 1e-12)
+    u, s, vh = torch.linalg.svd(weight.double() @ cov, full_matrices=False)
+    root = s[:r].sqrt()
+    a0 = torch.linalg.solve(cov, vh[:r].T).T  # Vh_r C^-1 (C is symmetric)
+    return (root[:, None] * a0).float(), (u[:, :r] * root[None, :]).float()
+
+
+STARTS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "pissa": principal, "milora": minor, "olora": orthonormal, "corda": correlated,
 }
 
 
@@ -60,9 +81,10 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     return weight.detach().float()
 
 
-def calibrate(layer: nn.Module, adapter: str, init: str, r: int) -> None:
+def calibrate(layer: nn.Module, adapter: str, init: str, r: int, covariance: torch.Tensor | None = None) -> None:
     """Fill a rank-2r LoRA layer with [A0; A0], [B0, -B0] for `init` and freeze the second halves."""
-    a0, b0 = STARTS[init](base_weight(layer), r)
+    extra = () if covariance is None else (covariance.to(base_weight(layer).device),)
+    a0, b0 = STARTS[init](base_weight(layer), r, *extra)
     a0, b0 = a0 / math.sqrt(layer.scaling[adapter]), b0 / math.sqrt(layer.scaling[adapter])  # scale * B0 A0 = part of W
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     with torch.no_grad():
@@ -75,17 +97,81 @@ def calibrate(layer: nn.Module, adapter: str, init: str, r: int) -> None:
     setattr(layer, FROZEN, (adapter, r, lora_a.detach()[r:].clone(), lora_b.detach()[:, r:].clone()))
 
 
-def apply_inits(model: nn.Module, plan: Any, adapter: str = "default") -> int:
-    """Calibrate every planned module whose modality asks for a calibrated init; returns how many."""
+def check_init_data(plan: Any, batches: Any) -> None:
+    """Before wrapping (nothing changed yet): an init that reads data needs the training batches."""
+    needing = sorted({plan.config.init_of(m.modality) for m in plan.modules} & set(INITS_FROM_DATA))
+    if needing and batches is None:
+        raise MMTuningError(
+            f"init: {needing[0]} builds each module's start from its inputs on the first training batches, and none "
+            f"were given here. Give the data: pass the unwrapped model to MMTuningTrainer with its train_dataset (it "
+            f"reads the first batches), call MMTuning.wrap(model, probe_batches=...), or train through "
+            f"LLaMA-Factory (stage: sft); or use a start that needs no data (init: pissa, milora or olora).")
+
+
+def apply_inits(model: nn.Module, plan: Any, adapter: str = "default", batches: Any = None) -> int:
+    """Calibrate every planned module whose modality asks for a calibrated init (`batches`: the training batches
+    the data-reading inits need); returns how many."""
     from ..names import PEFT_PREFIX
 
-    count = 0
-    for planned in plan.modules:
-        init = plan.config.init_of(planned.modality)
-        if init != "lora":
-            calibrate(model.get_submodule(PEFT_PREFIX + planned.name), adapter, init, planned.r)
-            count += 1
-    return count
+    calibrated = {planned.name: (planned, model.get_submodule(PEFT_PREFIX + planned.name))
+                  for planned in plan.modules if plan.config.init_of(planned.modality) != "lora"}
+    reading = {name: layer for name, (planned, layer) in calibrated.items()
+               if plan.config.init_of(planned.modality) in INITS_FROM_DATA}
+    covariances = input_covariances(model, reading, batches, plan.config.init_batches) if reading else {}
+    for name, (planned, layer) in calibrated.items():
+        calibrate(layer, adapter, plan.config.init_of(planned.modality), planned.r, covariances.get(name))
+    return len(calibrated)
+
+
+def input_covariances(model: nn.Module, layers: dict[str, nn.Module], batches: Any, limit: int) -> dict[str, torch.Tensor]:
+    """Each layer's mean input outer product E[x x^T] over every token of the first `limit` batches (eval mode, no
+    grad; summed over the ranks of a distributed run so that every rank starts the same)."""
+    import itertools
+
+    from ..base_view import cpu_4bit_repack_off
+    from ..keep.batches import to_model
+
+    sums: dict[str, list] = {name: [None, 0] for name in layers}
+
+    def hook_for(name: str):
+        def hook(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            total = sums[name]
+            total[0] = x.T @ x if total[0] is None else total[0] + x.T @ x
+            total[1] += x.shape[0]
+        return hook
+
+    handles = [layer.get_base_layer().register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), cpu_4bit_repack_off(model):
+            for batch in itertools.islice(iter(batches), limit):
+                batch = {k: v for k, v in dict(batch).items() if k != "labels"}
+                model(**to_model(batch, model))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return {name: total[0] / total[1] for name, total in summed_over_ranks(sums, layers).items()}
+
+
+def summed_over_ranks(sums: dict[str, list], layers: dict[str, nn.Module]) -> dict[str, list]:
+    """The sums of every rank (each read its own batches), after refusing a layer no batch reached."""
+    import torch.distributed as dist
+
+    for name, total in sums.items():
+        if total[0] is None:
+            raise MMTuningError(f"init: corda: {name} got no input from the calibration batches (do they carry what "
+                                f"this module reads, e.g. pixel_values for the vision tower?); give training batches "
+                                f"as the trainer collates them, or use init: pissa, milora or olora for its modality.")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for total in sums.values():
+            count = torch.tensor([float(total[1])], dtype=torch.float64, device=total[0].device)
+            dist.all_reduce(total[0])
+            dist.all_reduce(count)
+            total[1] = float(count)
+    return sums
 
 
 def frozen_layers(model: nn.Module) -> list[nn.Module]:

@@ -130,7 +130,9 @@ def test_lora_run_adapts_projector_and_vision_as_planned_with_one_group_per_moda
 
 @needs_lf
 def test_layers_auto_probes_the_runs_own_first_batches_before_wrapping(tiny):
-    block = {"projector": False, "language": {"modules": "attention", "r": 4, "layers": {"auto": {"top_k": 1, "batches": 2}}}}
+    """The probe and `init: corda` read the same first batches: the probe chooses the layer, corda starts it."""
+    block = {"projector": False, "language": {"modules": "attention", "r": 4, "init": "corda",
+                                              "layers": {"auto": {"top_k": 1, "batches": 2}}}}
     out = train(tiny, "auto", block, "max_steps=1")
     probe = read_report(out)["peft"]["probe"]  # plan.summary() in the one run report
     # 4 rows, 2 per batch: both batches probed, every answer token of the dataset ("a red circle ." + end) counted
@@ -141,6 +143,8 @@ def test_layers_auto_probes_the_runs_own_first_batches_before_wrapping(tiny):
     assert language["chosen"] == [best["layer"]]
     layers = {int(m.split(".layers.")[1].split(".")[0]) for m in adapted_modules(adapter_tensors(out))}
     assert layers == set(language["chosen"])
+    ranks = {tuple(t.shape)[0] for k, t in adapter_tensors(out).items() if "lora_A" in k}
+    assert ranks == {8}  # corda's start and its frozen copy: 2r
 
 
 TYPICAL_LORA = {"lora_rank": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all"}
@@ -422,6 +426,8 @@ def test_unsupported_stage_and_finetuning_type_are_refused():
         lf.split_config({"stage": "sft"})
     with pytest.raises(MMTuningError, match="mmtuning.keep needs stage: sft"):
         lf.split_config({"stage": "pt", "mmtuning": {"keep": {"prompts": ["what shape is it?"]}}})
+    with pytest.raises(MMTuningError, match="init: corda reads the run's first training batches"):
+        lf.split_config({"stage": "pt", "mmtuning": {"init": "corda"}})
 
 
 def test_torchrun_launch_rule_and_command():
