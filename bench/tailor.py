@@ -4,7 +4,7 @@
 
 Reads the plain-LoRA adapters a `bench/paradigms.py` sweep saved (RUNS/seed<N>-plain_lora/plain_lora/adapter,
 with their results.json for the base's and the adapter's scores), tailors each (by magnitude; by activation on 64
-training rows of the new task; the same with compensation), and scores the result on the demo's 128 + 128 held-out
+training rows of the new task; the same with compensation; by Fisher on the same rows), and scores the result on the demo's 128 + 128 held-out
 items, 4-bit base as in training. One JSON line per (seed, variant, share) goes to OUT/results.jsonl.
 """
 
@@ -21,7 +21,8 @@ from mmtuning_plugin.demo.runner import evaluate_adapter
 from mmtuning_plugin.scoring import efo
 
 VARIANTS = {"magnitude": {"by": "magnitude"}, "activation": {"by": "activation", "calib": True},
-            "activation+compensate": {"by": "activation", "calib": True, "compensate": True}}
+            "activation+compensate": {"by": "activation", "calib": True, "compensate": True},
+            "fisher": {"by": "fisher", "calib": True}}
 CALIB_ROWS = 64
 
 

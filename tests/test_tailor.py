@@ -134,8 +134,49 @@ def test_calibrated_salience_and_compensation_bring_the_outputs_closer(lora, tmp
 
 def test_calibrated_options_need_calib_data(lora):
     root, _, _ = lora
-    for options in (["--by", "activation"], ["--compensate"], ["--by", "fisher", "--calib", "x.jsonl"]):
+    for options in (["--by", "activation"], ["--compensate"], ["--by", "fisher"], ["--by", "hessian", "--calib", "x.jsonl"]):
         result = runner.invoke(app, ["convert", "tailor", str(root / "lora"), "--out", str(root / "x"), "--keep", "0.1",
                                      *options])
         assert result.exit_code == 2, result.output
-        assert ("--calib DATA.jsonl" in result.output) or ("--by fisher" in result.output), result.output
+        assert ("--calib DATA.jsonl" in result.output) or ("magnitude, activation, fisher" in result.output), result.output
+
+
+def test_fisher_salience_keeps_the_entries_the_answer_loss_is_most_curved_in(lora, tmp_path):
+    """--by fisher scores delta^2 x E[(dL/dW)^2] on the calibration answers: its choice differs from activation's,
+    and the Fisher it uses equals the base weight's own per-item squared gradient on one module."""
+    from test_eval import write_set
+
+    from mmtuning_plugin.convert.tailor import input_moments, salient
+
+    root, _, _ = lora
+    calib = write_set(tmp_path, "target", 3)
+    fisher = tailored(root, "fisher", "--keep", "0.1", "--calib", str(calib), "--by", "fisher")
+    active = tailored(root, "active_f", "--keep", "0.1", "--calib", str(calib))
+    assert fisher["by"] == "fisher" and [r["kept"] for r in fisher["modules"]] == [r["kept"] for r in active["modules"]]
+    fisher_sets = {k: t for k, t in load_file(str(root / "fisher" / "adapter_model.safetensors")).items() if "indices" in k}
+    active_sets = load_file(str(root / "active_f" / "adapter_model.safetensors"))
+    assert any(not torch.equal(t, active_sets[k]) for k, t in fisher_sets.items())  # another salience, other entries
+    _, fishers = input_moments(root / "lora", None, calib, fisher=True)
+    assert set(fishers) == {r["module"] for r in fisher["modules"]} and all(f.min() >= 0 for f in fishers.values())
+    module = fisher["modules"][0]["module"]
+    delta = read_adapter(root / "lora").modules[module].delta()
+    indices, _ = salient(delta, 0.1, fishers[module])
+    assert torch.equal(indices, fisher_sets[f"base_model.model.{module}.sparse_indices"])
+    assert torch.allclose(fishers[module], base_weight_fisher(root / "lora", calib, module), rtol=1e-3, atol=1e-12)
+
+
+def base_weight_fisher(adapter, calib, module):
+    """The same Fisher another way: the base weight's own .grad per item (same merged-weight gradient), squared."""
+    from mmtuning_plugin.evaluate import item_batches, load_adapter_model, read_items
+
+    model, processor, _ = load_adapter_model(adapter, None, four_bit=False)
+    weight = model.get_submodule("base_model.model." + module).get_base_layer().weight
+    weight.requires_grad_(True)
+    model.eval()
+    items = read_items(calib, "calib")
+    total = torch.zeros_like(weight)
+    for batch in item_batches(items, processor, batch_size=1):
+        model(**batch).loss.backward()
+        total += weight.grad.float().pow(2)
+        weight.grad = None
+    return total / len(items)

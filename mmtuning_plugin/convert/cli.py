@@ -160,10 +160,11 @@ def tailor_command(
                                          "most salient, see --by), e.g. 0.1."),
     per_modality: Optional[str] = typer.Option(None, "--per-modality", help="Shares per modality, e.g. "
                                                "vision=0.05,language=0.1 (others: --keep, or whole)."),
-    by: Optional[str] = typer.Option(None, "--by", help="Salience: magnitude (no data) or activation (delta^2 x "
-                                     "input second moment on --calib); default activation with --calib."),
+    by: Optional[str] = typer.Option(None, "--by", help="Salience: magnitude (no data), activation (delta^2 x "
+                                     "input second moment on --calib) or fisher (delta^2 x the weight's empirical "
+                                     "Fisher on --calib's answers, one backward per item); default activation with --calib."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Eval JSONL of the new task (image, question, answer): "
-                                         "the modules' inputs for --by activation and --compensate."),
+                                         "the modules' inputs for --by activation|fisher and --compensate."),
     compensate: bool = typer.Option(False, "--compensate", help="Refit the kept entries per output row so the "
                                     "module's output on --calib stays closest to the full delta's."),
     base: Optional[str] = BASE,

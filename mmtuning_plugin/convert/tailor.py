@@ -6,6 +6,8 @@ share of the entries of its delta `scaling * B @ A`, so no module is emptied. Sa
 - `magnitude`: |delta_ij|; needs no data.
 - `activation`: delta_ij^2 * E[x_j^2], the loss increase Optimal Brain Damage estimates for dropping the entry, with
   x the module's input over the calibration items (`--calib`, an eval JSONL of the new task).
+- `fisher`: delta_ij^2 * F_ij, with F the empirical Fisher of the merged weight on the calibration items' answer
+  loss (Model Tailor's salience: the second-order loss increase when the entry's change is dropped).
 `--compensate` then refits the kept entries of each output row by least squares so that, on the calibration
 inputs, the row's output stays as close as it can to the full delta's (Model Tailor's compensation, OBS-style).
 The kept entries are written as mmtuning's sparse PEFT method (methods/sparse.py): the result loads with
@@ -44,15 +46,16 @@ def parse_shares(text: Optional[str]) -> dict[str, float]:
     return shares
 
 
-SALIENCE = ("magnitude", "activation")
+SALIENCE = ("magnitude", "activation", "fisher")
 DAMPING = 0.01  # of the mean input second moment, added to the diagonal before solving (as SparseGPT does)
 
 
-def salient(delta: torch.Tensor, share: float, inputs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def salient(delta: torch.Tensor, share: float, curvature: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, k) indices and values of the `share` most salient entries of `delta` (k >= 1), in index order. Salience:
-    |delta|, or delta^2 times the input second moment of its column when `inputs` (per input feature) is given."""
+    |delta|, or delta^2 times a diagonal curvature estimate when `curvature` is given (the input second moment
+    per column for `activation`, broadcast over rows; the Fisher per entry for `fisher`)."""
     count = max(1, math.ceil(share * delta.numel()))
-    score = delta.abs() if inputs is None else delta.pow(2) * inputs[None, :]
+    score = delta.abs() if curvature is None else delta.pow(2) * curvature.expand_as(delta)
     chosen = torch.topk(score.flatten(), count, sorted=False).indices.sort().values
     columns = delta.shape[1]
     return torch.stack([chosen // columns, chosen % columns]), delta.flatten()[chosen]
@@ -76,9 +79,12 @@ def compensated(delta: torch.Tensor, indices: torch.Tensor, moment: torch.Tensor
     return values
 
 
-def input_moments(adapter_dir: Path, base: Optional[str], calib: Path) -> dict[str, torch.Tensor]:
+def input_moments(adapter_dir: Path, base: Optional[str], calib: Path,
+                  fisher: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per adapted module (current name): the in x in second-moment matrix of its inputs over every token of the
-    calibration items (in^2 floats per module: 64 MiB for a 4096-wide layer)."""
+    calibration items (in^2 floats per module: 64 MiB for a 4096-wide layer); with `fisher`, also the empirical
+    Fisher of its merged weight, the mean over items of (dL/dW)^2 with L the item's answer loss (one backward per
+    item, at the adapted weights)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ..base_view import cpu_4bit_repack_off
@@ -89,25 +95,46 @@ def input_moments(adapter_dir: Path, base: Optional[str], calib: Path) -> dict[s
     model, processor, _ = load_adapter_model(adapter_dir, base, four_bit=False)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    squares: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
 
     def collect(name: str):
         def hook(module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
+            inputs[name] = x
         return hook
 
-    hooks = [module.register_forward_pre_hook(collect(module_of(name))) for name, module in model.named_modules()
-             if isinstance(module, BaseTunerLayer)]
+    def gradient_of(name: str):
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: add_square(name, grad))
+        return hook
+
+    def add_square(name: str, grad: torch.Tensor) -> None:
+        weight_grad = grad.detach().float().reshape(-1, grad.shape[-1]).T @ inputs[name]  # dL/dW of this item
+        squares[name] = squares.get(name, 0) + weight_grad.pow(2)
+
+    layers = {module_of(name): module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    hooks = [module.register_forward_pre_hook(collect(name)) for name, module in layers.items()]
+    if fisher:
+        hooks += [module.register_forward_hook(gradient_of(name)) for name, module in layers.items()]
+        for name, parameter in model.named_parameters():  # a graph through every adapted layer; never stepped
+            parameter.requires_grad_(any(marker in name for marker in ("lora_A", "lora_B")))
     try:
         model.eval()
-        with torch.no_grad(), cpu_4bit_repack_off(model):
-            for batch in item_batches(items, processor):
-                model(**batch)
+        with torch.set_grad_enabled(fisher), cpu_4bit_repack_off(model):
+            for batch in item_batches(items, processor, batch_size=1 if fisher else 4):
+                output = model(**batch)
+                if fisher:
+                    output.loss.backward()
+                    model.zero_grad(set_to_none=True)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: total / counts[name] for name, total in sums.items()}
+    moments = {name: total / counts[name] for name, total in sums.items()}
+    return moments, {name: total / len(items) for name, total in squares.items()}
 
 
 def tailor(adapter_dir: Path, out: Path, keep: Optional[float] = None, per_modality: Optional[str] = None,
@@ -116,8 +143,8 @@ def tailor(adapter_dir: Path, out: Path, keep: Optional[float] = None, per_modal
     by = by or ("activation" if calib else "magnitude")
     if by not in SALIENCE:
         raise MMTuningError(f"--by {by}: write one of {', '.join(SALIENCE)}.")
-    if (by == "activation" or compensate) and calib is None:
-        what = "--compensate" if compensate else "--by activation"
+    if (by != "magnitude" or compensate) and calib is None:
+        what = "--compensate" if compensate else f"--by {by}"
         raise MMTuningError(f"{what} reads the modules' inputs on data of the new task: add --calib DATA.jsonl (an "
                             f"eval set: image, question, answer per line), or use --by magnitude without it.")
     shares = parse_shares(per_modality)
@@ -133,7 +160,8 @@ def tailor(adapter_dir: Path, out: Path, keep: Optional[float] = None, per_modal
     if calib is not None and located.layout != CURRENT:
         raise MMTuningError(f"--calib runs the adapter on this transformers ({CURRENT} layout), but {adapter_dir} is in "
                             f"the {located.layout} layout; remap it first (mmtune convert remap {adapter_dir} --out ...).")
-    moments = input_moments(Path(adapter_dir), base, Path(calib)) if calib is not None else {}
+    moments, fishers = input_moments(Path(adapter_dir), base, Path(calib), fisher=by == "fisher") \
+        if calib is not None else ({}, {})
     tensors: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     rows, dropped_all, total_all, lost_all, whole_all = [], 0.0, 0.0, 0.0, 0.0
@@ -142,7 +170,12 @@ def tailor(adapter_dir: Path, out: Path, keep: Optional[float] = None, per_modal
         share = shares.get(modality, keep if keep is not None else 1.0)
         delta = factors.delta()
         moment = moments.get(module)
-        indices, values = salient(delta, share, moment.diagonal() if by == "activation" else None)
+        curvature = {"activation": lambda: moment.diagonal()[None, :], "fisher": lambda: fishers.get(module),
+                     "magnitude": lambda: None}[by]()
+        if by == "fisher" and curvature is None:
+            raise MMTuningError(f"--by fisher: {module} got no gradient from the --calib items (does the answer loss "
+                                f"reach it?); use --by activation, or calibration items that pass through it.")
+        indices, values = salient(delta, share, curvature)
         if compensate:
             values = compensated(delta, indices, moment)
         kept = torch.zeros_like(delta).index_put((indices[0], indices[1]), values)
