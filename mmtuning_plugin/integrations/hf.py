@@ -34,7 +34,12 @@ class MMTuningTrainerMixin:
         """Per-modality parameter groups from the session; the optimizer class and its kwargs stay the Trainer's
         (or the host's `optimizer_cls_and_kwargs`: Axolotl's custom optimizers arrive that way)."""
         if self.optimizer is None:
-            self.optimizer = build_grouped_optimizer(self.mmtuning, model if model is not None else self.model, self.args,
+            from ..sharding import is_sharded, resharded
+
+            model = model if model is not None else self.model
+            if is_sharded(model):  # the optimizer holds the shards, not a unit left gathered by an earlier forward
+                resharded(model)
+            self.optimizer = build_grouped_optimizer(self.mmtuning, model, self.args,
                                                      getattr(self, "optimizer_cls_and_kwargs", None))
         return self.optimizer
 
@@ -59,8 +64,54 @@ class MMTuningTrainerMixin:
         (after every host option had its say); keep rows (and the base's answers) are built from the trainer's own
         processor and training data."""
         self.mmtuning.before_training(self.model)
+        shard_where_accelerate_cannot(self)
         prepare_keep(self)
         return super().train(*args, **kwargs)
+
+    # --- a model mmtuning sharded (FSDP2 on CPU processes, sharding.py): save and resume --------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A sharded model's adapter, gathered into PEFT's plain format (every rank joins; the main one writes)."""
+        from ..sharding import adapter_state_names, gathered_state, is_sharded
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        state = gathered_state(self.model, adapter_state_names(self.model, self.optimizer))
+        if self.args.should_save:
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        from ..sharding import is_sharded, save_rank_state
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_rank_state(self.model, self.optimizer, output_dir)  # each rank its own shards
+        if self.args.should_save and self.lr_scheduler is not None:
+            from transformers.trainer import SCHEDULER_NAME
+
+            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        from ..sharding import has_rank_state, is_sharded, load_rank_state
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not has_rank_state(resume_from_checkpoint):
+            raise MMTuningError(f"{resume_from_checkpoint}: holds no per-rank shards (mmtuning_fsdp/), so a sharded "
+                                f"run cannot resume from it; resume from a checkpoint this sharded run wrote.")
+        load_rank_state(self.model, None, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        from ..sharding import has_rank_state, is_sharded, load_rank_state
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_rank_state(self.model, self.optimizer, checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        scheduler = f"{checkpoint}/{SCHEDULER_NAME}"
+        if self.lr_scheduler is not None and has_rank_state(checkpoint):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean of each extra loss term since the last log under its own key (`loss_align/<name>`)."""
@@ -69,6 +120,46 @@ class MMTuningTrainerMixin:
                 logs[name] = sum(values) / len(values)
         self._mmtuning_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+def shard_where_accelerate_cannot(trainer: Trainer) -> None:
+    """FSDP2 asked for where accelerate would silently wrap DDP instead (CPU processes): refuse what cannot be
+    sharded, shard the wrapped model with FSDP2 (sharding.shard), and let accelerate prepare it without DDP. A model
+    the caller sharded already gets the same guard."""
+    from ..sharding import check_fsdp, fsdp_request, is_sharded, shard
+
+    request = fsdp_request(trainer.args)
+    check_fsdp(request, trainer.mmtuning.config)
+    if request is not None and not request.by_accelerate and not is_sharded(trainer.model):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MMTuningError("fsdp shards across the processes of a distributed run, and this one has none; launch "
+                                "it with torchrun (or accelerate launch) on 2+ processes, or drop fsdp.")
+        units = shard(trainer.model)
+        trainer.mmtuning.log(f"mmtuning: FSDP2 on {dist.get_world_size()} CPU process(es): {units} units sharded "
+                             f"(accelerate shards only on GPUs)")
+    if is_sharded(trainer.model) and not trainer.is_fsdp_enabled:
+        trainer.model_wrapped = trainer.model
+        keep_accelerate_from_wrapping(trainer.accelerator)
+
+
+def keep_accelerate_from_wrapping(accelerator: Any) -> None:
+    """accelerate's `prepare_model` for a sharded model: autocast only, no DDP on top (on CPU processes it would
+    wrap one, and DDP cannot hold DTensor parameters), no device move."""
+    from ..sharding import is_sharded
+
+    original = accelerator.prepare_model
+    if getattr(original, "mmtuning_guard", False):
+        return
+
+    def prepare_model(model, device_placement=None, evaluation_mode=False):
+        if is_sharded(model):
+            return original(model, device_placement=False, evaluation_mode=True)
+        return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    prepare_model.mmtuning_guard = True
+    accelerator.prepare_model = prepare_model
 
 
 def build_grouped_optimizer(session: MMTuning, model: torch.nn.Module, args: Any, chosen: Any = None):

@@ -1,0 +1,207 @@
+"""FSDP2 for an mmtuning model: which units to shard, what cannot be sharded, and a sharded run's save and resume.
+
+A run asks for FSDP2 the way its trainer reads it: `fsdp: full_shard` with `fsdp_config: {fsdp_version: 2}` in the
+transformers `TrainingArguments` (Axolotl and LLaMA-Factory pass theirs through). On GPUs accelerate shards the
+model itself. On CPU processes accelerate cannot: it wraps the model in DDP instead and shards nothing, silently.
+There mmtuning shards the wrapped model itself, the way accelerate would (`fully_shard` on every numbered block of
+each modality, then on the root), and the trainer mixin keeps accelerate from adding DDP on top. Either way the
+plan, verification, schedules, keep and the losses run on every rank unchanged.
+
+What this module adds for a model mmtuning sharded:
+- the saved adapter is PEFT's plain format with full tensors (`gathered_state`; PEFT's own save fails on shards);
+- a checkpoint holds each rank's own shards of the adapter and optimizer state (`save_rank_state`), so resuming
+  on the same world size continues exactly where an uninterrupted run would be (`load_rank_state`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import MODALITIES, numbered_blocks, resolve_layout, unwrap
+from .errors import MMTuningError
+
+RANK_STATE = "mmtuning_fsdp"  # a checkpoint's folder of per-rank shards
+# Settings whose runtime edits of a parameter's values cannot reach a shard (they copy plain tensors into weights).
+UNSHARDABLE_INITS = ("pissa", "milora", "olora", "corda")
+
+
+@dataclass(frozen=True)
+class FsdpRequest:
+    """What a run's training arguments ask for: FSDP `version`, and whether accelerate shards it itself."""
+
+    version: int
+    by_accelerate: bool
+    options: dict[str, Any]
+
+
+def fsdp_request(args: Any) -> FsdpRequest | None:
+    """The FSDP a run's `TrainingArguments` ask for (None without `fsdp`). accelerate shards only on accelerator
+    devices; on CPU processes (`use_cpu`, or no GPU) its FSDP plugin is never active."""
+    if args is None or not getattr(args, "fsdp", None):
+        return None
+    options = dict(getattr(args, "fsdp_config", None) or {})
+    version = int(options.get("fsdp_version", options.get("version", 1)) or 1)
+    on_cpu = bool(getattr(args, "use_cpu", False)) or not torch.cuda.is_available()
+    return FsdpRequest(version, not on_cpu, options)
+
+
+def check_fsdp(request: FsdpRequest | None, config: Any) -> None:
+    """Refuse, before any training, what cannot work under the requested FSDP, naming both settings."""
+    if request is None:
+        return
+    if request.version == 1 and not request.by_accelerate:
+        raise MMTuningError("fsdp with fsdp_version 1 on CPU processes: accelerate wraps the model in DDP instead and "
+                            "shards nothing. Write fsdp_config: {fsdp_version: 2} (mmtuning shards the model with "
+                            "FSDP2 itself where accelerate cannot), or train on GPUs.")
+    if request.version == 1 and str(request.options.get("use_orig_params", "true")).lower() == "false":
+        raise MMTuningError("fsdp_config.use_orig_params: false flattens each unit into one parameter, which cannot "
+                            "mix the frozen base weights with trainable adapters; write use_orig_params: true, or "
+                            "fsdp_version: 2.")
+    quant = getattr(config, "quant", None)
+    if quant is not None and quant.quant_type is not None and quant.storage_dtype == "uint8":
+        raise MMTuningError("mmtuning.quant.quant_storage: uint8 under fsdp: FSDP shards a unit's parameters "
+                            "together, and packed uint8 4-bit weights cannot sit with 16-bit ones; write "
+                            "quant_storage: auto (the compute dtype, same bytes), or drop fsdp.")
+    inits = sorted({config.init_of(m) for m in MODALITIES if config.spec(m).enabled} & set(UNSHARDABLE_INITS))
+    if inits:
+        raise MMTuningError(f"mmtuning.init: {inits[0]} under fsdp: its frozen half is restored into each weight after "
+                            f"every step, which a sharded weight cannot take yet; use init: lora with fsdp, or "
+                            f"train without fsdp.")
+    selective = [m for m in MODALITIES if config.spec(m).enabled and config.spec(m).selective is not None
+                 and getattr(config.spec(m).selective, "method", None) == "spider"]
+    if selective:
+        raise MMTuningError(f"mmtuning.{selective[0]}.selective: spider under fsdp: its update mask multiplies full "
+                            f"gradients, and sharded gradients are pieces; use selective: full, layernorm or bias "
+                            f"with fsdp, or train without fsdp.")
+
+
+def shard_units(model: nn.Module) -> list[str]:
+    """Names (in `model`) of the blocks to shard one by one: every numbered layer of each modality's stacks; the
+    rest (embeddings, norms, a projector without layers, the head) goes with the root."""
+    base = unwrap(model)
+    prefix = next(name + "." for name, module in model.named_modules() if module is base) if base is not model else ""
+    mmap = resolve_layout(model).modality_map
+    return [prefix + name for modality in MODALITIES for name in numbered_blocks(base, mmap.layer_stacks(modality))]
+
+
+def shard(model: nn.Module, mesh: Any = None) -> int:
+    """`fully_shard` on every unit of `shard_units` and on the root (FSDP2); returns how many units. The model's
+    parameters become DTensors sharded across the process group's ranks."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    units = shard_units(model)
+    for name in units:
+        fully_shard(model.get_submodule(name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if hasattr(model, "generate"):  # keep's base answers: the root's own weights are gathered for generate too
+        register_fsdp_forward_method(model, "generate")
+    return len(units) + 1
+
+
+def resharded(model: nn.Module) -> nn.Module:
+    """The model with every unit back in its sharded state. FSDP2 leaves the root unit gathered after a forward
+    until the next backward (the root does not reshard after forward), so after a forward outside training (keep's
+    base answers) the root's parameters are plain full tensors: an optimizer built then, or a save, would hold
+    those instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 manages the model (its root was `fully_shard`ed)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the state entries `names` (every rank must call it: each entry is gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, tensor in resharded(model).state_dict().items():
+        if name in names:
+            out[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+    return out
+
+
+def adapter_state_names(model: nn.Module, optimizer: Any = None) -> set[str]:
+    """The state entries a sharded run saves: every PEFT-made tensor (adapter markers) and every parameter the
+    optimizer holds (selective modules trained whole, adapters of later schedule stages)."""
+    from .names import adapter_markers
+
+    markers = adapter_markers()
+    held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if p.requires_grad or id(p) in held}
+    return names | {name for name in model.state_dict() if any(marker in name for marker in markers)}
+
+
+def save_rank_state(model: nn.Module, optimizer: Any, folder: Path) -> Path:
+    """This rank's shards of the adapter state and of the optimizer state, in `folder/mmtuning_fsdp/rank<R>.pt`."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = adapter_state_names(resharded(model), optimizer)
+    target = Path(folder) / RANK_STATE
+    target.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    optim = optimizer.state_dict()
+    local_optim = {**optim, "state": {k: {key: _local(v) if isinstance(v, torch.Tensor) else v
+                                          for key, v in entry.items()} for k, entry in optim["state"].items()}}
+    path = target / f"rank{rank}.pt"
+    torch.save({"world_size": world, "rank": rank,
+                "model": {name: _local(state[name]).detach().clone() for name in sorted(names)},
+                "optimizer": local_optim}, path)
+    if rank == 0:
+        (target / "world.json").write_text(json.dumps({"world_size": world}) + "\n")
+    return path
+
+
+def has_rank_state(folder: Any) -> bool:
+    return folder is not None and (Path(folder) / RANK_STATE / "world.json").is_file()
+
+
+def load_rank_state(model: nn.Module, optimizer: Any, folder: Path) -> None:
+    """Put this rank's saved shards back into the sharded model and its optimizer (same world size only)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    saved_world = json.loads((Path(folder) / RANK_STATE / "world.json").read_text())["world_size"]
+    if saved_world != world:
+        raise MMTuningError(f"{folder}: its shards were saved by {saved_world} processes and this run has {world}; "
+                            f"resume with {saved_world} processes, or start from the checkpoint's gathered adapter "
+                            f"(adapter_model.safetensors) without resuming.")
+    saved = torch.load(Path(folder) / RANK_STATE / f"rank{rank}.pt", weights_only=False)
+    state = resharded(model).state_dict()
+    with torch.no_grad():
+        for name, local in saved["model"].items():
+            _local(state[name]).copy_(local)
+    if optimizer is None:
+        return
+    optimizer.load_state_dict(saved["optimizer"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:  # load_state_dict leaves plain tensors; the step needs them as the parameter's DTensors
+        entry = optimizer.state.get(param)
+        if not entry or not isinstance(param, DTensor):
+            continue
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.to_local().shape:
+                entry[key] = DTensor.from_local(value.to(param.to_local().device), param.device_mesh, param.placements,
+                                                run_check=False, shape=param.shape, stride=param.stride())
