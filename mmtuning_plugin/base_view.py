@@ -9,6 +9,7 @@ all rely on:
   Xeons). Small layers then fail outright (`shape '[32, 0]' is invalid`) and any layer fails in training
   afterwards. Which CPU a run lands on must not decide whether it works, so every model mmtuning touches keeps
   the trainable layout (`keep_cpu_4bit_layout`, for the model's life; `cpu_4bit_repack_off`, for one block).
+Beside them, how a batch meets such a forward (`to_model`: the model's device and compute dtype).
 """
 
 from __future__ import annotations
@@ -74,3 +75,14 @@ def repacked_4bit_layers(model: nn.Module) -> list[str]:
     layers = set(linear_4bit_layers(model))
     return [name for name, m in model.named_modules() if m in layers
             and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def to_model(batch: dict, model: nn.Module) -> dict:
+    """On the model's device; floating tensors (pixels) in the model's compute dtype."""
+    import torch
+
+    parameter = next(model.parameters())
+    dtype = getattr(model, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    return {k: v.to(parameter.device, dtype=dtype if v.is_floating_point() and dtype else None)
+            for k, v in batch.items()}

@@ -177,6 +177,7 @@ def run_report(session: Any, model: Any, optimizer: Any = None, *, step: int = 0
         "schedule": schedule_plan(plan).report(total_steps),
         "losses": {name: options.model_dump() for name, options in config.losses.items()},
         "keep": keep_section(session),
+        "sharding": getattr(session, "sharding", None),
         "optimizer_groups": optimizer_groups(model, optimizer),
         "base_layer_types": base_layer_types(plan, model),
         "versions": versions(session.host.distribution),

@@ -67,6 +67,7 @@ class MMTuning:
         self._planned_on: int | None = None
         self._planned_ahead = False  # plan_ahead's every-layer stand-in for a `layers: auto` plan
         self.init_batches: list | None = None  # the first training batches, held for `init: corda`
+        self.sharding: dict[str, Any] | None = None  # what FSDP sharded (sharding.shard), for the run report
         self.losses = LossSuite(self.config.losses)
         self.keep = None
         if self.config.keep is not None:  # reads keep files now: bad keep input fails before weights load

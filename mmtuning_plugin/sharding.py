@@ -41,44 +41,62 @@ class FsdpRequest:
 
 
 def fsdp_request(args: Any) -> FsdpRequest | None:
-    """The FSDP a run's `TrainingArguments` ask for (None without `fsdp`). accelerate shards only on accelerator
-    devices; on CPU processes (`use_cpu`, or no GPU) its FSDP plugin is never active."""
+    """The FSDP a run's `TrainingArguments` ask for (None without `fsdp`)."""
     if args is None or not getattr(args, "fsdp", None):
         return None
-    options = dict(getattr(args, "fsdp_config", None) or {})
-    version = int(options.get("fsdp_version", options.get("version", 1)) or 1)
-    on_cpu = bool(getattr(args, "use_cpu", False)) or not torch.cuda.is_available()
+    return fsdp_request_from({"fsdp": args.fsdp, "fsdp_config": getattr(args, "fsdp_config", None),
+                              "use_cpu": getattr(args, "use_cpu", False)})
+
+
+def fsdp_request_from(settings: Any) -> FsdpRequest | None:
+    """The same from a host's YAML keys: `fsdp` (LLaMA-Factory, transformers) or `fsdp_version` (Axolotl), with
+    `fsdp_config`. accelerate shards only on accelerator devices; on CPU processes (`use_cpu`, or no GPU) its FSDP
+    plugin is never active."""
+    options = dict(settings.get("fsdp_config") or {})
+    if not (settings.get("fsdp") or settings.get("fsdp_version") or options.get("fsdp_version")):
+        return None
+    version = int(settings.get("fsdp_version") or options.get("fsdp_version") or options.get("version") or 1)
+    on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
     return FsdpRequest(version, not on_cpu, options)
 
 
-def check_fsdp(request: FsdpRequest | None, config: Any) -> None:
-    """Refuse, before any training, what cannot work under the requested FSDP, naming both settings."""
+def fsdp_problems(request: FsdpRequest | None, config: Any) -> list[str]:
+    """What cannot work under the requested FSDP, each naming both settings and what to write instead."""
     if request is None:
-        return
+        return []
+    problems = []
     if request.version == 1 and not request.by_accelerate:
-        raise MMTuningError("fsdp with fsdp_version 1 on CPU processes: accelerate wraps the model in DDP instead and "
-                            "shards nothing. Write fsdp_config: {fsdp_version: 2} (mmtuning shards the model with "
-                            "FSDP2 itself where accelerate cannot), or train on GPUs.")
+        problems.append("fsdp with fsdp_version 1 on CPU processes: accelerate wraps the model in DDP instead and "
+                        "shards nothing. Write fsdp_config: {fsdp_version: 2} (mmtuning shards the model with FSDP2 "
+                        "itself where accelerate cannot), or train on GPUs")
     if request.version == 1 and str(request.options.get("use_orig_params", "true")).lower() == "false":
-        raise MMTuningError("fsdp_config.use_orig_params: false flattens each unit into one parameter, which cannot "
-                            "mix the frozen base weights with trainable adapters; write use_orig_params: true, or "
-                            "fsdp_version: 2.")
+        problems.append("fsdp_config.use_orig_params: false flattens each unit into one parameter, which cannot mix "
+                        "the frozen base weights with trainable adapters; write use_orig_params: true, or "
+                        "fsdp_version: 2")
     quant = getattr(config, "quant", None)
     if quant is not None and quant.quant_type is not None and quant.storage_dtype == "uint8":
-        raise MMTuningError("mmtuning.quant.quant_storage: uint8 under fsdp: FSDP shards a unit's parameters "
-                            "together, and packed uint8 4-bit weights cannot sit with 16-bit ones; write "
-                            "quant_storage: auto (the compute dtype, same bytes), or drop fsdp.")
+        problems.append("mmtuning.quant.quant_storage: uint8 under fsdp: FSDP shards a unit's parameters together, "
+                        "and packed uint8 4-bit weights cannot sit with 16-bit ones; write quant_storage: auto (the "
+                        "compute dtype, same bytes), or drop fsdp")
     inits = sorted({config.init_of(m) for m in MODALITIES if config.spec(m).enabled} & set(UNSHARDABLE_INITS))
     if inits:
-        raise MMTuningError(f"mmtuning.init: {inits[0]} under fsdp: its frozen half is restored into each weight after "
-                            f"every step, which a sharded weight cannot take yet; use init: lora with fsdp, or "
-                            f"train without fsdp.")
-    selective = [m for m in MODALITIES if config.spec(m).enabled and config.spec(m).selective is not None
-                 and getattr(config.spec(m).selective, "method", None) == "spider"]
-    if selective:
-        raise MMTuningError(f"mmtuning.{selective[0]}.selective: spider under fsdp: its update mask multiplies full "
-                            f"gradients, and sharded gradients are pieces; use selective: full, layernorm or bias "
-                            f"with fsdp, or train without fsdp.")
+        problems.append(f"mmtuning.init: {inits[0]} under fsdp: its frozen half is restored into each weight after "
+                        f"every step, which a sharded weight cannot take yet; use init: lora with fsdp, or train "
+                        f"without fsdp")
+    spider = [m for m in MODALITIES if config.spec(m).enabled and config.spec(m).selective is not None
+              and getattr(config.spec(m).selective, "method", None) == "spider"]
+    if spider:
+        problems.append(f"mmtuning.{spider[0]}.selective: spider under fsdp: its update mask multiplies full "
+                        f"gradients, and sharded gradients are pieces; use selective: full, layernorm or bias with "
+                        f"fsdp, or train without fsdp")
+    return problems
+
+
+def check_fsdp(request: FsdpRequest | None, config: Any) -> None:
+    """Refuse, before any training, what cannot work under the requested FSDP."""
+    problems = fsdp_problems(request, config)
+    if problems:
+        raise MMTuningError("; ".join(problems) + ".")
 
 
 def shard_units(model: nn.Module) -> list[str]:
@@ -90,9 +108,9 @@ def shard_units(model: nn.Module) -> list[str]:
     return [prefix + name for modality in MODALITIES for name in numbered_blocks(base, mmap.layer_stacks(modality))]
 
 
-def shard(model: nn.Module, mesh: Any = None) -> int:
-    """`fully_shard` on every unit of `shard_units` and on the root (FSDP2); returns how many units. The model's
-    parameters become DTensors sharded across the process group's ranks."""
+def shard(model: nn.Module, mesh: Any = None) -> dict[str, Any]:
+    """`fully_shard` on every unit of `shard_units` and on the root (FSDP2). The model's parameters become
+    DTensors sharded across the process group's ranks; returns what the run report shows (`sharding`)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     units = shard_units(model)
@@ -101,7 +119,17 @@ def shard(model: nn.Module, mesh: Any = None) -> int:
     fully_shard(model, mesh=mesh)
     if hasattr(model, "generate"):  # keep's base answers: the root's own weights are gathered for generate too
         register_fsdp_forward_method(model, "generate")
-    return len(units) + 1
+    return sharding_summary(model, len(units) + 1, "mmtuning (fully_shard)")
+
+
+def sharding_summary(model: nn.Module, units: int | None, by: str) -> dict[str, Any]:
+    """World size, units, and how many parameters are DTensors (all of them, right after sharding)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return {"fsdp_version": 2, "sharded_by": by, "world_size": dist.get_world_size(), "units": units,
+            "parameters": len(params), "sharded_parameters": sum(isinstance(p, DTensor) for p in params)}
 
 
 def resharded(model: nn.Module) -> nn.Module:

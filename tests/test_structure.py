@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "mmtuning_plugin.losses": 5,
     "mmtuning_plugin.keep": 5,  # the keep term: rows, sources, the adapter-off base
     "mmtuning_plugin.probe": 5,  # `layers: auto`: the gradient probe that picks layers before wrapping
+    "mmtuning_plugin.sharding": 5,  # FSDP2: units, refusals, a sharded run's gathered save and per-rank resume
     "mmtuning_plugin.evaluate": 6,  # E/F/O of an adapter on user files (mmtune eval, the demo)
     "mmtuning_plugin.session": 6,
     "mmtuning_plugin.host_settings": 6,  # a host's own LoRA keys as the block's defaults: one rule for all hosts

@@ -136,9 +136,13 @@ def shard_where_accelerate_cannot(trainer: Trainer) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise MMTuningError("fsdp shards across the processes of a distributed run, and this one has none; launch "
                                 "it with torchrun (or accelerate launch) on 2+ processes, or drop fsdp.")
-        units = shard(trainer.model)
-        trainer.mmtuning.log(f"mmtuning: FSDP2 on {dist.get_world_size()} CPU process(es): {units} units sharded "
+        trainer.mmtuning.sharding = summary = shard(trainer.model)
+        trainer.mmtuning.log(f"FSDP2 on {summary['world_size']} CPU processes: {summary['units']} units, "
+                             f"{summary['sharded_parameters']} of {summary['parameters']} parameters sharded "
                              f"(accelerate shards only on GPUs)")
+    if request is not None and request.by_accelerate and trainer.is_fsdp_enabled:
+        trainer.mmtuning.sharding = {"fsdp_version": request.version, "sharded_by": "accelerate",
+                                     "world_size": trainer.args.world_size}
     if is_sharded(trainer.model) and not trainer.is_fsdp_enabled:
         trainer.model_wrapped = trainer.model
         keep_accelerate_from_wrapping(trainer.accelerator)

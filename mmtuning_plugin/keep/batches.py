@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base_view import to_model  # noqa: F401  (the keep term's batches meet the model through it)
+
 IGNORE_INDEX = -100  # a label without loss (a joined keep row's); probe.py's too, which keep cannot import (import circle)
 
 
@@ -51,15 +53,6 @@ def appended(batch: dict[str, torch.Tensor], tokens: torch.Tensor, attend: torch
     grown["input_ids"][:, -1] = tokens.to(grown["input_ids"].dtype)
     mask = batch["attention_mask"]
     return {**batch, **grown, "attention_mask": torch.cat([mask, attend[:, None].to(mask.dtype)], 1)}
-
-
-def to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """On the model's device; floating tensors (pixels) in the model's compute dtype."""
-    parameter = next(model.parameters())
-    dtype = getattr(model, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-    return {k: v.to(parameter.device, dtype=dtype if v.is_floating_point() and dtype else None)
-            for k, v in batch.items()}
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:

@@ -128,8 +128,7 @@ def input_covariances(model: nn.Module, layers: dict[str, nn.Module], batches: A
     grad; summed over the ranks of a distributed run so that every rank starts the same)."""
     import itertools
 
-    from ..base_view import cpu_4bit_repack_off
-    from ..keep.batches import to_model
+    from ..base_view import cpu_4bit_repack_off, to_model
 
     sums: dict[str, list] = {name: [None, 0] for name in layers}
 

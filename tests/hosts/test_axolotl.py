@@ -186,6 +186,8 @@ def config_checks(root: Path, good: dict) -> list[str]:
         "bad_freeze": {"freeze_mm_modules": True},
         "bad_method": {"mmtuning": {**MMTUNING, "method": {"name": "moe-lora", "experts": 2}}},
         "bad_init": {"mmtuning": {**MMTUNING, "init": "pissa"}},
+        "bad_fsdp": {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True},
+                     "mmtuning": {**MMTUNING, "projector": {"selective": {"method": "spider"}}}},
     }
     for name, change in bad.items():
         config = {**good, **change, "base_model": str(root / "llava")}
@@ -308,6 +310,7 @@ def test_every_recipe_validates_in_axolotl_and_matches_inspect_targets(runs):
     ("bad_freeze", "freeze_mm_modules: true would freeze the vision and projector adapters"),
     ("bad_method", "mmtuning.method: moe-lora (Axolotl builds LoRA adapters only"),
     ("bad_init", "mmtuning.init: pissa (Axolotl builds its LoRA itself"),
+    ("bad_fsdp", "mmtuning.projector.selective: spider under fsdp"),
 ])
 def test_conflicting_or_wrong_yaml_is_refused_naming_the_key(runs, name, message):
     results = json.loads((runs["root"] / "configs.json").read_text())

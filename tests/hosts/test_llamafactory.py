@@ -259,6 +259,22 @@ def test_torchrun_ranks_apply_the_same_setup(tiny):
     assert adapted_modules(adapter_tensors(out)) == set().union(*expected_modules(tiny).values())
 
 
+@needs_lf
+def test_fsdp2_on_two_cpu_ranks_shards_every_parameter_and_saves_a_plain_adapter(tiny):
+    """LLaMA-Factory's own `fsdp` / `fsdp_config` keys under FORCE_TORCHRUN with 2 CPU processes: accelerate would wrap
+    DDP there, so mmtuning shards the model (its trainer carries MMTuningTrainerMixin) with a schedule on."""
+    block = {**BLOCK, "language": {**BLOCK["language"], "schedule": {"type": "top_down", "start": 1, "every": 1}}}
+    out = train(tiny, "fsdp", block, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, fsdp="full_shard",
+                fsdp_config={"fsdp_version": 2}, per_device_train_batch_size=1)
+    sharding = read_report(out)["sharding"]
+    assert sharding["world_size"] == 2 and sharding["sharded_parameters"] == sharding["parameters"] > 0, sharding
+    tensors = adapter_tensors(out)
+    assert adapted_modules(tensors) == set().union(*expected_modules(tiny).values())
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    a = tensors["base_model.model.model.multi_modal_projector.linear_1.lora_A.weight"]
+    assert tuple(a.shape) == (8, config["vision_config"]["hidden_size"])  # full tensors, not one rank's shard
+
+
 # keep: prompts over the batch's images plus a dataset of dataset_info.json, written by LLaMA-Factory's template
 KEEP = {"prompts": ["what colour is the image ?"], "images": "train", "data": "keep_questions", "target": "kl",
         "weight": 0.5, "ramp": 0, "batch_size": 2, "answer_tokens": 4, "fuse": True}
@@ -428,6 +444,11 @@ def test_unsupported_stage_and_finetuning_type_are_refused():
         lf.split_config({"stage": "pt", "mmtuning": {"keep": {"prompts": ["what shape is it?"]}}})
     with pytest.raises(MMTuningError, match="init: corda reads the run's first training batches"):
         lf.split_config({"stage": "pt", "mmtuning": {"init": "corda"}})
+    with pytest.raises(MMTuningError, match="fsdp_version 1 on CPU processes"):
+        lf.split_config({"fsdp": "full_shard", "use_cpu": True, "mmtuning": {}})
+    with pytest.raises(MMTuningError, match="quant_storage: uint8 under fsdp"):
+        lf.split_config({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}, "quantization_bit": 4,
+                         "mmtuning": {"quant": {"preset": "balanced", "quant_storage": "uint8"}}})
 
 
 def test_torchrun_launch_rule_and_command():
