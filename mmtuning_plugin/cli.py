@@ -51,6 +51,7 @@ def inspect_targets(
     probe: Optional[Path] = typer.Option(None, "--probe", help="JSONL of task items ({\"image\", \"question\", \"answer\"} per line, as `mmtune eval` reads): run the `layers: auto` probe on them (MODEL must be a model directory with weights) and show each layer's scores. Without `layers: auto` in the spec, language.layers becomes auto."),
     probe_batch_size: int = typer.Option(4, "--probe-batch-size", min=1, help="Items per probe batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the probe's forwards."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", min=1, help="Processes sharing the model under FSDP2: adds model-state memory per rank next to one process (activations not counted)."),
 ) -> None:
     """Show which modules of each modality get adapters, with layer ranges and parameter counts."""
     from .loading import load_skeleton
@@ -60,7 +61,7 @@ def inspect_targets(
         if quant is not None:
             config["quant"] = quant_option(quant, config.get("quant"))
         if probe is None:
-            report = inspect_report(model, load_skeleton(model), config, steps)
+            report = inspect_report(model, load_skeleton(model), config, steps, world_size=world_size)
         else:
             spinner = None if as_json else errors.status(f"probing layers on {probe}", spinner="dots")
             report = probe_report(model, config, probe, probe_batch_size, seed, steps, spinner)

@@ -49,7 +49,7 @@ def plan_modalities(plan: Any) -> dict[str, dict[str, Any]]:
 
 
 def inspect_report(model_name: str, model, config: dict[str, Any], steps: Optional[int] = None,
-                   probe_batches: Any = None, seed: int = 0) -> dict[str, Any]:
+                   probe_batches: Any = None, seed: int = 0, world_size: Optional[int] = None) -> dict[str, Any]:
     """The JSON report of `inspect-targets` (also what the table is drawn from); with `probe_batches` the
     `layers: auto` probe picks the layers and its scores are in `plan.probe`."""
     from .probe import plan_with_probe
@@ -78,6 +78,10 @@ def inspect_report(model_name: str, model, config: dict[str, Any], steps: Option
         from .quant import memory_estimate
 
         report["quant"] = memory_estimate(model, plan.config.quant, plan)
+    if world_size is not None:
+        from .sharding import per_rank_memory
+
+        report["sharding"] = per_rank_memory(model, plan, world_size)
     return report
 
 

@@ -57,6 +57,8 @@ def print_report(report: dict[str, Any], out: Optional[Console] = None) -> None:
         out.print(f"trained whole (modules_to_save): {', '.join(whole)}")
     if "quant" in report:
         print_quant(report["quant"])
+    if "sharding" in report:
+        print_sharding(report["sharding"])
     if "probe" in plan:
         print_probe(plan["probe"], out)
         if "probe_note" in report:
@@ -162,6 +164,22 @@ def print_quant(quant: dict[str, Any]) -> None:
                   human_bytes(total["optimizer_state_bytes"]), human_bytes(total["total_bytes"]))
     console.print(table)
     console.print(f"llm_int8_skip_modules: {', '.join(quant['skip_modules'])}")
+
+
+def print_sharding(sharding: dict[str, Any]) -> None:
+    """Model-state memory per rank under FSDP2 next to one process."""
+    n = sharding["world_size"]
+    table = Table(title=f"FSDP2 over {n} process{'es' if n > 1 else ''}: model state per rank", title_justify="left")
+    for column in ("", "bytes"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("one process", human_bytes(sharding["one_process_bytes"]))
+    table.add_row(f"1/{n} of it", human_bytes(sharding["sharded_state_bytes"]))
+    table.add_row("gathered at peak (root unit, 2 largest blocks)", human_bytes(sharding["gathered_at_peak_bytes"]))
+    table.add_section()
+    table.add_row("per rank", human_bytes(sharding["per_rank_bytes"]))
+    console.print(table)
+    console.print(f"{sharding['units']} units; largest block {sharding['largest_unit']} "
+                  f"({human_bytes(sharding['largest_unit_bytes'])}); {sharding['note']}", highlight=False)
 
 
 def print_schedule(schedule: dict[str, Any]) -> None:

@@ -233,3 +233,35 @@ def load_rank_state(model: nn.Module, optimizer: Any, folder: Path) -> None:
             if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.to_local().shape:
                 entry[key] = DTensor.from_local(value.to(param.to_local().device), param.device_mesh, param.placements,
                                                 run_check=False, shape=param.shape, stride=param.stride())
+
+
+PREFETCHED_UNITS = 2  # FSDP2 gathers the running block and prefetches the next one
+
+
+def per_rank_memory(model: nn.Module, plan: Any, world_size: int, dtype: str = "bfloat16") -> dict[str, Any]:
+    """Model-state bytes per rank under FSDP2 with `world_size` processes, next to one process (what
+    `inspect-targets --world-size N` shows; activations not counted). Every weight, adapter, gradient and AdamW
+    state is split N ways; at its peak a rank also holds whole the root unit (FSDP2 keeps the root gathered from
+    its forward to its backward) and the two largest blocks (the running one and the prefetched one)."""
+    from .quant.memory import ADAM_STATE_BYTES, TRAINABLE_BYTES, weight_bytes
+    from .config import QuantPolicy
+
+    policy = plan.config.quant or QuantPolicy.model_validate("none")
+    weights, _ = weight_bytes(unwrap(model), policy, plan.layout, dtype)
+    units = sorted(shard_units(model), key=len, reverse=True)
+    by_unit: dict[str, int] = {}
+    for name, (_, size) in weights.items():
+        unit = next((u for u in units if name == u or name.startswith(u + ".")), "root")
+        by_unit[unit] = by_unit.get(unit, 0) + size
+    trainable = plan.trainable_params() or 0
+    state = sum(by_unit.values()) + trainable * (TRAINABLE_BYTES + ADAM_STATE_BYTES)
+    blocks = sorted((size for unit, size in by_unit.items() if unit != "root"), reverse=True)
+    gathered = by_unit.get("root", 0) + sum(blocks[:PREFETCHED_UNITS])
+    shard = -(-state // world_size)
+    extra = gathered - -(-gathered // world_size) if world_size > 1 else 0
+    largest = max((u for u in by_unit if u != "root"), key=by_unit.get, default=None)
+    return {"world_size": world_size, "units": len(units) + 1, "one_process_bytes": state,
+            "sharded_state_bytes": shard, "gathered_at_peak_bytes": extra, "per_rank_bytes": shard + extra,
+            "root_unit_bytes": by_unit.get("root", 0), "largest_unit": largest,
+            "largest_unit_bytes": by_unit.get(largest, 0) if largest else 0,
+            "note": "model state only (weights after quantization, adapters, gradients, AdamW); activations not counted"}

@@ -134,3 +134,27 @@ def test_fsdp_without_a_process_group_is_refused_before_training(tmp_path):
         MMTuningTrainer(model=session.wrap(model), args=args, train_dataset=RepeatedBatch(batch.inputs, 2),
                         data_collator=stack_rows, mmtuning=session).train()
     assert "distributed" in str(error.value)
+
+
+def test_inspect_targets_shows_model_state_per_rank_under_fsdp2():
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmtuning_plugin.cli import app
+
+    def sharding(*options):
+        result = CliRunner().invoke(app, ["inspect-targets", "qwen2_vl", "--quant", "balanced", "--json", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    one = sharding("--world-size", "1")["sharding"]
+    eight = sharding("--world-size", "8")
+    assert one["per_rank_bytes"] == one["one_process_bytes"] and one["gathered_at_peak_bytes"] == 0
+    rank = eight["sharding"]
+    assert rank["one_process_bytes"] == one["one_process_bytes"] == eight["quant"]["total"]["total_bytes"]
+    assert rank["sharded_state_bytes"] == -(-rank["one_process_bytes"] // 8)
+    assert rank["sharded_state_bytes"] < rank["per_rank_bytes"] < rank["one_process_bytes"]
+    assert rank["largest_unit"].startswith("model.language_model.layers.")
+    refused = CliRunner().invoke(app, ["inspect-targets", "qwen2_vl", "--world-size", "0"])
+    assert refused.exit_code == 2

@@ -34,28 +34,13 @@ def memory_estimate(model: nn.Module, policy: QuantPolicy | None, plan: "TargetP
     policy = policy or QuantPolicy.model_validate("none")
     base = unwrap(model)
     layout = plan.layout if plan is not None else resolve_layout(base)
-    qplan = plan_quantization(base, policy, layout)
-    quantized = set(qplan.quantized)
-    dtype_bytes = DTYPE_BYTES[dtype]
+    weights, qplan = weight_bytes(base, policy, layout, dtype)
     rows = {m: {"weight_bytes": 0, "quantized_modules": 0, "kept_16bit_modules": 0} for m in MODALITIES}
-    linears = quantizable_linears(base)
-    linear_weights = {id(m.weight) for m in linears.values()}
-    for name, module in linears.items():
-        row = rows[qplan.modality[name]]
-        precision = policy.precisions()[qplan.modality[name]] if name in quantized else "none"
-        row["weight_bytes"] += linear_weight_bytes(module.out_features, module.in_features, precision, policy, dtype_bytes)
-        row["quantized_modules" if name in quantized else "kept_16bit_modules"] += 1
-        if module.bias is not None:
-            row["weight_bytes"] += module.out_features * dtype_bytes
-    seen = set(linear_weights)
-    for name, param in base.named_parameters():
-        if id(param) in seen or is_adapter_parameter(name):
-            continue
-        seen.add(id(param))
-        if name.endswith(".bias") and name[: -len(".bias")] in linears:
-            continue
-        owner = modality_by_map(name, layout.modality_map) or "language"
-        rows[owner]["weight_bytes"] += param.numel() * dtype_bytes
+    quantized = set(qplan.quantized)
+    for name in quantizable_linears(base):
+        rows[qplan.modality[name]]["quantized_modules" if name in quantized else "kept_16bit_modules"] += 1
+    for name, (modality, size) in weights.items():
+        rows[modality]["weight_bytes"] += size
     total_trainable = 0
     for modality, row in rows.items():
         trainable = (plan.trainable_params(modality) or 0) if plan is not None else 0
@@ -68,3 +53,26 @@ def memory_estimate(model: nn.Module, policy: QuantPolicy | None, plan: "TargetP
              for key in ("weight_bytes", "trainable_params", "trainable_bytes", "optimizer_state_bytes", "total_bytes")}
     return {"policy": policy.preset or "custom", "precisions": policy.precisions(), "modalities": rows, "total": total,
             "skip_modules": qplan.skip_modules}
+
+
+def weight_bytes(base: nn.Module, policy: QuantPolicy, layout: Any, dtype: str = "bfloat16"):
+    """Each base weight's bytes after quantization, by name (a Linear's weight and bias under the module's name):
+    {name: (modality, bytes)}; and the quantization plan."""
+    qplan = plan_quantization(base, policy, layout)
+    quantized = set(qplan.quantized)
+    dtype_bytes = DTYPE_BYTES[dtype]
+    out: dict[str, tuple[str, int]] = {}
+    linears = quantizable_linears(base)
+    for name, module in linears.items():
+        precision = policy.precisions()[qplan.modality[name]] if name in quantized else "none"
+        size = linear_weight_bytes(module.out_features, module.in_features, precision, policy, dtype_bytes)
+        out[name] = (qplan.modality[name], size + (module.out_features * dtype_bytes if module.bias is not None else 0))
+    seen = {id(m.weight) for m in linears.values()}
+    for name, param in base.named_parameters():
+        if id(param) in seen or is_adapter_parameter(name):
+            continue
+        seen.add(id(param))
+        if name.endswith(".bias") and name[: -len(".bias")] in linears:
+            continue
+        out[name] = (modality_by_map(name, layout.modality_map) or "language", param.numel() * dtype_bytes)
+    return out, qplan
