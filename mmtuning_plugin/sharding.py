@@ -92,6 +92,44 @@ def fsdp_problems(request: FsdpRequest | None, config: Any) -> list[str]:
     return problems
 
 
+def zero_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of a run's `deepspeed` setting (a JSON file path or a dict; None without one)."""
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, (str, Path)):
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text())
+        except (OSError, ValueError) as error:
+            raise MMTuningError(f"deepspeed: {deepspeed}: cannot read it as a DeepSpeed JSON config ({error}); "
+                                f"give the path of the JSON file.") from None
+    stage = (deepspeed.get("zero_optimization") or {}).get("stage", 0) if isinstance(deepspeed, dict) else 0
+    return int(stage) if str(stage).isdigit() else 0
+
+
+def deepspeed_problems(stage: int | None, config: Any) -> list[str]:
+    """What cannot work under DeepSpeed ZeRO (`stage` from zero_stage), naming both settings."""
+    if stage is None:
+        return []
+    problems = []
+    scheduled = [m for m in MODALITIES if config.spec(m).enabled and not _trains_from_the_start(config.spec(m).schedule)]
+    if scheduled:
+        problems.append(f"mmtuning.{scheduled[0]}.schedule under deepspeed: DeepSpeed builds its optimizer from the "
+                        f"parameters that train at the start, so the layers of later stages would never train; drop "
+                        f"the schedule (schedule: static), or shard with fsdp (fsdp_version: 2) instead")
+    if stage == 3:
+        problems += [problem.replace("under fsdp", "under deepspeed ZeRO-3").replace("or drop fsdp", "or use ZeRO-2")
+                     .replace("train without fsdp", "train without ZeRO-3")
+                     for problem in fsdp_problems(FsdpRequest(2, True, {}), config)]
+    return problems
+
+
+def _trains_from_the_start(schedule: Any) -> bool:
+    """A schedule without later stages: `static`, or the projector's default (on from step 0, never off)."""
+    kind = getattr(schedule, "type", schedule)  # a parsed schedule, or the value as written
+    return kind in ("static", "always", None) or (kind == "projector" and not getattr(schedule, "start", None)
+                                                  and getattr(schedule, "until", None) is None)
+
+
 def check_fsdp(request: FsdpRequest | None, config: Any) -> None:
     """Refuse, before any training, what cannot work under the requested FSDP."""
     problems = fsdp_problems(request, config)
@@ -159,13 +197,13 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of the state entries `names` (every rank must call it: each entry is gathered)."""
+    """Full CPU copies of the state entries `names` (every rank must call it: each entry is gathered)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, tensor in resharded(model).state_dict().items():
         if name in names:
-            out[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+            out[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().to("cpu", copy=True)
     return out
 
 

@@ -37,6 +37,19 @@ uv_env_from_pip() {
   export UV_INDEX_STRATEGY=unsafe-best-match UV_CACHE_DIR="${UV_CACHE_DIR:-$MMTUNING_CACHE/uv}"
 }
 
+# Packages whose build imports torch (DeepSpeed's setup.py) go in after the rest, built against the venv's own
+# torch: an isolated build would fetch a torch of its own (the CUDA wheels, gigabytes) just to read its version.
+install_late() {  # VENV CONSTRAINTS ARGS...
+  local venv="$1" constraints="$2"; shift 2
+  local uv
+  if uv=$(uv_tool); then
+    uv_env_from_pip
+    "$uv" pip install -q --python "$venv/bin/python" --no-build-isolation -c "$constraints" "$@" >&2
+  else
+    "$venv/bin/pip" install -q --no-build-isolation -c "$constraints" "$@" >&2
+  fi
+}
+
 install_into_venv() {  # VENV PYTHON CONSTRAINTS ARGS...: build VENV and install ARGS under CONSTRAINTS
   local venv="$1" python="$2" constraints="$3"; shift 3
   local uv
@@ -49,17 +62,19 @@ install_into_venv() {  # VENV PYTHON CONSTRAINTS ARGS...: build VENV and install
   fi
 }
 
-ensure_venv() {
-  local name="$1" python="$2" constraints="$3" install_args="$4"
+ensure_venv() {  # NAME PYTHON CONSTRAINTS "ARGS" ["LATE ARGS": built against the venv's torch, see install_late]
+  local name="$1" python="$2" constraints="$3" install_args="$4" late_args="${5:-}"
   local key
-  key=$( (cat "$MMTUNING_ROOT/$constraints"; echo "$install_args"; "$python" --version) | sha256sum | cut -c1-16)
+  key=$( (cat "$MMTUNING_ROOT/$constraints"; echo "$install_args"; [ -z "$late_args" ] || echo "$late_args"
+          "$python" --version) | sha256sum | cut -c1-16)
   local venv="$MMTUNING_CACHE/venvs/$name-$key"
   if [ ! -f "$venv/.complete" ]; then
     echo "[mmtuning] building venv $name at $venv (first run only)" >&2
     local started=$SECONDS
     rm -rf "$venv"
     # shellcheck disable=SC2086
-    if ! install_into_venv "$venv" "$python" "$MMTUNING_ROOT/$constraints" $install_args; then
+    if ! install_into_venv "$venv" "$python" "$MMTUNING_ROOT/$constraints" $install_args \
+        || { [ -n "$late_args" ] && ! install_late "$venv" "$MMTUNING_ROOT/$constraints" $late_args; }; then
       rm -rf "$venv"  # never leave a half-built venv that a later run would take for a complete one
       echo "[mmtuning] building venv $name failed (see the installer's output above); nothing was cached" >&2
       return 1
@@ -103,7 +118,7 @@ with_mmtuning() {
 
 core_venv() {
   local venv
-  venv=$(ensure_venv core python3.11 constraints/core.txt "torch transformers peft bitsandbytes accelerate pluggy typer pydantic safetensors rich pyyaml pillow tokenizers pytest matplotlib tqdm")
+  venv=$(ensure_venv core python3.11 constraints/core.txt "torch transformers peft bitsandbytes accelerate pluggy typer pydantic safetensors rich pyyaml pillow tokenizers pytest matplotlib tqdm" "deepspeed")
   with_mmtuning "$venv"
 }
 

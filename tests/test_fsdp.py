@@ -158,3 +158,25 @@ def test_inspect_targets_shows_model_state_per_rank_under_fsdp2():
     assert rank["largest_unit"].startswith("model.language_model.layers.")
     refused = CliRunner().invoke(app, ["inspect-targets", "qwen2_vl", "--world-size", "0"])
     assert refused.exit_code == 2
+
+
+@pytest.mark.parametrize("block, zero, words", [
+    ({"language": {"schedule": {"type": "top_down", "start": 1, "every": 2}}}, 2,
+     ["mmtuning.language.schedule under deepspeed", "later stages would never train", "fsdp_version: 2"]),
+    ({"quant": {"preset": "balanced", "quant_storage": "uint8"}}, 3, ["quant_storage: uint8 under deepspeed ZeRO-3"]),
+    ({"projector": {"selective": {"method": "spider"}}}, 3, ["spider under deepspeed ZeRO-3", "selective: full"]),
+])
+def test_what_deepspeed_zero_cannot_do_is_refused_naming_both_settings(tmp_path, block, zero, words):
+    import json
+
+    from mmtuning_plugin.sharding import deepspeed_problems, zero_stage
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": zero}}))
+    assert zero_stage(str(path)) == zero and zero_stage({"zero_optimization": {"stage": zero}}) == zero
+    text = "; ".join(deepspeed_problems(zero_stage(str(path)), load_config(block)))
+    for word in words:
+        assert word in text, text
+    assert deepspeed_problems(zero_stage(str(path)), load_config({})) == []  # the plain block shards fine
+    with pytest.raises(MMTuningError, match="cannot read it as a DeepSpeed JSON config"):
+        zero_stage(str(tmp_path / "missing.json"))

@@ -36,7 +36,7 @@ from ..errors import MMTuningError
 from ..host_settings import AXOLOTL, describe_plan, effective_settings, replaced_targets, targets_warning, unset
 from ..session import MMTuning
 from ..targets import TargetPlan
-from ..sharding import fsdp_problems, fsdp_request_from
+from ..sharding import deepspeed_problems, fsdp_problems, fsdp_request_from, zero_stage
 from .hf import MMTuningTrainerMixin, first_batches
 
 LOG = logging.getLogger("axolotl.integrations.mmtuning")  # under Axolotl's logger: shown at INFO
@@ -240,6 +240,7 @@ def host_problems(cfg: Any, session: MMTuning) -> list[str]:
                         "`keep.images: none`)")
     problems += fsdp_problems(fsdp_request_from({"fsdp_version": cfg.get("fsdp_version"),
                                                  "fsdp_config": cfg.get("fsdp_config")}), session.config)
+    problems += deepspeed_problems(zero_stage(cfg.get("deepspeed")), session.config)
     adapted = [m for m in ("vision", "projector") if session.config.spec(m).enabled]
     if cfg.get("freeze_mm_modules") and adapted:
         problems.append(f"freeze_mm_modules: true would freeze the {' and '.join(adapted)} adapters that the "

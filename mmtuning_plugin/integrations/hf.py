@@ -126,10 +126,13 @@ def shard_where_accelerate_cannot(trainer: Trainer) -> None:
     """FSDP2 asked for where accelerate would silently wrap DDP instead (CPU processes): refuse what cannot be
     sharded, shard the wrapped model with FSDP2 (sharding.shard), and let accelerate prepare it without DDP. A model
     the caller sharded already gets the same guard."""
-    from ..sharding import check_fsdp, fsdp_request, is_sharded, shard
+    from ..sharding import check_fsdp, deepspeed_problems, fsdp_request, is_sharded, shard, zero_stage
 
     request = fsdp_request(trainer.args)
     check_fsdp(request, trainer.mmtuning.config)
+    problems = deepspeed_problems(zero_stage(getattr(trainer.args, "deepspeed", None)), trainer.mmtuning.config)
+    if problems:
+        raise MMTuningError("; ".join(problems) + ".")
     if request is not None and not request.by_accelerate and not is_sharded(trainer.model):
         import torch.distributed as dist
 

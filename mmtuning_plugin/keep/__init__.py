@@ -89,6 +89,7 @@ class Keep:
         self._checked_graph = False
         self._logits_to_keep = True
         self._use_cache = True  # off after a model fails cached decoding once
+        self._synced: tuple[int, bool] | None = None  # (model id, whether its forwards gather across ranks)
         self._first_batch: dict[str, Any] | None = None
         self.pool_has_train = False  # `answers` over training images: the pool holds them, not each step
         self._tokens: dict[str, tuple[str, list[int]]] = {}  # prompt -> template text and ids (one image)
@@ -444,12 +445,25 @@ class Keep:
             token = step.argmax(-1)
             if eos is not None:
                 done = done | (token == eos)
-            if bool(done.all()) or position == self.spec.answer_tokens - 1:
+            if self._all_done(model, done) or position == self.spec.answer_tokens - 1:
                 break
             batch = appended(batch, torch.where(done, self.pad_id, token), ~done)
             mask = None if mask is None else torch.cat([mask, (~done)[:, None].to(mask.dtype)], 1)
             step, cache = self._next_step(model, batch, cache, mask)
         return batch, torch.stack(logits, 1), torch.stack(live, 1).float()
+
+    def _all_done(self, model: nn.Module, done: torch.Tensor) -> bool:
+        """Every row answered. Under FSDP or ZeRO-3 each forward gathers weights with every rank, so all ranks
+        decode the same number of tokens (like transformers' synced_gpus): done when every rank's rows are."""
+        if self._synced is None or self._synced[0] != id(model):
+            self._synced = (id(model), gathers_across_ranks(model))
+        if not self._synced[1]:
+            return bool(done.all())
+        import torch.distributed as dist
+
+        pending = torch.tensor([0.0 if bool(done.all()) else 1.0], device=done.device)
+        dist.all_reduce(pending)
+        return float(pending) == 0.0
 
     def _shared_first_step(self, model: nn.Module, rows: list[KeepRow]):
         """Where several keep rows ask about one training image: the base reads each image's prefix (template
@@ -571,6 +585,19 @@ class Keep:
                 keep.step, keep.micro = state.global_step, 0
 
         return KeepStep()
+
+
+def gathers_across_ranks(model: nn.Module) -> bool:
+    """True when the model's forwards are collective: FSDP2-managed (fully_shard) or DeepSpeed ZeRO-3 partitioned
+    parameters, in a run of 2+ processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
+        any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def describe(report: dict[str, Any]) -> list[str]:
