@@ -38,6 +38,7 @@ DRIVER = HERE / "axolotl_driver.py"
 RECIPES = ROOT / "recipes" / "axolotl"
 RECIPE_TYPES = {
     "qwen2_5_vl_7b_qlora.yml": "qwen2_5_vl",
+    "qwen2_5_vl_72b_fsdp2_qlora.yml": "qwen2_5_vl",
     "qwen3_vl_8b_qlora.yml": "qwen3_vl",
     "llava_1_5_7b_qlora.yml": "llava",
     "llama_3_2_11b_vision_qlora.yml": "mllama",

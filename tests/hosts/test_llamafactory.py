@@ -486,6 +486,7 @@ def test_cli_without_llamafactory_says_how_to_install(tmp_path, monkeypatch):
 RECIPES = ROOT / "recipes" / "llamafactory"
 RECIPE_MODEL_TYPES = {
     "qwen2_5_vl_7b_qlora.yaml": "qwen2_5_vl",
+    "qwen2_5_vl_72b_fsdp2_qlora.yaml": "qwen2_5_vl",
     "qwen3_vl_8b_qlora.yaml": "qwen3_vl",
     "llava_1_5_7b_qlora.yaml": "llava",
     "llama_3_2_11b_vision_qlora.yaml": "mllama",
