@@ -130,11 +130,19 @@ def _trains_from_the_start(schedule: Any) -> bool:
                                                   and getattr(schedule, "until", None) is None)
 
 
-def check_fsdp(request: FsdpRequest | None, config: Any) -> None:
+def check_fsdp(request: FsdpRequest | None, config: Any, where: str | None = None) -> None:
     """Refuse, before any training, what cannot work under the requested FSDP."""
-    problems = fsdp_problems(request, config)
+    _refuse(fsdp_problems(request, config), where)
+
+
+def check_deepspeed(stage: int | None, config: Any, where: str | None = None) -> None:
+    """Refuse, before any training, what cannot work under DeepSpeed ZeRO."""
+    _refuse(deepspeed_problems(stage, config), where)
+
+
+def _refuse(problems: list[str], where: str | None) -> None:
     if problems:
-        raise MMTuningError("; ".join(problems) + ".")
+        raise MMTuningError((f"{where}: " if where else "") + "; ".join(problems) + ".")
 
 
 def shard_units(model: nn.Module) -> list[str]:

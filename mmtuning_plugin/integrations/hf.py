@@ -81,17 +81,20 @@ class MMTuningTrainerMixin:
             self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Each rank writes its own shards of adapter and optimizer state (the Trainer would save rank 0's
+        optimizer shard only); the main rank writes the scheduler."""
+        from transformers.trainer import SCHEDULER_NAME
+
         from ..sharding import is_sharded, save_rank_state
 
         if not is_sharded(self.model) or self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        save_rank_state(self.model, self.optimizer, output_dir)  # each rank its own shards
+        save_rank_state(self.model, self.optimizer, output_dir)
         if self.args.should_save and self.lr_scheduler is not None:
-            from transformers.trainer import SCHEDULER_NAME
-
             torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume a sharded run from its own shards (PEFT's loader cannot copy full tensors into shards)."""
         from ..sharding import has_rank_state, is_sharded, load_rank_state
 
         if not is_sharded(self.model) or self.is_fsdp_enabled:
@@ -102,16 +105,15 @@ class MMTuningTrainerMixin:
         load_rank_state(self.model, None, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        from ..sharding import has_rank_state, is_sharded, load_rank_state
+        from transformers.trainer import SCHEDULER_NAME
+
+        from ..sharding import is_sharded, load_rank_state
 
         if not is_sharded(self.model) or self.is_fsdp_enabled or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         load_rank_state(self.model, self.optimizer, checkpoint)
-        from transformers.trainer import SCHEDULER_NAME
-
-        scheduler = f"{checkpoint}/{SCHEDULER_NAME}"
-        if self.lr_scheduler is not None and has_rank_state(checkpoint):
-            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/{SCHEDULER_NAME}", weights_only=True))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean of each extra loss term since the last log under its own key (`loss_align/<name>`)."""
@@ -126,13 +128,11 @@ def shard_where_accelerate_cannot(trainer: Trainer) -> None:
     """FSDP2 asked for where accelerate would silently wrap DDP instead (CPU processes): refuse what cannot be
     sharded, shard the wrapped model with FSDP2 (sharding.shard), and let accelerate prepare it without DDP. A model
     the caller sharded already gets the same guard."""
-    from ..sharding import check_fsdp, deepspeed_problems, fsdp_request, is_sharded, shard, zero_stage
+    from ..sharding import check_deepspeed, check_fsdp, fsdp_request, is_sharded, shard, zero_stage
 
     request = fsdp_request(trainer.args)
     check_fsdp(request, trainer.mmtuning.config)
-    problems = deepspeed_problems(zero_stage(getattr(trainer.args, "deepspeed", None)), trainer.mmtuning.config)
-    if problems:
-        raise MMTuningError("; ".join(problems) + ".")
+    check_deepspeed(zero_stage(getattr(trainer.args, "deepspeed", None)), trainer.mmtuning.config)
     if request is not None and not request.by_accelerate and not is_sharded(trainer.model):
         import torch.distributed as dist
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 from ..errors import MMTuningError
 from ..host_settings import LLAMAFACTORY, effective_settings, replaced_targets, targets_warning
 from ..session import MMTuning
-from ..sharding import check_fsdp, deepspeed_problems, fsdp_request_from, zero_stage
+from ..sharding import check_deepspeed, check_fsdp, fsdp_request_from, zero_stage
 
 SUPPORTED_VERSION = "0.9.5"
 
@@ -182,10 +182,8 @@ def split_config(data: dict[str, Any], where: str = "the YAML") -> Job:
         raise MMTuningError(f"{where}: {reader} the run's first training batches, which mmtuning reads in stage: sft "
                             f"only; train with stage: sft, or write the layers yourself (e.g. {{top: 4}}) and use an "
                             f"init that needs no data (pissa, milora, olora).")
-    check_fsdp(fsdp_request_from(args), session.config)
-    problems = deepspeed_problems(zero_stage(args.get("deepspeed")), session.config)
-    if problems:
-        raise MMTuningError(f"{where}: " + "; ".join(problems) + ".")
+    check_fsdp(fsdp_request_from(args), session.config, where)
+    check_deepspeed(zero_stage(args.get("deepspeed")), session.config, where)
     if session.keep is not None and stage != "sft":
         raise MMTuningError(f"{where}: mmtuning.keep needs stage: sft (keep prompts are written by the run's chat "
                             f"template, which stage: {stage} does not use); remove `keep:` or train with stage: sft.")
