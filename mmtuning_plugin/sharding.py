@@ -1,4 +1,5 @@
-"""FSDP2 for an mmtuning model: which units to shard, what cannot be sharded, and a sharded run's save and resume.
+"""Sharding an mmtuning model: FSDP2 units, what FSDP and DeepSpeed ZeRO cannot take, a sharded run's save and
+resume, and model-state memory per rank.
 
 A run asks for FSDP2 the way its trainer reads it: `fsdp: full_shard` with `fsdp_config: {fsdp_version: 2}` in the
 transformers `TrainingArguments` (Axolotl and LLaMA-Factory pass theirs through). On GPUs accelerate shards the
@@ -11,6 +12,7 @@ What this module adds for a model mmtuning sharded:
 - the saved adapter is PEFT's plain format with full tensors (`gathered_state`; PEFT's own save fails on shards);
 - a checkpoint holds each rank's own shards of the adapter and optimizer state (`save_rank_state`), so resuming
   on the same world size continues exactly where an uninterrupted run would be (`load_rank_state`).
+Under ZeRO-3 DeepSpeed partitions, saves and resumes by itself; mmtuning only refuses what cannot work there.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 from torch import nn
 
 from .arch import MODALITIES, numbered_blocks, resolve_layout, unwrap
+from .config import INITS
 from .errors import MMTuningError
 
 RANK_STATE = "mmtuning_fsdp"  # a checkpoint's folder of per-rank shards
-# Settings whose runtime edits of a parameter's values cannot reach a shard (they copy plain tensors into weights).
-UNSHARDABLE_INITS = ("pissa", "milora", "olora", "corda")
+# Calibrated inits write their frozen half back into each weight after every step: plain tensors, not shards.
+UNSHARDABLE_INITS = tuple(init for init in INITS if init != "lora")
 
 
 @dataclass(frozen=True)
@@ -289,8 +292,8 @@ def per_rank_memory(model: nn.Module, plan: Any, world_size: int, dtype: str = "
     `inspect-targets --world-size N` shows; activations not counted). Every weight, adapter, gradient and AdamW
     state is split N ways; at its peak a rank also holds whole the root unit (FSDP2 keeps the root gathered from
     its forward to its backward) and the two largest blocks (the running one and the prefetched one)."""
-    from .quant.memory import ADAM_STATE_BYTES, TRAINABLE_BYTES, weight_bytes
     from .config import QuantPolicy
+    from .quant.memory import ADAM_STATE_BYTES, TRAINABLE_BYTES, weight_bytes
 
     policy = plan.config.quant or QuantPolicy.model_validate("none")
     weights, _ = weight_bytes(unwrap(model), policy, plan.layout, dtype)
