@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..errors import MMTuningError
 from ..session import MMTuning
@@ -62,10 +62,12 @@ class MMTuningTrainerMixin:
     def train(self, *args: Any, **kwargs: Any):
         """The contract's `trainer` phase, before the first step: the adapters still train exactly as planned
         (after every host option had its say); keep rows (and the base's answers) are built from the trainer's own
-        processor and training data."""
+        processor and training data once the model is prepared (`KeepOnTrainBegin`)."""
         self.mmtuning.before_training(self.model)
         shard_where_accelerate_cannot(self)
-        prepare_keep(self)
+        if self.mmtuning.keep is not None and not any(isinstance(c, KeepOnTrainBegin)
+                                                      for c in self.callback_handler.callbacks):
+            self.callback_handler.callbacks.insert(0, KeepOnTrainBegin(self))
         return super().train(*args, **kwargs)
 
     # --- a model mmtuning sharded (FSDP2 on CPU processes, sharding.py): save and resume --------------------
@@ -257,6 +259,18 @@ def add_extra_losses(trainer: Trainer, model, inputs, outputs, loss, num_items_i
         loss = loss + value.to(loss.dtype) * scale
         logs.setdefault(name, []).append(float(value.detach()))
     return loss
+
+
+class KeepOnTrainBegin(TrainerCallback):
+    """Builds the keep rows and the base's answers when training begins: after accelerate or DeepSpeed prepared
+    the model, so under FSDP or ZeRO-3 each rank generates with its shards gathered as in training (before that, a
+    rank may hold no weights yet: sharded loading, ZeRO-3's partitioned init). Runs before the other callbacks."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        prepare_keep(self.trainer)
 
 
 def prepare_keep(trainer: Trainer) -> Any:
