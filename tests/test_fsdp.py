@@ -26,7 +26,7 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     run_two_ranks(DIST / "fsdp_ranks.py", out, timeout=900)  # a hang guard, not a measure
     return out, {run: [torch.load(out / f"{run}-rank{r}.pt", weights_only=False) for r in (0, 1)]
-                 for run in ("full", "resumed", "equal")}
+                 for run in ("full", "resumed", "equal", "accumulated")}
 
 
 def test_every_parameter_is_sharded_and_ranks_end_identical(ranks):
@@ -64,9 +64,11 @@ def test_resuming_mid_schedule_from_the_sharded_checkpoint_equals_the_uninterrup
         assert all(torch.equal(t, resumed[k]) for k, t in full.items())
 
 
-def test_sharded_run_matches_one_process_on_the_same_global_batch(ranks, tmp_path):
-    """Micro-batch 1 on each of 2 ranks against micro-batch 2 in one process: equal within 1e-4 (float32 reduction
-    order differs; Adam's normalised step turns 1e-7 gradient differences on near-zero entries into ~1e-5)."""
+@pytest.mark.parametrize("run, accumulation", [("equal", 1), ("accumulated", 2)])
+def test_sharded_run_matches_one_process_on_the_same_global_batch(ranks, tmp_path, run, accumulation):
+    """Micro-batch 1 on each of 2 ranks against micro-batch 2 in one process (both with `accumulation` micro-batches
+    per step; the sharded one reduces once per step): equal within 1e-4 (float32 reduction order differs; Adam's
+    normalised step turns 1e-7 gradient differences on near-zero entries into ~1e-5)."""
     from mmtuning_plugin.integrations.hf import MMTuningTrainer
     from mmtuning_plugin.session import MMTuning
     from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
@@ -77,12 +79,13 @@ def test_sharded_run_matches_one_process_on_the_same_global_batch(ranks, tmp_pat
     batch = tiny_batch(model, batch=2)
     session = MMTuning(fsdp_ranks.SCHEDULED)
     model = session.wrap(model)
-    args = fsdp_ranks.arguments(str(tmp_path), 2, fsdp=False, save_strategy="no")
+    args = fsdp_ranks.arguments(str(tmp_path), 2, fsdp=False, save_strategy="no",
+                                gradient_accumulation_steps=accumulation)
     MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 16), data_collator=stack_rows,
                     mmtuning=session).train()
-    single, sharded = fsdp_ranks.lora_state(model), runs["equal"][0]["after"]
+    single, sharded = fsdp_ranks.lora_state(model), runs[run][0]["after"]
     assert single.keys() == sharded.keys()
-    moved = max(float((single[k] - runs["equal"][0]["before"][k]).abs().max()) for k in single)
+    moved = max(float((single[k] - runs[run][0]["before"][k]).abs().max()) for k in single)
     gap = max(float((single[k] - sharded[k]).abs().max()) for k in single)
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)
 

@@ -7,7 +7,8 @@ accelerate would wrap DDP and shard nothing; mmtuning shards the model itself. T
   keep; 4 steps, a checkpoint every 2;
 - `resumed`: the same run resumed from `full`'s step-2 checkpoint (mid-schedule) to step 4;
 - `equal`: a float32 tiny LLaVA with the same block minus quant and keep, micro-batch 1 per rank; the test trains the
-  same global batch of 2 in one process and compares.
+  same global batch of 2 in one process and compares;
+- `accumulated`: the same with 2 accumulated micro-batches per step (reduced once per step: `no_sync`).
 
 Each rank writes what it saw to OUT_DIR/<run>-rank<R>.pt; rank 0 also writes the gathered adapter (<run>-adapter/).
 """
@@ -66,18 +67,18 @@ def full_run(out_dir: str, run: str, resume: str | None = None) -> None:
     report(out_dir, run, trainer, before)
 
 
-def equal_run(out_dir: str) -> None:
+def equal_run(out_dir: str, run: str = "equal", accumulation: int = 1) -> None:
     torch.manual_seed(0)
     model = tiny_model("llava")
     batch = tiny_batch(model, batch=2)
     session = MMTuning(SCHEDULED)
     model = session.wrap(model)
     before = lora_state(model)
-    args = arguments(os.path.join(out_dir, "equal"), 1, save_strategy="no")
+    args = arguments(os.path.join(out_dir, run), 1, save_strategy="no", gradient_accumulation_steps=accumulation)
     trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 16),
                               data_collator=stack_rows, mmtuning=session)
     trainer.train()
-    report(out_dir, "equal", trainer, before)
+    report(out_dir, run, trainer, before)
 
 
 def report(out_dir: str, run: str, trainer, before: dict) -> None:
@@ -99,4 +100,5 @@ if __name__ == "__main__":
     full_run(out, "full")
     full_run(out, "resumed", resume=os.path.join(out, "full", "checkpoint-2"))
     equal_run(out)
+    equal_run(out, "accumulated", accumulation=2)
     leave_together()
