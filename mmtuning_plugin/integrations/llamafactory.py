@@ -591,7 +591,27 @@ def main(argv: list[str] | None = None) -> None:
     except MMTuningError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_together(code)
     sys.exit(code)
+
+
+def leave_together(code: int) -> None:
+    """How a rank of a multi-process run ends once training has saved everything: all ranks meet, then the process
+    exits without the interpreter's teardown. Over gloo (CPU processes) a rank whose C++ destructors meet gloo's
+    still-joinable threads aborts (SIGABRT, "terminate called without an active exception"), failing a run that
+    succeeded."""
+    import logging
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
