@@ -118,7 +118,6 @@ class MMTuning:
         without them every layer stands in until `wrap` gets them), check its quantization against `quant:`, run
         mmtuning's k-bit preparation where the host leaves it to mmtuning, refuse `full` training of packed modules."""
         self.enter("loaded")
-        probe_batches = self.hold_batches(probe_batches)
         if self.needs_probe() and probe_batches is None:
             plan = self.plan_ahead(model)
         else:
@@ -173,7 +172,8 @@ class MMTuning:
 
     def hold_batches(self, batches: Any) -> Any:
         """The first training batches, read once and held when a data-reading init needs them at wrap time (the
-        probe may read them first, and a host's batches are a generator); otherwise `batches` as given."""
+        probe may read them first, and a host's batches are a generator); otherwise `batches` as given. Every plan
+        goes through `plan_for`, which holds them, before `wrap` passes them on."""
         if not self.config.inits_from_data():
             return batches
         if self.init_batches is None and batches is not None:
@@ -189,7 +189,6 @@ class MMTuning:
         """Plan (unless `after_load` just planned this model exactly; probing `probe_batches` under `layers: auto`),
         wrap with PEFT and verify: the PeftModel a trainer should train."""
         self.enter("adapters")
-        probe_batches = self.hold_batches(probe_batches)
         planned = self.plan is not None and self._planned_on == id(model) and not self._planned_ahead
         plan = self.plan if planned else self.plan_for(model, probe_batches, seed)
         if plan.modules_to_save:

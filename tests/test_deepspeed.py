@@ -45,26 +45,16 @@ def test_zero3_matches_one_process_and_saves_a_plain_adapter(ranks, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from mmtuning_plugin.integrations.hf import MMTuningTrainer
-    from mmtuning_plugin.session import MMTuning
-    from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
+    from mmtuning_plugin.testing.tiny import tiny_model
 
     out, _ = ranks
-    torch.manual_seed(0)
-    model = tiny_model("llava")
-    batch = tiny_batch(model, batch=2)
-    session = MMTuning(deepspeed_ranks.STATIC)
-    model = session.wrap(model)
-    before = fsdp_ranks.lora_state(model)
-    MMTuningTrainer(model=model, args=deepspeed_ranks.arguments(str(tmp_path), 2, deepspeed=False),
-                    train_dataset=RepeatedBatch(batch.inputs, 16), data_collator=stack_rows, mmtuning=session).train()
-    single = fsdp_ranks.lora_state(model)
+    before, trainer = fsdp_ranks.tiny_run(deepspeed_ranks.STATIC,
+                                          lambda: deepspeed_ranks.arguments(str(tmp_path), 2, deepspeed=False))
+    single = fsdp_ranks.lora_state(trainer.model)
     torch.manual_seed(0)
     loaded = PeftModel.from_pretrained(tiny_model("llava"), str(out / "equal-adapter"))
     sharded = {k: v for k, v in loaded.state_dict().items() if k in single}
-    assert sharded.keys() == single.keys()
-    moved = max(float((single[k] - before[k]).abs().max()) for k in single)
-    gap = max(float((single[k] - sharded[k]).abs().max()) for k in single)
+    moved, gap = fsdp_ranks.gaps(single, sharded, before)
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)  # within float32 reduction order, as for FSDP2
     saved = load_file(str(out / "full-adapter" / "adapter_model.safetensors"))
     assert saved and all(t.numel() > 0 for t in saved.values())  # gathered, not one rank's empty partition

@@ -69,24 +69,10 @@ def test_sharded_run_matches_one_process_on_the_same_global_batch(ranks, tmp_pat
     """Micro-batch 1 on each of 2 ranks against micro-batch 2 in one process (both with `accumulation` micro-batches
     per step; the sharded one reduces once per step): equal within 1e-4 (float32 reduction order differs; Adam's
     normalised step turns 1e-7 gradient differences on near-zero entries into ~1e-5)."""
-    from mmtuning_plugin.integrations.hf import MMTuningTrainer
-    from mmtuning_plugin.session import MMTuning
-    from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
-
     _, runs = ranks
-    torch.manual_seed(0)
-    model = tiny_model("llava")
-    batch = tiny_batch(model, batch=2)
-    session = MMTuning(fsdp_ranks.SCHEDULED)
-    model = session.wrap(model)
-    args = fsdp_ranks.arguments(str(tmp_path), 2, fsdp=False, save_strategy="no",
-                                gradient_accumulation_steps=accumulation)
-    MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 16), data_collator=stack_rows,
-                    mmtuning=session).train()
-    single, sharded = fsdp_ranks.lora_state(model), runs[run][0]["after"]
-    assert single.keys() == sharded.keys()
-    moved = max(float((single[k] - runs[run][0]["before"][k]).abs().max()) for k in single)
-    gap = max(float((single[k] - sharded[k]).abs().max()) for k in single)
+    _, trainer = fsdp_ranks.tiny_run(fsdp_ranks.SCHEDULED, lambda: fsdp_ranks.arguments(
+        str(tmp_path), 2, fsdp=False, save_strategy="no", gradient_accumulation_steps=accumulation))
+    moved, gap = fsdp_ranks.gaps(fsdp_ranks.lora_state(trainer.model), runs[run][0]["after"], runs[run][0]["before"])
     assert moved > 1e-3 and gap < 1e-4, (moved, gap)
 
 

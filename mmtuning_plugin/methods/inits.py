@@ -152,10 +152,10 @@ def input_covariances(model: nn.Module, layers: dict[str, nn.Module], batches: A
         model.train(training)
         for handle in handles:
             handle.remove()
-    return {name: total[0] / total[1] for name, total in summed_over_ranks(sums, layers).items()}
+    return {name: total[0] / total[1] for name, total in summed_over_ranks(sums).items()}
 
 
-def summed_over_ranks(sums: dict[str, list], layers: dict[str, nn.Module]) -> dict[str, list]:
+def summed_over_ranks(sums: dict[str, list]) -> dict[str, list]:
     """The sums of every rank (each read its own batches), after refusing a layer no batch reached."""
     import torch.distributed as dist
 

@@ -15,7 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from fsdp_ranks import SCHEDULED
+from fsdp_ranks import SCHEDULED, tiny_run
 from ranks import leave_together
 from transformers import TrainingArguments
 
@@ -24,7 +24,6 @@ from mmtuning_plugin.demo.model import MODEL_DIR, encode, training_batch
 from mmtuning_plugin.demo.runner import load_base, load_processor
 from mmtuning_plugin.integrations.hf import MMTuningTrainer
 from mmtuning_plugin.session import MMTuning
-from mmtuning_plugin.testing.tiny import RepeatedBatch, stack_rows, tiny_batch, tiny_model
 
 STATIC = {**{k: v for k, v in SCHEDULED.items() if k != "language"},
           "language": {k: v for k, v in SCHEDULED["language"].items() if k != "schedule"}}  # ZeRO: no later stages
@@ -56,15 +55,7 @@ def full_run(out_dir: str) -> None:
 
 
 def equal_run(out_dir: str) -> None:
-    torch.manual_seed(0)
-    model = tiny_model("llava")
-    batch = tiny_batch(model, batch=2)
-    session = MMTuning(STATIC)
-    model = session.wrap(model)
-    trainer = MMTuningTrainer(model=model, args=arguments(os.path.join(out_dir, "equal"), 1),
-                              train_dataset=RepeatedBatch(batch.inputs, 16), data_collator=stack_rows, mmtuning=session)
-    trainer.train()
-    report(out_dir, "equal", trainer)
+    report(out_dir, "equal", tiny_run(STATIC, lambda: arguments(os.path.join(out_dir, "equal"), 1))[1])
 
 
 def report(out_dir: str, run: str, trainer) -> None:

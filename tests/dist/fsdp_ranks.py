@@ -67,17 +67,33 @@ def full_run(out_dir: str, run: str, resume: str | None = None) -> None:
     report(out_dir, run, trainer, before)
 
 
-def equal_run(out_dir: str, run: str = "equal", accumulation: int = 1) -> None:
+def tiny_run(block: dict, arguments_of) -> tuple[dict, MMTuningTrainer]:
+    """The `equal` scenario, sharded or in one process: a float32 tiny LLaVA (seed 0) wrapped with `block`, trained
+    by MMTuningTrainer under `arguments_of()` on one repeated batch of 2 rows. Returns the adapter state before, and
+    the trainer. The arguments are made after the model: with a DeepSpeed config alive, transformers would build the
+    model already partitioned (ZeRO-3 init), which the batch builder's forward cannot run."""
     torch.manual_seed(0)
     model = tiny_model("llava")
     batch = tiny_batch(model, batch=2)
-    session = MMTuning(SCHEDULED)
+    session = MMTuning(block)
     model = session.wrap(model)
     before = lora_state(model)
-    args = arguments(os.path.join(out_dir, run), 1, save_strategy="no", gradient_accumulation_steps=accumulation)
-    trainer = MMTuningTrainer(model=model, args=args, train_dataset=RepeatedBatch(batch.inputs, 16),
+    trainer = MMTuningTrainer(model=model, args=arguments_of(), train_dataset=RepeatedBatch(batch.inputs, 16),
                               data_collator=stack_rows, mmtuning=session)
     trainer.train()
+    return before, trainer
+
+
+def gaps(single: dict, sharded: dict, before: dict) -> tuple[float, float]:
+    """How far the one-process adapter moved from its start, and how far the sharded one is from it."""
+    assert single.keys() == sharded.keys()
+    return (max(float((single[k] - before[k]).abs().max()) for k in single),
+            max(float((single[k] - sharded[k]).abs().max()) for k in single))
+
+
+def equal_run(out_dir: str, run: str = "equal", accumulation: int = 1) -> None:
+    before, trainer = tiny_run(SCHEDULED, lambda: arguments(os.path.join(out_dir, run), 1, save_strategy="no",
+                                                            gradient_accumulation_steps=accumulation))
     report(out_dir, run, trainer, before)
 
 
